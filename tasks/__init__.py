@@ -1,0 +1,1 @@
+"""Pipeline steps: plain typed functions, each doing one step, testable without an orchestrator."""
