@@ -11,7 +11,9 @@ from rich.table import Table
 
 from flows.logs import setup_logging
 
-app = typer.Typer(help="MobileVLM pipeline: models, data, training, export, device benchmarks.", no_args_is_help=True)
+app = typer.Typer(
+    help="MobileVLM pipeline: models, data, training, export, device benchmarks.", no_args_is_help=True
+)
 model_app = typer.Typer(help="Named model configurations.", no_args_is_help=True)
 app.add_typer(model_app, name="model")
 console = Console()
@@ -78,10 +80,11 @@ def model_smoke(
     from tasks.smoke import run_smoke
 
     result = run_smoke(name, steps=steps)
-    console.print(info_table(model.info(name)))
+    console.print(info_table(model.info(name, **result.overrides)))
     console.print(
         f"trainable {result.trainable:,} of {result.params:,} params; "
-        f"losses {[round(x, 4) for x in result.losses]}; generated {result.generated!r}; {result.seconds:.1f}s"
+        f"losses {[round(x, 4) for x in result.losses]}; "
+        f"generated {result.generated!r}; {result.seconds:.1f}s"
     )
 
 

@@ -39,7 +39,7 @@ class LayerNorm2d(nn.LayerNorm):
 
 
 def _conv_norm(channels: int, kernel: int, stride: int, groups: int, act: nn.Module | None) -> nn.Sequential:
-    """Conv (no bias) + LayerNorm2d (+ activation): indices 0, 1 (, 2) as torchvision's Conv2dNormActivation."""
+    """Conv (no bias) + LayerNorm2d (+ activation); indices as torchvision's Conv2dNormActivation."""
     layers: list[nn.Module] = [
         nn.Conv2d(channels, channels, kernel, stride, (kernel - 1) // 2, groups=groups, bias=False),
         LayerNorm2d(channels, eps=1e-5),
@@ -92,8 +92,12 @@ class LDPBlock(nn.Module):
 
     def __init__(self, in_dim: int, out_dim: int) -> None:
         super().__init__()
-        self.mlp = nn.Sequential(nn.Identity(), nn.Linear(in_dim, out_dim), nn.GELU(), nn.Linear(out_dim, out_dim))
-        self.mb_block = nn.Sequential(nn.Identity(), InvertedResidual(out_dim, 1), InvertedResidual(out_dim, 2))
+        self.mlp = nn.Sequential(
+            nn.Identity(), nn.Linear(in_dim, out_dim), nn.GELU(), nn.Linear(out_dim, out_dim)
+        )
+        self.mb_block = nn.Sequential(
+            nn.Identity(), InvertedResidual(out_dim, 1), InvertedResidual(out_dim, 2)
+        )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return _grid_to_tokens(self.mb_block(_tokens_to_grid(self.mlp(x))))

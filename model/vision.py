@@ -78,7 +78,10 @@ class CLIPVisionTower(nn.Module):
         """(N, 3, H, W) normalised pixels -> (N, tokens, hidden) features."""
         expected = (3, self.cfg.image_size, self.cfg.image_size)
         if images.dim() != 4 or tuple(images.shape[1:]) != expected:
-            raise ValueError(f"vision tower {self.cfg.name} expects images of shape (N, {expected}), got {tuple(images.shape)}")
+            raise ValueError(
+                f"vision tower {self.cfg.name} expects images of shape (N, {expected}), "
+                f"got {tuple(images.shape)}"
+            )
         with torch.set_grad_enabled(torch.is_grad_enabled() and not self.frozen):
             out = self.vision_tower(images.to(self.dtype), output_hidden_states=True)
         features = out.hidden_states[self.cfg.select_layer]
