@@ -4,6 +4,11 @@ from __future__ import annotations
 
 import logging
 
+from rich.console import Console
+
+console = Console()
+"""Shared console for CLI output (tables, summaries)."""
+
 
 def setup_logging(level: int = logging.INFO) -> None:
     """Route stdlib logging through rich, once, at the CLI entry point."""
