@@ -1,0 +1,45 @@
+"""Shared pytest fixtures."""
+
+from __future__ import annotations
+
+import itertools
+
+import pytest
+from transformers import PreTrainedTokenizerFast
+
+from model.conversation import VICUNA_SYSTEM
+from model.tokenizer import train_tokenizer
+
+TINY_VOCAB_SIZE = 512
+
+_SUBJECTS = ("A red fox", "The small dog", "A white cat", "Two people", "An old car", "A green bird")
+_PLACES = ("in the snow", "on the grass", "near a river", "under a tree", "on a busy street", "in a kitchen")
+_QUESTIONS = (
+    "What is in the picture?",
+    "What color is it?",
+    "Where is it?",
+    "Describe the image in detail.",
+    "How many animals are there?",
+)
+
+
+def build_tiny_corpus() -> list[str]:
+    """A small deterministic English corpus with captions and Vicuna-style chat turns."""
+    captions = [f"{s} {p}." for s, p in itertools.product(_SUBJECTS, _PLACES)]
+    chats = [
+        f"{VICUNA_SYSTEM} USER: {q} ASSISTANT: It is {c[0].lower()}{c[1:]}</s>"
+        for q, c in zip(itertools.cycle(_QUESTIONS), captions, strict=False)
+    ]
+    return captions + chats
+
+
+@pytest.fixture(scope="session")
+def tiny_corpus() -> list[str]:
+    """The corpus the ``tiny_tokenizer`` fixture is trained on (a fresh list per session)."""
+    return build_tiny_corpus()
+
+
+@pytest.fixture(scope="session")
+def tiny_tokenizer(tiny_corpus: list[str]) -> PreTrainedTokenizerFast:
+    """A LLaMA-style BPE tokenizer (vocab 512, byte fallback) trained on ``tiny_corpus``."""
+    return train_tokenizer(tiny_corpus, vocab_size=TINY_VOCAB_SIZE)
