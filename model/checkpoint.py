@@ -41,7 +41,9 @@ def save_checkpoint(model: MobileLlamaForCausalLM, path: str | Path, tokenizer: 
     try:
         state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
         save_file(state, str(tmp / WEIGHTS_NAME), metadata={"format": "pt", "mvlm": CHECKPOINT_FORMAT})
-        (tmp / "config.json").write_text(json.dumps(checkpoint_config(model.config), indent=2, sort_keys=True))
+        (tmp / "config.json").write_text(
+            json.dumps(checkpoint_config(model.config), indent=2, sort_keys=True)
+        )
         if tokenizer is not None:
             tokenizer.save_pretrained(str(tmp))
         if path.exists():

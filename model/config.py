@@ -184,9 +184,19 @@ VLM_CONFIGS: dict[str, VLMConfig] = {
         VLMConfig("mobilevlm-1.7b", LLM_CONFIGS["mobilellama-1.4b"], _CLIP, hub_id="mtgv/MobileVLM-1.7B"),
         VLMConfig("mobilevlm-3b", LLM_CONFIGS["mobilellama-2.7b"], _CLIP, hub_id="mtgv/MobileVLM-3B"),
         VLMConfig(
-            "mobilevlm-v2-1.7b", LLM_CONFIGS["mobilellama-1.4b"], _CLIP, "ldpnetv2", hub_id="mtgv/MobileVLM_V2-1.7B"
+            "mobilevlm-v2-1.7b",
+            LLM_CONFIGS["mobilellama-1.4b"],
+            _CLIP,
+            "ldpnetv2",
+            hub_id="mtgv/MobileVLM_V2-1.7B",
         ),
-        VLMConfig("mobilevlm-v2-3b", LLM_CONFIGS["mobilellama-2.7b"], _CLIP, "ldpnetv2", hub_id="mtgv/MobileVLM_V2-3B"),
+        VLMConfig(
+            "mobilevlm-v2-3b",
+            LLM_CONFIGS["mobilellama-2.7b"],
+            _CLIP,
+            "ldpnetv2",
+            hub_id="mtgv/MobileVLM_V2-3B",
+        ),
         # Ours.
         VLMConfig("mobilevlm-tiny", LLM_CONFIGS["tiny-llama"], VISION_CONFIGS["tiny-vit"]),
     ]

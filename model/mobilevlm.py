@@ -123,7 +123,9 @@ class MobileLlamaForCausalLM(LlamaForCausalLM):
     def encode_images(self, images: torch.Tensor) -> torch.Tensor:
         """(N, 3, H, W) pixels -> (N, visual_tokens, hidden) embeddings for the language model."""
         if not self.config.is_multimodal:
-            raise ValueError(f"{self.config.mvlm_name or 'this model'} has no vision tower; it takes no images")
+            raise ValueError(
+                f"{self.config.mvlm_name or 'this model'} has no vision tower; it takes no images"
+            )
         features = self.model.vision_tower(images)
         projector = self.model.mm_projector
         return projector(features.to(next(projector.parameters()).dtype))
@@ -142,7 +144,9 @@ class MobileLlamaForCausalLM(LlamaForCausalLM):
         ``inputs_embeds``, ``attention_mask``, ``position_ids`` and ``labels`` (-100 on visual
         tokens and padding), re-padded on ``padding_side`` (default: the config's).
         """
-        mask = torch.ones_like(input_ids, dtype=torch.bool) if attention_mask is None else attention_mask.bool()
+        mask = (
+            torch.ones_like(input_ids, dtype=torch.bool) if attention_mask is None else attention_mask.bool()
+        )
         placeholders = int((input_ids[mask] == IMAGE_TOKEN_INDEX).sum())
         if placeholders != images.shape[0]:
             raise ValueError(
@@ -152,7 +156,13 @@ class MobileLlamaForCausalLM(LlamaForCausalLM):
         features = self.encode_images(images) if placeholders else None
         text = self.get_input_embeddings()(input_ids.clamp(min=0))
         pieces = [
-            self._splice_one(input_ids[b][mask[b]], text[b][mask[b]], None if labels is None else labels[b][mask[b]], features, offset)
+            self._splice_one(
+                input_ids[b][mask[b]],
+                text[b][mask[b]],
+                None if labels is None else labels[b][mask[b]],
+                features,
+                offset,
+            )
             for b, offset in zip(range(len(input_ids)), _image_offsets(input_ids, mask), strict=True)
         ]
         return _pad_batch(pieces, padding_side or self.config.tokenizer_padding_side, labels is not None)
