@@ -173,6 +173,9 @@ VISION_CONFIGS: dict[str, VisionConfig] = {
         ),
         # Ours: 56 px images, 14 px patches -> 16 tokens (4 after LDP).
         VisionConfig("tiny-vit", 2, 32, 2, 64, 56, 14, projection_dim=32),
+        # Ours: CLIP-L/14-336 geometry (336 px, 24x24 patch grid -> 144 tokens after LDP) at tiny width;
+        # llama.cpp's LDP graph assumes a 24x24 grid, so GGUF/mmproj tests use this row.
+        VisionConfig("tiny-vit-336", 2, 32, 2, 64, 336, 14, projection_dim=32),
     ]
 }
 
@@ -199,6 +202,11 @@ VLM_CONFIGS: dict[str, VLMConfig] = {
         ),
         # Ours.
         VLMConfig("mobilevlm-tiny", LLM_CONFIGS["tiny-llama"], VISION_CONFIGS["tiny-vit"]),
+        # Ours: tiny rows that llama.cpp's mmproj path (LDP / LDPv2 on a 24x24 grid) can run.
+        VLMConfig("mobilevlm-tiny-336", LLM_CONFIGS["tiny-llama"], VISION_CONFIGS["tiny-vit-336"]),
+        VLMConfig(
+            "mobilevlm-v2-tiny-336", LLM_CONFIGS["tiny-llama"], VISION_CONFIGS["tiny-vit-336"], "ldpnetv2"
+        ),
     ]
 }
 

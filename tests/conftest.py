@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+from pathlib import Path
 
 import pytest
 from transformers import PreTrainedTokenizerFast
@@ -43,3 +44,38 @@ def tiny_corpus() -> list[str]:
 def tiny_tokenizer(tiny_corpus: list[str]) -> PreTrainedTokenizerFast:
     """A LLaMA-style BPE tokenizer (vocab 512, byte fallback) trained on ``tiny_corpus``."""
     return train_tokenizer(tiny_corpus, vocab_size=TINY_VOCAB_SIZE)
+
+
+@pytest.fixture(scope="session")
+def ray_local():
+    """One local Ray for the whole session (started on first use, shut down at the end)."""
+    import os
+
+    import ray
+
+    from tasks.parallel import ensure_ray
+
+    os.environ.setdefault("MVLM_NO_PROGRESS", "1")
+    ensure_ray()
+    yield
+    ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def prefect_api():
+    """A real, temporary Prefect API (prefect_test_harness) shared by the session."""
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=120):
+        yield
+
+
+@pytest.fixture(scope="session")
+def samples_root(tmp_path_factory) -> Path:
+    """A data root holding ``samples/`` from ``make_samples`` (default config), shared by the session."""
+
+    from tasks.samples import make_samples
+
+    root = Path(tmp_path_factory.mktemp("data_root"))
+    make_samples(root / "samples")
+    return root

@@ -1,0 +1,340 @@
+"""Dataset builds: identity, resumable units, failure ratio, manifest written last.
+
+A build of spec S lives at ``<data_root>/builds/S/<build_id>/`` where ``build_id`` hashes the spec
+content, the source fingerprint, the tokenizer hash and the builder's code version. Work is split
+into units (a subset's file, or a hub dataset shard); a unit is done when its record
+``units/NNNNN.json`` exists and its shards verify, so a killed build resumes where it stopped and
+ends byte-identical to an uninterrupted one. ``manifest.json``, written last, marks the build done.
+"""
+
+from __future__ import annotations
+
+import glob as globlib
+import json
+import logging
+import os
+import shutil
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from tasks.identity import (
+    atomic_write_json,
+    atomic_write_text,
+    code_version,
+    hash_json,
+    read_json,
+    sha256_file,
+)
+from tasks.rejects import Rejects
+from tasks.shards import verify_shard
+from tasks.specs import DatasetSpec, FilesSource, HFSource, LlavaSource, UrlListSource, load_spec
+
+log = logging.getLogger(__name__)
+
+BUILDER_COMPONENT = {
+    "text": "text-builder",
+    "chat": "instruct-builder",
+    "instruct": "instruct-builder",
+    "image_text": "image-text-builder",
+}
+SMALL_FILE = 256 << 20  # files up to this size are fingerprinted by content, larger by size + mtime
+
+
+class BuildError(RuntimeError):
+    """A build that cannot complete; the message says which spec, what and what to do."""
+
+
+@dataclass(frozen=True)
+class Unit:
+    """One piece of work: a subset's file or a hub dataset shard."""
+
+    index: int
+    """Position in the build's unit list (stable for a given spec and source)."""
+    subset: str
+    """Subset name."""
+    source: str
+    """Absolute file path, or ``hf:<shard index>`` for hub datasets."""
+
+
+@dataclass
+class UnitResult:
+    """What a unit produced: shard records, counts and rejects."""
+
+    index: int
+    """The unit's index."""
+    subset: str
+    """Subset name."""
+    shards: list[dict[str, Any]] = field(default_factory=list)
+    """ShardRecord dicts, in writing order."""
+    counts: dict[str, int] = field(default_factory=dict)
+    """``read``, ``kept``, ``rejected``, ``tokens``, ... for this unit."""
+    rejects: list[dict[str, str]] = field(default_factory=list)
+    """Reject rows (tasks.rejects.Reject as dicts)."""
+
+
+@dataclass(frozen=True)
+class BuildContext:
+    """Everything a builder needs, picklable for Ray workers."""
+
+    spec: DatasetSpec
+    """The validated spec."""
+    spec_path: str
+    """Where the spec was read from."""
+    data_root: str
+    """Root that relative paths resolve against."""
+    build_id: str
+    """Identity of this build."""
+    out_dir: str
+    """Build folder."""
+    tokenizer_path: str | None
+    """Resolved tokenizer folder or hub id (text kinds)."""
+    tokenizer_hash: str | None
+    """Hash of the tokenizer (part of the identity)."""
+
+    @property
+    def out(self) -> Path:
+        """Build folder as a Path."""
+        return Path(self.out_dir)
+
+
+@dataclass
+class BuildResult:
+    """Outcome of ``build_dataset``."""
+
+    name: str
+    """Spec name."""
+    build_id: str
+    """Identity."""
+    path: Path
+    """Build folder."""
+    reused: bool
+    """True when an identical verified build already existed."""
+    manifest: dict[str, Any]
+    """The manifest content."""
+
+
+# --- paths and fingerprints ----------------------------------------------------------------------
+
+
+def resolve_path(data_root: str | Path, path: str) -> str:
+    """A spec path: URLs and absolute paths as they are, relative ones under the data root."""
+    if "://" in path or os.path.isabs(path):
+        return path
+    return str(Path(data_root) / path)
+
+
+def expand_files(data_root: str | Path, patterns: list[str]) -> list[str]:
+    """Files matched by the spec's paths/globs, sorted per pattern; a pattern matching nothing is an error."""
+    files: list[str] = []
+    for pattern in patterns:
+        resolved = resolve_path(data_root, pattern)
+        if "://" in resolved:
+            files.append(resolved)
+            continue
+        matches = sorted(globlib.glob(resolved)) if any(c in resolved for c in "*?[") else [resolved]
+        matches = [m for m in matches if os.path.isfile(m)]
+        if not matches:
+            raise BuildError(f"source path {pattern!r} matched no file (looked for {resolved})")
+        files.extend(matches)
+    return files
+
+
+def file_fingerprint(path: str) -> dict[str, Any]:
+    """Content hash for files up to SMALL_FILE bytes, size and mtime above; etag for URLs."""
+    if "://" in path:
+        import fsspec
+
+        info = fsspec.filesystem(path.split("://")[0]).info(path)
+        return {"path": path, "size": info.get("size"), "etag": info.get("ETag") or info.get("etag")}
+    stat = os.stat(path)
+    if stat.st_size <= SMALL_FILE:
+        return {"path": os.path.basename(path), "size": stat.st_size, "sha256": sha256_file(path)}
+    return {"path": os.path.basename(path), "size": stat.st_size, "mtime_ns": stat.st_mtime_ns}
+
+
+def folder_fingerprint(folder: str) -> dict[str, Any]:
+    """Number of files and total size under a folder (image roots)."""
+    count = total = 0
+    for root, _, names in os.walk(folder):
+        for name in names:
+            count += 1
+            total += os.path.getsize(os.path.join(root, name))
+    return {"files": count, "bytes": total}
+
+
+def source_fingerprint(spec: DatasetSpec, data_root: str | Path) -> dict[str, Any]:
+    """What the sources look like now, per subset (changes when the data changes)."""
+    out: dict[str, Any] = {}
+    for sub in spec.subsets:
+        src = sub.source
+        if isinstance(src, HFSource):
+            out[sub.name] = {"dataset": src.dataset, "revision": src.revision, "config": src.config}
+        elif isinstance(src, FilesSource):
+            out[sub.name] = [file_fingerprint(f) for f in expand_files(data_root, src.paths)]
+        elif isinstance(src, UrlListSource):
+            out[sub.name] = file_fingerprint(expand_files(data_root, [src.path])[0])
+        elif isinstance(src, LlavaSource):
+            entry = {"json": file_fingerprint(expand_files(data_root, [src.path])[0])}
+            if src.image_root:
+                entry["images"] = folder_fingerprint(resolve_path(data_root, src.image_root))
+            out[sub.name] = entry
+    return out
+
+
+def resolve_tokenizer(spec: DatasetSpec, data_root: str | Path) -> tuple[str | None, str | None]:
+    """(tokenizer folder or hub id, tokenizer hash) for specs that name one."""
+    if spec.tokenizer is None:
+        return None, None
+    from model.tokenizer import load_tokenizer, tokenizer_hash
+
+    local = resolve_path(data_root, spec.tokenizer)
+    where = local if os.path.isdir(local) else spec.tokenizer
+    try:
+        return where, tokenizer_hash(load_tokenizer(where))
+    except (OSError, ValueError) as err:
+        raise BuildError(
+            f"spec {spec.name}: tokenizer {spec.tokenizer!r} not found at {local} or on the hub ({err}); "
+            "for the tiny profile run `mvlm data make-samples` first"
+        ) from err
+
+
+def make_context(spec_path: str | Path, data_root: str | Path) -> BuildContext:
+    """Validate the spec and compute the build identity."""
+    spec = load_spec(spec_path)
+    tok_path, tok_hash = resolve_tokenizer(spec, data_root)
+    identity = {
+        "spec": spec.model_dump(mode="json"),
+        "source": source_fingerprint(spec, data_root),
+        "tokenizer": tok_hash,
+        "code": code_version(BUILDER_COMPONENT[spec.kind]),
+    }
+    build_id = hash_json(identity)
+    out = Path(data_root) / "builds" / spec.name / build_id
+    return BuildContext(spec, str(spec_path), str(data_root), build_id, str(out), tok_path, tok_hash)
+
+
+# --- running -------------------------------------------------------------------------------------
+
+
+def unit_record_path(ctx: BuildContext, index: int) -> Path:
+    """Where a unit's completion record lives."""
+    return ctx.out / "units" / f"{index:05d}.json"
+
+
+def finished_unit(ctx: BuildContext, index: int) -> UnitResult | None:
+    """A unit already done whose shards all verify, else None."""
+    path = unit_record_path(ctx, index)
+    if not path.is_file():
+        return None
+    result = UnitResult(**read_json(path))
+    if all(verify_shard(ctx.out, rec) for rec in result.shards):
+        return result
+    log.warning("unit %d of %s has a missing or corrupt shard; rebuilding that unit", index, ctx.spec.name)
+    return None
+
+
+def save_unit(ctx: BuildContext, result: UnitResult) -> UnitResult:
+    """Record a finished unit (after its shards are written)."""
+    atomic_write_json(unit_record_path(ctx, result.index), asdict(result))
+    return result
+
+
+def verify_build(path: Path, deep: bool = True) -> dict[str, Any] | None:
+    """The manifest of a complete build whose shards verify, else None."""
+    manifest_path = path / "manifest.json"
+    if not manifest_path.is_file():
+        return None
+    manifest = read_json(manifest_path)
+    if all(verify_shard(path, rec, deep=deep) for rec in manifest["shards"]):
+        return manifest
+    log.warning("build %s has missing or corrupt shards; repairing", path)
+    manifest_path.unlink()
+    return None
+
+
+def finalize(
+    ctx: BuildContext, results: list[UnitResult], extra: dict[str, Any] | None = None
+) -> dict[str, Any]:
+    """Merge unit results, enforce the failure ratio, write rejects, stats and (last) the manifest."""
+    rejects = Rejects()
+    for result in results:
+        rejects.extend(result.rejects)
+    atomic_write_text(
+        ctx.out / "rejects.jsonl", "".join(json.dumps(r, sort_keys=True) + "\n" for r in rejects.to_rows())
+    )
+    totals = _sum_counts(r.counts for r in results)
+    per_subset = {
+        s.name: _sum_counts(r.counts for r in results if r.subset == s.name) for s in ctx.spec.subsets
+    }
+    stats = {"totals": totals, "subsets": per_subset, "rejects": rejects.counts()}
+    atomic_write_json(ctx.out / "stats.json", stats)
+    read = max(totals.get("read", 0), 1)
+    ratio = totals.get("rejected", 0) / read
+    if ratio > ctx.spec.max_failure_ratio:
+        raise BuildError(
+            f"spec {ctx.spec.name}: {totals.get('rejected', 0)} of {totals.get('read', 0)} samples rejected "
+            f"({ratio:.1%} > max_failure_ratio {ctx.spec.max_failure_ratio:.1%}); "
+            f"reasons {rejects.counts()}; see {ctx.out / 'rejects.jsonl'}"
+        )
+    shards = [rec for r in results for rec in r.shards]
+    if not shards:
+        raise BuildError(f"spec {ctx.spec.name}: no samples survived; see {ctx.out / 'rejects.jsonl'}")
+    manifest = {
+        "name": ctx.spec.name,
+        "kind": ctx.spec.kind,
+        "profile": ctx.spec.profile,
+        "build_id": ctx.build_id,
+        "code_version": code_version(BUILDER_COMPONENT[ctx.spec.kind]),
+        "spec": ctx.spec.model_dump(mode="json"),
+        "source": source_fingerprint(ctx.spec, ctx.data_root),
+        "tokenizer": {"path": ctx.tokenizer_path, "hash": ctx.tokenizer_hash} if ctx.tokenizer_hash else None,
+        "weights": ctx.spec.weights(),
+        "stats": stats,
+        "shards": shards,
+        **(extra or {}),
+    }
+    atomic_write_json(ctx.out / "manifest.json", manifest)
+    return manifest
+
+
+def _sum_counts(counts) -> dict[str, int]:
+    total: dict[str, int] = {}
+    for c in counts:
+        for k, v in c.items():
+            total[k] = total.get(k, 0) + v
+    return dict(sorted(total.items()))
+
+
+Builder = Callable[[BuildContext], list[UnitResult]]
+
+
+def builder_for(kind: str) -> Builder:
+    """The function that builds every unit of a spec of ``kind``."""
+    if kind == "text":
+        from tasks.text_data import build_text
+
+        return build_text
+    if kind == "image_text":
+        from tasks.image_text_data import build_image_text
+
+        return build_image_text
+    from tasks.instruct_data import build_conversations
+
+    return build_conversations
+
+
+def build_dataset(spec_path: str | Path, data_root: str | Path, force: bool = False) -> BuildResult:
+    """Build (or reuse, or resume) the dataset described by ``spec_path``."""
+    ctx = make_context(spec_path, data_root)
+    if force and ctx.out.exists():
+        shutil.rmtree(ctx.out)
+    if not force and (manifest := verify_build(ctx.out)) is not None:
+        log.info("%s: build %s exists and verifies; reusing", ctx.spec.name, ctx.build_id)
+        return BuildResult(ctx.spec.name, ctx.build_id, ctx.out, True, manifest)
+    log.info("%s: building %s into %s", ctx.spec.name, ctx.build_id, ctx.out)
+    ctx.out.mkdir(parents=True, exist_ok=True)
+    results = builder_for(ctx.spec.kind)(ctx)
+    manifest = finalize(ctx, results)
+    return BuildResult(ctx.spec.name, ctx.build_id, ctx.out, False, manifest)

@@ -1,0 +1,387 @@
+"""Dataset specs: one YAML file per dataset in ``data_specs/``, validated against a typed schema.
+
+Adding a dataset is adding a file: the folder is scanned, every file is validated, and errors name
+the file, the line, the field path and the allowed values. YAML is loaded with the safe loader;
+duplicate and unknown keys are errors. Credentials are only ever environment references
+(``${HF_TOKEN}``), resolved at use time and never stored.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+SPEC_DIR = Path(__file__).resolve().parent.parent / "data_specs"
+ENV_REF = re.compile(r"^\$\{([A-Z_][A-Z0-9_]*)\}$")
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True, frozen=True)
+
+
+class HFSource(_Strict):
+    """A Hugging Face hub dataset, read with ``datasets`` in streaming mode."""
+
+    type: Literal["hf"]
+    """Source kind."""
+    dataset: str
+    """Hub dataset id, e.g. ``togethercomputer/RedPajama-Data-1T``."""
+    revision: str
+    """Pinned git revision (branch, tag or commit) so builds are reproducible."""
+    config: str | None = None
+    """Dataset configuration name (RedPajama: the subset)."""
+    split: str = "train"
+    """Split to read."""
+    text_field: str = "text"
+    """Column holding the document text (text and chat kinds)."""
+    token: str | None = None
+    """Access token as an environment reference only, e.g. ``${HF_TOKEN}``."""
+
+    @field_validator("token")
+    @classmethod
+    def _env_only(cls, value: str | None) -> str | None:
+        if value is not None and not ENV_REF.match(value):
+            raise ValueError("credentials must be an environment reference like ${HF_TOKEN}, never a literal")
+        return value
+
+
+class FilesSource(_Strict):
+    """Local or remote (fsspec URL) files: jsonl, json or parquet."""
+
+    type: Literal["files"]
+    """Source kind."""
+    paths: list[str] = Field(min_length=1)
+    """Paths or glob patterns; relative paths resolve against the data root."""
+    format: Literal["jsonl", "json", "parquet"] = "jsonl"
+    """File format."""
+    text_field: str = "text"
+    """Field holding the document text."""
+
+
+class LocalServer(_Strict):
+    """Serve a folder on 127.0.0.1 during the download (tiny profile); URLs use ``{LOCAL_SERVER}``."""
+
+    root: str
+    """Folder to serve, relative to the data root."""
+
+
+class UrlListSource(_Strict):
+    """An image URL list with captions (CC3M style), downloaded with img2dataset."""
+
+    type: Literal["url_list"]
+    """Source kind."""
+    path: str
+    """TSV, CSV or parquet file of URLs and captions; relative paths resolve against the data root."""
+    url_col: str = "url"
+    """Column with the image URL."""
+    caption_col: str = "caption"
+    """Column with the caption."""
+    local_server: LocalServer | None = None
+    """Optional loopback server for URLs containing ``{LOCAL_SERVER}``."""
+
+
+class LlavaSource(_Strict):
+    """LLaVA-style conversation json (list of ``{id, image?, conversations}``) plus an image root."""
+
+    type: Literal["llava_json"]
+    """Source kind."""
+    path: str
+    """The json file; relative paths resolve against the data root."""
+    image_root: str | None = None
+    """Folder that ``image`` fields are relative to (required for ``instruct``)."""
+
+
+Source = Annotated[HFSource | FilesSource | UrlListSource | LlavaSource, Field(discriminator="type")]
+
+
+class Subset(_Strict):
+    """One part of a dataset with its sampling weight (RedPajama: arxiv, book, c4, ...)."""
+
+    name: str = Field(pattern=r"^[a-z0-9][a-z0-9_.-]*$")
+    """Subset name (lowercase, digits, ``_.-``)."""
+    weight: float = Field(default=1.0, gt=0)
+    """Sampling weight; weights are normalised to sum to 1 in the build."""
+    source: Source
+    """Where this subset's samples come from."""
+
+
+class Filters(_Strict):
+    """Sample filters; a sample failing one is rejected with that reason."""
+
+    min_chars: int = Field(default=1, ge=0)
+    """Minimum document/caption length in characters after normalisation."""
+    max_chars: int = Field(default=1_000_000, gt=0)
+    """Maximum document length in characters; longer ones are rejected, never read into a model."""
+    min_caption_words: int = Field(default=1, ge=0)
+    """Image-text: minimum caption words."""
+    max_caption_chars: int = Field(default=1000, gt=0)
+    """Image-text and instruct: maximum caption or turn length in characters."""
+    min_image_side: int = Field(default=8, gt=0)
+    """Minimum image width and height in pixels."""
+    max_image_pixels: int = Field(default=50_000_000, gt=0)
+    """Maximum width x height (decompression-bomb guard)."""
+    max_aspect_ratio: float = Field(default=20.0, ge=1.0)
+    """Maximum long side / short side."""
+
+
+class Dedup(_Strict):
+    """De-duplication settings."""
+
+    exact: bool = True
+    """Drop exact duplicates (sha256 of the normalised text); the first occurrence in source order wins."""
+
+
+class DatasetSpec(_Strict):
+    """A dataset: what to read, how to filter it, how to shard it."""
+
+    schema_version: Literal[1] = 1
+    """Version of this schema."""
+    name: str = Field(pattern=r"^[a-z0-9][a-z0-9_.-]*$")
+    """Unique dataset name (used on the command line and in recipes)."""
+    kind: Literal["text", "image_text", "instruct", "chat"]
+    """``text``: packed token sequences; ``image_text``: image + caption; ``instruct``: image + conversation;
+    ``chat``: text-only conversation."""
+    profile: Literal["real", "tiny"] = "real"
+    """``real`` points at the published sources; ``tiny`` at sample data from ``mvlm data make-samples``."""
+    description: str = ""
+    """Free text for people."""
+    license: str
+    """License of the data (SPDX id or the source's own terms)."""
+    subsets: list[Subset] = Field(min_length=1)
+    """Parts of the dataset with their weights."""
+    filters: Filters = Filters()
+    """Sample filters."""
+    dedup: Dedup = Dedup()
+    """De-duplication."""
+    tokenizer: str | None = None
+    """Tokenizer hub id, or a folder relative to the data root (required for ``text``)."""
+    seq_len: int | None = Field(default=None, gt=0)
+    """Packed sequence length in tokens (required for ``text``; 2048 for the real profile)."""
+    image_size: int | None = Field(default=None, gt=0)
+    """Target image side in pixels for image kinds (336 for CLIP ViT-L/14-336)."""
+    resize_mode: Literal["keep_ratio", "center_crop", "border", "no"] = "keep_ratio"
+    """img2dataset resize mode; ``keep_ratio`` keeps the whole image (padding happens at train time)."""
+    shard_samples: int = Field(default=10_000, gt=0)
+    """Target samples per shard."""
+    heldout_fraction: float = Field(default=0.0, ge=0.0, le=0.5)
+    """Fraction of samples (by stable hash) kept out of training for evaluation."""
+    max_failure_ratio: float = Field(default=0.05, ge=0.0, le=1.0)
+    """The build fails when rejected / read exceeds this ratio."""
+    allow_hosts: list[str] = []
+    """Hosts or networks (CIDR) that URL lists may reach besides public addresses (tiny: 127.0.0.1)."""
+
+    @model_validator(mode="after")
+    def _kind_requirements(self) -> DatasetSpec:
+        needs = {"text": ("tokenizer", "seq_len"), "image_text": ("image_size",), "instruct": ("image_size",)}
+        missing = [f for f in needs.get(self.kind, ()) if getattr(self, f) is None]
+        if missing:
+            raise ValueError(f"kind {self.kind!r} requires field(s) {missing}")
+        allowed = {
+            "text": ("hf", "files"),
+            "chat": ("llava_json",),
+            "image_text": ("url_list", "llava_json"),
+            "instruct": ("llava_json",),
+        }[self.kind]
+        for sub in self.subsets:
+            if sub.source.type not in allowed:
+                raise ValueError(
+                    f"subset {sub.name!r}: source type {sub.source.type!r} not allowed for kind "
+                    f"{self.kind!r}; allowed: {list(allowed)}"
+                )
+        names = [s.name for s in self.subsets]
+        if len(set(names)) != len(names):
+            raise ValueError(f"subset names must be unique, got {names}")
+        return self
+
+    def weights(self) -> dict[str, float]:
+        """Subset weights normalised to sum to 1."""
+        total = sum(s.weight for s in self.subsets)
+        return {s.name: s.weight / total for s in self.subsets}
+
+
+class SpecError(ValueError):
+    """One or more problems in spec files, each naming file, line and field."""
+
+    def __init__(self, problems: list[str]) -> None:
+        super().__init__("\n".join(problems))
+        self.problems = problems
+
+
+# --- loading with line numbers ---------------------------------------------------------------------
+
+
+class _LineLoader(yaml.SafeLoader):
+    """Safe loader that records the line of every mapping key and refuses duplicate keys."""
+
+
+def _construct_mapping(loader: _LineLoader, node: yaml.MappingNode, deep: bool = False) -> dict:
+    mapping: dict = {}
+    lines: dict = {}
+    for key_node, value_node in node.value:
+        key = loader.construct_object(key_node, deep=deep)
+        if key in mapping:
+            raise yaml.constructor.ConstructorError(
+                None, None, f"duplicate key {key!r} (first at line {lines[key]})", key_node.start_mark
+            )
+        mapping[key] = loader.construct_object(value_node, deep=deep)
+        lines[key] = key_node.start_mark.line + 1
+    loader.line_map[id(mapping)] = (node.start_mark.line + 1, lines)
+    return mapping
+
+
+_LineLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _construct_mapping)
+
+
+def _parse_yaml(text: str, file: str) -> tuple[Any, dict]:
+    loader = _LineLoader(text)
+    loader.line_map = {}
+    try:
+        data = loader.get_single_data()
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None) or getattr(err, "context_mark", None)
+        line = f":{mark.line + 1}" if mark else ""
+        problem = getattr(err, "problem", None) or str(err)
+        raise SpecError([f"{file}{line}: invalid YAML: {problem}"]) from err
+    finally:
+        loader.dispose()
+    return data, loader.line_map
+
+
+def _line_of(data: Any, line_map: dict, loc: tuple) -> int:
+    """Best line for a pydantic error location: the deepest mapping key on the path."""
+    line, node = 1, data
+    for part in loc:
+        if isinstance(node, dict) and id(node) in line_map:
+            start, keys = line_map[id(node)]
+            line = keys.get(part, start)
+        if isinstance(node, dict | list) and _has(node, part):
+            node = node[part]
+        else:
+            break
+    return line
+
+
+def _without_tags(loc: tuple) -> tuple:
+    """Drop pydantic's discriminator tags (``source.files.x`` -> ``source.x``)."""
+    return tuple(p for i, p in enumerate(loc) if not (i and loc[i - 1] == "source" and p in _SOURCE_MODELS))
+
+
+def _explain(error: dict, loc: tuple, data: Any) -> str:
+    kind, msg = error["type"], error["msg"]
+    if kind == "extra_forbidden":
+        model = _model_at(loc[:-1], data)
+        allowed = ", ".join(model.model_fields) if model else "see the schema"
+        return f"unknown key; allowed keys here: {allowed}"
+    if kind == "missing":
+        return "required field is missing"
+    return msg
+
+
+def _model_at(loc: tuple, data: Any) -> type[BaseModel] | None:
+    """The schema model at a location (for listing allowed keys); sources by their ``type``."""
+    model: type[BaseModel] | None = DatasetSpec
+    node = data
+    for part in loc:
+        node = node[part] if isinstance(node, dict | list) and _has(node, part) else None
+        if isinstance(part, int):
+            continue
+        if model is None or part not in model.model_fields:
+            return None
+        if part == "source":
+            model = _SOURCE_MODELS.get(node.get("type")) if isinstance(node, dict) else None
+            continue
+        model = _inner_model(model.model_fields[part].annotation)
+    return model
+
+
+def _has(node: dict | list, part: Any) -> bool:
+    return part in node if isinstance(node, dict) else isinstance(part, int) and part < len(node)
+
+
+_SOURCE_MODELS = {"hf": HFSource, "files": FilesSource, "url_list": UrlListSource, "llava_json": LlavaSource}
+
+
+def _inner_model(annotation: Any) -> type[BaseModel] | None:
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation
+    for arg in getattr(annotation, "__args__", ()):
+        found = _inner_model(arg)
+        if found is not None:
+            return found
+    return None
+
+
+def parse_spec(text: str, file: str = "<spec>") -> DatasetSpec:
+    """Validate YAML text as a DatasetSpec; errors list ``file:line: field.path: message``."""
+    data, line_map = _parse_yaml(text, file)
+    if not isinstance(data, dict):
+        raise SpecError([f"{file}:1: a spec must be a mapping of fields, got {type(data).__name__}"])
+    try:
+        return DatasetSpec.model_validate(data)
+    except ValidationError as err:
+        problems = []
+        for error in err.errors():
+            loc = _without_tags(tuple(error["loc"]))
+            path = ".".join(str(p) for p in loc) or "(spec)"
+            problems.append(f"{file}:{_line_of(data, line_map, loc)}: {path}: {_explain(error, loc, data)}")
+        raise SpecError(problems) from None
+
+
+def load_spec(path: str | Path) -> DatasetSpec:
+    """Read and validate one spec file."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as err:
+        raise SpecError([f"{path}: cannot read spec ({err})"]) from err
+    spec = parse_spec(text, str(path))
+    if path.stem != spec.name:
+        raise SpecError([f"{path}:1: name: spec name {spec.name!r} must equal the file name {path.stem!r}"])
+    return spec
+
+
+def spec_files(spec_dir: str | Path | None = None) -> list[Path]:
+    """Every ``*.yaml`` spec in the folder, sorted."""
+    folder = Path(spec_dir or os.environ.get("MVLM_SPEC_DIR") or SPEC_DIR)
+    return sorted(folder.glob("*.yaml"))
+
+
+def load_all(spec_dir: str | Path | None = None) -> dict[str, tuple[Path, DatasetSpec]]:
+    """All specs by name; raises SpecError listing every problem in every file."""
+    specs: dict[str, tuple[Path, DatasetSpec]] = {}
+    problems: list[str] = []
+    for file in spec_files(spec_dir):
+        try:
+            spec = load_spec(file)
+        except SpecError as err:
+            problems.extend(err.problems)
+            continue
+        specs[spec.name] = (file, spec)
+    if problems:
+        raise SpecError(problems)
+    return specs
+
+
+def find_spec(name: str, spec_dir: str | Path | None = None) -> tuple[Path, DatasetSpec]:
+    """The spec called ``name``; KeyError lists the known names."""
+    specs = load_all(spec_dir)
+    if name not in specs:
+        raise KeyError(f"no dataset spec named {name!r}; known: {', '.join(sorted(specs)) or '(none)'}")
+    return specs[name]
+
+
+def resolve_env(value: str | None) -> str | None:
+    """Resolve an environment reference at use time (never store the result)."""
+    if value is None:
+        return None
+    match = ENV_REF.match(value)
+    if not match:
+        return value
+    if match.group(1) not in os.environ:
+        raise KeyError(f"environment variable {match.group(1)} is not set (referenced as {value})")
+    return os.environ[match.group(1)]
