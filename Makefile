@@ -4,6 +4,9 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 # CPU build of torch; users with GPUs install their CUDA torch into the venv first (see README).
 TORCH_SPEC ?= torch==2.13.0
+# img2dataset lives in its own venv (it pins old webdataset and pulls the dataclasses backport).
+VENV_I2D ?= .venv-img2dataset
+I2D_SPEC ?= img2dataset==1.47.0
 
 .PHONY: setup test test-fast lint format demo clean
 
@@ -16,7 +19,14 @@ $(VENV)/.installed: $(BIN)/python pyproject.toml
 	$(BIN)/pip install -q -e ".[dev]"
 	touch $@
 
-setup: $(VENV)/.installed
+$(VENV_I2D)/.installed:
+	$(PYTHON) -m venv $(VENV_I2D)
+	$(VENV_I2D)/bin/pip install -q --upgrade pip
+	$(VENV_I2D)/bin/pip install -q "$(I2D_SPEC)"
+	NO_ALBUMENTATIONS_UPDATE=1 $(VENV_I2D)/bin/python -c "import img2dataset"
+	touch $@
+
+setup: $(VENV)/.installed $(VENV_I2D)/.installed
 
 test: setup
 	$(BIN)/pytest -q
@@ -36,4 +46,4 @@ demo: setup
 	$(BIN)/mvlm model smoke
 
 clean:
-	rm -rf $(VENV) .pytest_cache .ruff_cache
+	rm -rf $(VENV) $(VENV_I2D) .pytest_cache .ruff_cache

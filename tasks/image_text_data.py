@@ -1,0 +1,909 @@
+"""Image-text builds: URL lists through img2dataset, LLaVA pretrain json from local images.
+
+``url_list`` subsets (CC3M style): the list is read, every URL is checked against the URL policy
+(http/https only; loopback, private, link-local and metadata hosts refused unless the spec's
+``allow_hosts`` lists them), exact duplicate URLs and bad captions are set aside, and the clean rows
+go to img2dataset (its own venv, run as a program, ``tasks.img2dataset_runner``) in the build's
+``work/`` folder. Its per-shard stats are checked and its per-sample statuses become rejects by
+reason (``http_404``, ``timeout``, ``decode_error``, ...). Units: one for the list (the rows refused
+before download) and one per img2dataset shard.
+
+``llava_json`` subsets (LLaVA-Pretrain-558K): no download; images are read under ``image_root``
+(absolute paths, ``..`` and symlinks leaving the root are refused), resized with PIL the way
+img2dataset's ``resize_mode`` does it and re-encoded as JPEG quality 95. Units: ``shard_samples``
+entries each.
+
+A second pass (Ray, one task per unit) filters captions and images, assigns the held-out split by
+a stable hash of the sample key and writes the final shards ``shards/{train,heldout}/*.tar`` in
+img2dataset's per-sample layout: ``{key}.jpg``, ``{key}.txt``, ``{key}.json`` (json without timings
+or ports, so a resumed build is byte-identical). ``preview.png`` shows up to 16 train samples.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import io
+import ipaddress
+import json
+import logging
+import math
+import os
+import re
+import socket
+import tarfile
+import textwrap
+import unicodedata
+from collections.abc import Iterable, Iterator
+from dataclasses import asdict, dataclass, field
+from itertools import chain
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+from tasks.build import (
+    BuildContext,
+    BuildError,
+    Unit,
+    UnitResult,
+    expand_files,
+    finished_unit,
+    resolve_path,
+    save_unit,
+)
+from tasks.identity import atomic_write_bytes
+from tasks.img2dataset_runner import (
+    DownloadOptions,
+    Img2DatasetError,
+    failure_reason,
+    forget_shard,
+    read_stats,
+    read_status_rows,
+    run_img2dataset,
+    shard_files,
+)
+from tasks.parallel import ray_map
+from tasks.rejects import Rejects
+from tasks.shards import SAFE_KEY, read_tar_samples, write_shard
+from tasks.specs import Filters, LlavaSource, Subset, UrlListSource
+
+log = logging.getLogger(__name__)
+
+JPEG_QUALITY = 95
+PREVIEW_SAMPLES = 16
+PREVIEW_CELL = 160
+ALLOWED_SCHEMES = ("http", "https")
+METADATA_HOSTS = frozenset(
+    {"metadata", "metadata.google.internal", "instance-data", "instance-data.ec2.internal", "metadata.azure"}
+)
+VALIDATION_BASE = "http://127.0.0.1"
+"""Stands for the local server while URLs are checked (the server binds 127.0.0.1; its port comes later)."""
+LOCAL_PLACEHOLDER = "{LOCAL_SERVER}"
+I2D_COLUMNS = ("row", "src_url")
+"""Columns img2dataset keeps beside each sample: the list row and the URL as written in the list."""
+
+
+# --- URL policy ----------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class HostPolicy:
+    """Which non-public hosts URL lists may reach: the spec's ``allow_hosts`` (names or CIDR networks)."""
+
+    names: frozenset[str] = frozenset()
+    """Host names allowed as written (lowercase)."""
+    networks: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = ()
+    """Address ranges allowed."""
+
+    @classmethod
+    def from_allow(cls, allow_hosts: Iterable[str]) -> HostPolicy:
+        """Parse ``allow_hosts``: an address or CIDR network becomes a network, anything else a name."""
+        names, networks = set(), []
+        for entry in allow_hosts:
+            text = entry.strip().strip("[]").lower()
+            try:
+                networks.append(ipaddress.ip_network(text, strict=False))
+            except ValueError:
+                names.add(text.rstrip("."))
+        return cls(frozenset(names), tuple(networks))
+
+    def allows(self, host: str, address: ipaddress.IPv4Address | ipaddress.IPv6Address | None) -> bool:
+        """True when the host name or its literal address is listed."""
+        if host in self.names:
+            return True
+        return address is not None and any(address in net for net in self.networks)
+
+
+def host_address(host: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
+    """The address a literal-IP host means (including legacy forms like ``2130706433`` or ``0x7f.1``)."""
+    text = host.strip("[]").split("%", 1)[0]
+    try:
+        address = ipaddress.ip_address(text)
+    except ValueError:
+        if not re.fullmatch(r"[0-9a-fA-FxX.]+", text):
+            return None
+        try:
+            address = ipaddress.IPv4Address(socket.inet_aton(text))
+        except OSError:
+            return None
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+        return address.ipv4_mapped
+    return address
+
+
+def _non_public(host: str, address: ipaddress.IPv4Address | ipaddress.IPv6Address | None) -> str | None:
+    """Why a host is not a public internet host (loopback, private, link-local, metadata), or None."""
+    if address is not None:
+        if address.is_loopback:
+            return "a loopback address"
+        if address.is_link_local:
+            return "a link-local address (cloud metadata lives there)"
+        if address.is_private:
+            return "a private address"
+        if not address.is_global:
+            return "not a public address"
+        return None
+    if host == "localhost" or host.endswith(".localhost"):
+        return "a loopback name"
+    if host in METADATA_HOSTS:
+        return "a cloud metadata name"
+    return None
+
+
+def url_problem(url: str | None, policy: HostPolicy) -> str | None:
+    """Why a URL may not be downloaded, or None. Only literal addresses and well-known names are
+    checked (names are not resolved here)."""
+    if not url or not url.strip():
+        return "empty URL"
+    url = url.strip()
+    if any(ord(c) < 33 or ord(c) == 127 for c in url):
+        return "URL contains whitespace or control characters"
+    if LOCAL_PLACEHOLDER in url:
+        return f"URL contains {LOCAL_PLACEHOLDER} but the subset has no local_server"
+    try:
+        parts = urlsplit(url)
+        host = (parts.hostname or "").rstrip(".").lower()
+        _ = parts.port
+    except ValueError as err:
+        return f"malformed URL ({err})"
+    scheme = parts.scheme.lower()
+    if scheme not in ALLOWED_SCHEMES:
+        return f"scheme {scheme or '(none)'!r} not allowed; only {', '.join(ALLOWED_SCHEMES)}"
+    if not host:
+        return "URL has no host"
+    if "@" in parts.netloc:
+        return "URL carries credentials"
+    address = host_address(host)
+    why = _non_public(host, address)
+    if why and not policy.allows(host, address):
+        return f"host {host} is {why}; list it in the spec's allow_hosts to permit it"
+    return None
+
+
+# --- captions, images, keys ----------------------------------------------------------------------
+
+
+def normalise_caption(text: Any) -> str:
+    """NFC and single spaces (every run of whitespace, newlines included, becomes one space)."""
+    if not isinstance(text, str):
+        return ""
+    return " ".join(unicodedata.normalize("NFC", text).split())
+
+
+def caption_problem(caption: str, filters: Filters) -> tuple[str, str] | None:
+    """(reason, detail) when a normalised caption fails the filters, else None."""
+    if not caption:
+        return "empty_caption", "caption is empty after normalisation"
+    words = len(caption.split(" "))
+    if words < filters.min_caption_words:
+        return "caption_too_short", f"{words} words < min_caption_words {filters.min_caption_words}"
+    if len(caption) < filters.min_chars:
+        return "caption_too_short", f"{len(caption)} chars < min_chars {filters.min_chars}"
+    if len(caption) > filters.max_caption_chars:
+        return "caption_too_long", f"{len(caption)} chars > max_caption_chars {filters.max_caption_chars}"
+    return None
+
+
+def image_problem(width: int, height: int, filters: Filters) -> tuple[str, str] | None:
+    """(reason, detail) when an (original) image size fails the filters, else None."""
+    if width * height > filters.max_image_pixels:
+        return "image_too_large", f"{width}x{height} > max_image_pixels {filters.max_image_pixels}"
+    if min(width, height) < filters.min_image_side:
+        return "image_too_small", f"{width}x{height}: a side < min_image_side {filters.min_image_side}"
+    ratio = max(width, height) / max(min(width, height), 1)
+    if ratio > filters.max_aspect_ratio:
+        return "bad_aspect_ratio", f"{width}x{height}: aspect {ratio:.1f} > {filters.max_aspect_ratio}"
+    return None
+
+
+def subset_slug(subset: str) -> str:
+    """A subset name usable inside sample keys (``.`` is not allowed there)."""
+    return subset.replace(".", "-")
+
+
+def sample_key(subset: str, ident: str) -> str:
+    """``{subset}-{ident}``; idents that are not key-safe (or too long) become a hash of themselves."""
+    if not ident or not set(ident) <= SAFE_KEY or len(ident) > 120:
+        ident = "h" + hashlib.sha256(ident.encode()).hexdigest()[:24]
+    return f"{subset_slug(subset)}-{ident}"
+
+
+def split_for(key: str, fraction: float) -> str:
+    """``heldout`` for a stable ``fraction`` of keys (sha256 of the key), else ``train``."""
+    if fraction <= 0:
+        return "train"
+    value = int(hashlib.sha256(key.encode()).hexdigest()[:8], 16) / 0xFFFFFFFF
+    return "heldout" if value < fraction else "train"
+
+
+def to_rgb(image: Any) -> Any:
+    """RGB image; transparency is composited onto white (as img2dataset does)."""
+    from PIL import Image
+
+    if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
+        rgba = image.convert("RGBA")
+        canvas = Image.new("RGB", rgba.size, (255, 255, 255))
+        canvas.paste(rgba, mask=rgba.getchannel("A"))
+        return canvas
+    return image.convert("RGB")
+
+
+def resize_image(image: Any, size: int, mode: str) -> Any:
+    """Resize like img2dataset: keep_ratio puts the SMALLER side at ``size`` (center_crop then crops the
+    centre square), border puts the larger side at ``size`` and pads with white, no keeps the size."""
+    from PIL import Image
+
+    if mode == "no":
+        return image
+    width, height = image.size
+    scale = size / (min(width, height) if mode in ("keep_ratio", "center_crop") else max(width, height))
+    new = (max(1, round(width * scale)), max(1, round(height * scale)))
+    if new != (width, height):
+        resample = Image.Resampling.BOX if scale < 1 else Image.Resampling.LANCZOS
+        image = image.resize(new, resample)
+    if mode == "center_crop":
+        left, top = (new[0] - size) // 2, (new[1] - size) // 2
+        image = image.crop((left, top, left + size, top + size))
+    elif mode == "border":
+        canvas = Image.new("RGB", (size, size), (255, 255, 255))
+        canvas.paste(image, ((size - new[0]) // 2, (size - new[1]) // 2))
+        image = canvas
+    return image
+
+
+def encode_jpeg(image: Any) -> bytes:
+    """JPEG quality 95, no metadata: the same pixels always give the same bytes."""
+    buffer = io.BytesIO()
+    image.save(buffer, format="JPEG", quality=JPEG_QUALITY)
+    return buffer.getvalue()
+
+
+def decoded_size(data: bytes) -> tuple[int, int]:
+    """(width, height) of image bytes, fully decoded (raises on corrupt data)."""
+    from PIL import Image
+
+    with Image.open(io.BytesIO(data)) as image:
+        image.load()
+        return image.size
+
+
+# --- writing a unit ------------------------------------------------------------------------------
+
+
+@dataclass
+class _UnitWriter:
+    """Counts, rejects and the split-aware shard writing of one unit."""
+
+    ctx: BuildContext
+    unit: Unit
+    rejects: Rejects = field(default_factory=Rejects)
+    counts: dict[str, int] = field(
+        default_factory=lambda: {"read": 0, "kept": 0, "rejected": 0, "images": 0, "bytes": 0}
+    )
+    heldout: list[dict[str, Any]] = field(default_factory=list)
+
+    def reject(self, reason: str, source: str, where: str, detail: str = "", excerpt: Any = "") -> None:
+        """Count a sample as read and rejected."""
+        self.counts["read"] += 1
+        self.counts["rejected"] += 1
+        self.rejects.add(reason, self.unit.subset, source, where, detail, excerpt)
+
+    def keep(self, key: str, jpg: bytes, caption: str, meta: dict[str, Any]) -> dict[str, Any]:
+        """Count a sample as read and kept; return it in the webdataset layout."""
+        self.counts["read"] += 1
+        self.counts["kept"] += 1
+        self.counts["images"] += 1
+        self.counts["bytes"] += len(jpg)
+        text = json.dumps(
+            {**meta, "key": key, "caption": caption}, sort_keys=True, ensure_ascii=False, indent=2
+        )
+        return {"__key__": key, "jpg": jpg, "txt": caption.encode(), "json": text.encode()}
+
+    def shard_path(self, split: str) -> str:
+        """Where this unit's shard of ``split`` goes (relative to the build folder)."""
+        return f"shards/{split}/{self.unit.subset}-{self.unit.index:05d}-00000.tar"
+
+    def finish(self, samples: Iterator[dict[str, Any]]) -> UnitResult:
+        """Write the kept ``samples`` (key order) to a train and a held-out shard; save the unit record."""
+        fraction = self.ctx.spec.heldout_fraction
+
+        def train() -> Iterator[dict[str, Any]]:
+            for sample in samples:
+                if split_for(sample["__key__"], fraction) == "heldout":
+                    self.heldout.append(sample)
+                else:
+                    yield sample
+
+        records = []
+        stream = train()
+        first = next(stream, None)
+        if first is not None:
+            records.append(
+                write_shard(
+                    self.ctx.out, self.shard_path("train"), chain([first], stream), "train", self.unit.subset
+                )
+            )
+        if self.heldout:
+            records.append(
+                write_shard(
+                    self.ctx.out, self.shard_path("heldout"), self.heldout, "heldout", self.unit.subset
+                )
+            )
+        if self.counts["read"] != self.counts["kept"] + self.counts["rejected"]:
+            raise AssertionError(f"unit {self.unit.index}: counts do not add up: {self.counts}")
+        result = UnitResult(
+            self.unit.index,
+            self.unit.subset,
+            [asdict(r) for r in records],
+            dict(self.counts),
+            self.rejects.to_rows(),
+        )
+        return save_unit(self.ctx, result)
+
+
+# --- url lists -----------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ListRow:
+    """One row of a URL list."""
+
+    where: str
+    """``row N`` (0-based data row) or ``line N`` for rows that did not parse."""
+    url: str | None
+    """URL as written (may contain ``{LOCAL_SERVER}``)."""
+    caption: str | None
+    """Caption as written."""
+    problem: str = ""
+    """Parse problem of the row, if any."""
+
+
+def read_url_list(path: str, src: UrlListSource) -> list[ListRow]:
+    """Rows of a TSV (no quoting), CSV or parquet list; rows with the wrong number of fields come back
+    with a problem."""
+    import pyarrow as pa
+    import pyarrow.csv as pacsv
+    import pyarrow.parquet as pq
+
+    bad: list[ListRow] = []
+    name = path.lower()
+    if name.endswith(".parquet"):
+        table = pq.read_table(path)
+    else:
+
+        def skip(row: Any) -> str:
+            bad.append(
+                ListRow(f"line {row.number}", None, None, f"{row.actual_columns} fields: {row.text[:200]}")
+            )
+            return "skip"
+
+        tsv = not (name.endswith(".csv") or name.endswith(".csv.gz"))
+        parse = pacsv.ParseOptions(
+            delimiter="\t" if tsv else ",", quote_char=False if tsv else '"', invalid_row_handler=skip
+        )
+        types = {src.url_col: pa.string(), src.caption_col: pa.string()}
+        table = pacsv.read_csv(
+            path,
+            read_options=pacsv.ReadOptions(use_threads=False),
+            parse_options=parse,
+            convert_options=pacsv.ConvertOptions(column_types=types, strings_can_be_null=False),
+        )
+    missing = [c for c in (src.url_col, src.caption_col) if c not in table.column_names]
+    if missing:
+        raise BuildError(f"{path}: column(s) {missing} not found; the list has {table.column_names}")
+    urls = table.column(src.url_col).to_pylist()
+    captions = table.column(src.caption_col).to_pylist()
+    rows = [ListRow(f"row {i}", u, c) for i, (u, c) in enumerate(zip(urls, captions, strict=True))]
+    return rows + bad
+
+
+@dataclass
+class UrlPlan:
+    """A URL-list subset ready to download: its list unit, clean rows and shard units."""
+
+    subset: Subset
+    """The spec subset."""
+    list_unit: Unit
+    """The unit holding the rows refused before download."""
+    list_result: UnitResult
+    """Its (unsaved) result."""
+    rows: list[dict[str, Any]]
+    """Clean rows in list order: ``src_url``, ``caption`` (normalised), ``row``."""
+    units: list[Unit]
+    """One per img2dataset shard, in shard order."""
+
+    @property
+    def work(self) -> Path:
+        """Relative work folder of this subset."""
+        return Path("work") / self.subset.name
+
+
+def plan_url_subset(ctx: BuildContext, sub: Subset, first_index: int) -> UrlPlan:
+    """Read and check a URL list; refused rows go to the list unit, the rest are split into shard units."""
+    src = sub.source
+    assert isinstance(src, UrlListSource)
+    path = expand_files(ctx.data_root, [src.path])[0]
+    policy = HostPolicy.from_allow(ctx.spec.allow_hosts)
+    unit = Unit(first_index, sub.name, path)
+    writer = _UnitWriter(ctx, unit)
+    clean: list[dict[str, Any]] = []
+    seen: set[str] = set()
+    for row in read_url_list(path, src):
+        if row.problem:
+            writer.reject("invalid_row", path, row.where, row.problem)
+            continue
+        url = (row.url or "").strip()
+        check = url.replace(LOCAL_PLACEHOLDER, VALIDATION_BASE) if src.local_server else url
+        if why := url_problem(check, policy):
+            writer.reject("url_refused", url or path, row.where, why, row.caption or "")
+            continue
+        caption = normalise_caption(row.caption)
+        if bad := caption_problem(caption, ctx.spec.filters):
+            writer.reject(bad[0], url, row.where, bad[1], row.caption or "")
+            continue
+        if ctx.spec.dedup.exact and url in seen:
+            writer.reject("duplicate", url, row.where, "the same URL appears earlier in the list")
+            continue
+        seen.add(url)
+        clean.append({"src_url": url, "caption": caption, "row": int(row.where.split()[1])})
+    writer.counts["listed"] = writer.counts["read"] + len(clean)
+    result = UnitResult(unit.index, unit.subset, [], dict(writer.counts), writer.rejects.to_rows())
+    shards = math.ceil(len(clean) / ctx.spec.shard_samples)
+    units = [Unit(first_index + 1 + k, sub.name, f"{path}#shard{k}") for k in range(shards)]
+    if writer.counts["rejected"]:
+        log.info(
+            "%s/%s: %d of %d rows refused before download: %s",
+            ctx.spec.name,
+            sub.name,
+            writer.counts["rejected"],
+            writer.counts["listed"],
+            writer.rejects.counts(),
+        )
+    return UrlPlan(sub, unit, result, clean, units)
+
+
+def download_options(ctx: BuildContext) -> DownloadOptions:
+    """img2dataset options from the spec (processes/threads/timeout overridable by environment)."""
+    cpus = os.cpu_count() or 1
+    return DownloadOptions(
+        image_size=int(ctx.spec.image_size or 0),
+        resize_mode=ctx.spec.resize_mode,
+        shard_samples=ctx.spec.shard_samples,
+        additional_columns=I2D_COLUMNS,
+        processes=int(os.environ.get("MVLM_IMG2DATASET_PROCESSES", max(1, min(4, cpus // 2)))),
+        threads=int(os.environ.get("MVLM_IMG2DATASET_THREADS", 16)),
+        timeout=int(os.environ.get("MVLM_IMG2DATASET_TIMEOUT", 10)),
+    )
+
+
+def _raw_shard_ok(raw: Path, shard_id: int, expected: int) -> bool:
+    """True when img2dataset's files for a shard are complete and consistent."""
+    import pyarrow.parquet as pq
+
+    tar_path, parquet_path, _ = shard_files(raw, shard_id)
+    try:
+        stats = read_stats(raw, shard_id, expected)
+        if pq.read_metadata(parquet_path).num_rows != stats.count:
+            return False
+        with tarfile.open(tar_path) as tar:
+            members = sum(1 for m in tar if m.isfile())
+        return members == 3 * stats.successes
+    except (Img2DatasetError, OSError, tarfile.TarError, ValueError, KeyError):
+        return False
+
+
+def download_subset(ctx: BuildContext, plan: UrlPlan, pending: list[int]) -> None:
+    """Run img2dataset for the pending shards of a URL subset (finished shards are kept: incremental)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    src = plan.subset.source
+    assert isinstance(src, UrlListSource)
+    raw = ctx.out / plan.work / "img2dataset"
+    size = ctx.spec.shard_samples
+    counts = {k: len(plan.rows[k * size : (k + 1) * size]) for k in pending}
+    todo = [k for k in pending if not _raw_shard_ok(raw, k, counts[k])]
+    for k in todo:
+        forget_shard(raw, k)
+    if todo:
+        label = f"{ctx.spec.name}/{plan.subset.name}"
+        log.info("%s: downloading %d of %d shards with img2dataset", label, len(todo), len(plan.units))
+        with contextlib.ExitStack() as stack:
+            base = None
+            if src.local_server:
+                from tasks.local_server import serve_directory, substitute_server
+
+                root = Path(resolve_path(ctx.data_root, src.local_server.root))
+                base = stack.enter_context(serve_directory(root))
+            urls = [substitute_server(r["src_url"], base) if base else r["src_url"] for r in plan.rows]
+            table = pa.table(
+                {
+                    "url": urls,
+                    "caption": [r["caption"] for r in plan.rows],
+                    "row": pa.array([r["row"] for r in plan.rows], pa.int64()),
+                    "src_url": [r["src_url"] for r in plan.rows],
+                }
+            )
+            input_path = ctx.out / plan.work / "input.parquet"
+            input_path.parent.mkdir(parents=True, exist_ok=True)
+            pq.write_table(table, input_path)
+            try:
+                run_img2dataset(input_path, raw, download_options(ctx), label=label)
+            except Img2DatasetError as err:
+                raise BuildError(f"spec {ctx.spec.name}: {err}") from err
+            except FileNotFoundError as err:
+                raise BuildError(f"spec {ctx.spec.name}: {err}") from err
+    for k in pending:
+        try:
+            read_stats(raw, k, counts[k])
+        except Img2DatasetError as err:
+            raise BuildError(f"spec {ctx.spec.name}: {err}") from err
+
+
+@dataclass(frozen=True)
+class UrlShardJob:
+    """Second pass over one img2dataset shard."""
+
+    unit: Unit
+    """The unit."""
+    raw_dir: str
+    """img2dataset's output folder."""
+    shard_id: int
+    """img2dataset shard id."""
+    count: int
+    """Rows given to that shard."""
+
+
+def _tar_index(tar: tarfile.TarFile) -> dict[str, dict[str, tarfile.TarInfo]]:
+    """Members of an img2dataset tar by key and extension (links and paths refused)."""
+    index: dict[str, dict[str, tarfile.TarInfo]] = {}
+    for member in tar:
+        if not member.isfile() or "/" in member.name or "\\" in member.name or member.name.startswith("."):
+            raise Img2DatasetError(f"{tar.name}: unexpected tar member {member.name!r}")
+        key, _, ext = member.name.partition(".")
+        index.setdefault(key, {})[ext] = member
+    return index
+
+
+def process_url_shard(job: UrlShardJob, ctx: BuildContext) -> UnitResult:
+    """Turn one img2dataset shard into final shards: failures become rejects, filters apply."""
+    raw = Path(job.raw_dir)
+    stats = read_stats(raw, job.shard_id, job.count)
+    rows = read_status_rows(raw, job.shard_id)
+    tar_path = shard_files(raw, job.shard_id)[0]
+    writer = _UnitWriter(ctx, job.unit)
+    with tarfile.open(tar_path) as tar:
+        index = _tar_index(tar)
+        successes = {r["key"] for r in rows if r["status"] == "success"}
+        if len(rows) != stats.count or successes != set(index) or len(successes) != stats.successes:
+            raise Img2DatasetError(
+                f"{tar_path}: {len(index)} samples in the tar, {len(successes)} successes and "
+                f"{len(rows)} rows in the parquet, stats say {stats.successes} of {stats.count}"
+            )
+
+        def samples() -> Iterator[dict[str, Any]]:
+            for row in rows:
+                source, where = row["src_url"], f"row {row['row']}"
+                if row["status"] != "success":
+                    reason = failure_reason(row["status"], row.get("error_message"))
+                    writer.reject(reason, source, where, row.get("error_message") or row["status"])
+                    continue
+                caption = normalise_caption(row.get("caption"))
+                if bad := caption_problem(caption, ctx.spec.filters):
+                    writer.reject(bad[0], source, where, bad[1], caption)
+                    continue
+                jpg = tar.extractfile(index[row["key"]]["jpg"]).read()
+                try:
+                    width, height = decoded_size(jpg)
+                except Exception as err:  # any decoder failure is a reject
+                    writer.reject("decode_error", source, where, f"img2dataset output does not decode: {err}")
+                    continue
+                original = (row.get("original_width") or width, row.get("original_height") or height)
+                if bad := image_problem(*original, ctx.spec.filters):
+                    writer.reject(bad[0], source, where, bad[1])
+                    continue
+                meta = {
+                    "source_key": row["key"],
+                    "subset": job.unit.subset,
+                    "url": source,
+                    "row": row["row"],
+                    "status": "success",
+                    "width": width,
+                    "height": height,
+                    "original_width": original[0],
+                    "original_height": original[1],
+                    "sha256": row.get("sha256"),
+                }
+                yield writer.keep(sample_key(job.unit.subset, row["key"]), jpg, caption, meta)
+
+        return writer.finish(samples())
+
+
+# --- llava json ----------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class LlavaJob:
+    """Second pass over one chunk of a LLaVA json."""
+
+    unit: Unit
+    """The unit."""
+    image_root: str
+    """Folder the ``image`` fields are relative to."""
+    entries: list[dict[str, Any]]
+    """Prepared entries (``prepare_llava``), in json order."""
+
+
+def _gpt_caption(conversations: Any) -> str | None:
+    """The first assistant (``gpt``) turn's text."""
+    if not isinstance(conversations, list):
+        return None
+    for turn in conversations:
+        if isinstance(turn, dict) and turn.get("from") in ("gpt", "assistant"):
+            value = turn.get("value")
+            return value if isinstance(value, str) else None
+    return None
+
+
+def prepare_llava(path: str, subset: str) -> list[dict[str, Any]]:
+    """Entries of a LLaVA pretrain json as ``{where, key, image, caption}`` or ``{where, reason, detail}``;
+    duplicate keys after the first are rejects."""
+    try:
+        with open(path, "rb") as handle:
+            data = json.loads(handle.read().decode("utf-8-sig"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise BuildError(f"{path}: cannot read LLaVA json ({err})") from err
+    if not isinstance(data, list):
+        raise BuildError(f"{path}: expected a json list of entries, got {type(data).__name__}")
+    out: list[dict[str, Any]] = []
+    seen: set[str] = set()
+    for i, entry in enumerate(data):
+        where = f"entry {i}"
+        if not isinstance(entry, dict) or "id" not in entry:
+            out.append(
+                {
+                    "where": where,
+                    "reason": "invalid_entry",
+                    "detail": "not an object with an id",
+                    "excerpt": str(entry)[:200],
+                }
+            )
+            continue
+        image = entry.get("image")
+        caption = _gpt_caption(entry.get("conversations"))
+        if not isinstance(image, str):
+            out.append(
+                {
+                    "where": where,
+                    "reason": "invalid_entry",
+                    "detail": "no image field",
+                    "excerpt": str(entry)[:200],
+                }
+            )
+        elif caption is None:
+            out.append(
+                {
+                    "where": where,
+                    "reason": "missing_caption",
+                    "detail": "no gpt turn with text",
+                    "excerpt": str(entry)[:200],
+                }
+            )
+        else:
+            key = sample_key(subset, str(entry["id"]))
+            if key in seen:
+                out.append(
+                    {"where": where, "reason": "duplicate", "detail": f"id {entry['id']!r} seen before"}
+                )
+                continue
+            seen.add(key)
+            out.append(
+                {"where": where, "key": key, "id": str(entry["id"]), "image": image, "caption": caption}
+            )
+    return out
+
+
+def image_under_root(root: Path, relative: str) -> tuple[Path | None, str, str]:
+    """(resolved path, "", "") for a file under ``root`` (already resolved), else (None, reason, detail)
+    with reason ``path_outside_root`` (absolute, ``..``, symlink leaving the root) or ``missing_image``."""
+    if not relative or "\x00" in relative:
+        return None, "path_outside_root", "empty or invalid image path"
+    if relative.startswith(("/", "\\")) or os.path.isabs(relative) or re.match(r"^[A-Za-z]:", relative):
+        return None, "path_outside_root", f"absolute image path {relative!r} refused"
+    if ".." in re.split(r"[\\/]", relative):
+        return None, "path_outside_root", f"image path {relative!r} contains '..'"
+    resolved = (root / relative).resolve()
+    if not resolved.is_relative_to(root):
+        return None, "path_outside_root", f"{relative!r} resolves outside the image root (symlink)"
+    if not resolved.is_file():
+        return None, "missing_image", f"{relative!r} not found under the image root"
+    return resolved, "", ""
+
+
+def load_local_image(path: Path, ctx: BuildContext) -> tuple[bytes | None, dict[str, Any], tuple[str, str]]:
+    """(jpeg bytes, size meta, ("", "")) for a good image, else (None, {}, (reason, detail))."""
+    from PIL import Image
+
+    filters = ctx.spec.filters
+    try:
+        with Image.open(path) as image:
+            original = image.size
+            if bad := image_problem(*original, filters):
+                return None, {}, bad
+            image.load()
+            out = resize_image(to_rgb(image), int(ctx.spec.image_size or 0), ctx.spec.resize_mode)
+    except Image.DecompressionBombError as err:
+        return None, {}, ("image_too_large", str(err))
+    except Exception as err:  # any decoder failure is a reject
+        return None, {}, ("decode_error", f"{type(err).__name__}: {err}")
+    meta = {
+        "width": out.size[0],
+        "height": out.size[1],
+        "original_width": original[0],
+        "original_height": original[1],
+    }
+    return encode_jpeg(out), meta, ("", "")
+
+
+def process_llava(job: LlavaJob, ctx: BuildContext) -> UnitResult:
+    """Read, check, resize and shard one chunk of LLaVA entries."""
+    root = Path(job.image_root).resolve()
+    writer = _UnitWriter(ctx, job.unit)
+    source = job.unit.source.split("#", 1)[0]
+    entries = sorted(job.entries, key=lambda e: e.get("key", ""))
+
+    def samples() -> Iterator[dict[str, Any]]:
+        for entry in entries:
+            where = entry["where"]
+            if "reason" in entry:
+                writer.reject(entry["reason"], source, where, entry["detail"], entry.get("excerpt", ""))
+                continue
+            caption = normalise_caption(entry["caption"])
+            if bad := caption_problem(caption, ctx.spec.filters):
+                writer.reject(bad[0], source, where, bad[1], entry["caption"])
+                continue
+            path, reason, detail = image_under_root(root, entry["image"])
+            if path is None:
+                writer.reject(reason, source, where, detail, entry["image"])
+                continue
+            jpg, sizes, bad = load_local_image(path, ctx)
+            if jpg is None:
+                writer.reject(bad[0], source, where, bad[1], entry["image"])
+                continue
+            digest = hashlib.sha256(path.read_bytes()).hexdigest()
+            meta = {
+                "id": entry["id"],
+                "image": entry["image"],
+                "subset": job.unit.subset,
+                "status": "success",
+                "sha256": digest,
+                **sizes,
+            }
+            yield writer.keep(entry["key"], jpg, caption, meta)
+
+    return writer.finish(samples())
+
+
+def plan_llava_subset(ctx: BuildContext, sub: Subset, first_index: int) -> list[LlavaJob]:
+    """One job per ``shard_samples`` entries of a LLaVA json."""
+    src = sub.source
+    assert isinstance(src, LlavaSource)
+    if not src.image_root:
+        raise BuildError(f"spec {ctx.spec.name}: subset {sub.name} needs image_root for image-text builds")
+    path = expand_files(ctx.data_root, [src.path])[0]
+    root = resolve_path(ctx.data_root, src.image_root)
+    if not os.path.isdir(root):
+        raise BuildError(f"spec {ctx.spec.name}: image_root {root} is not a folder")
+    entries = prepare_llava(path, sub.name)
+    size = ctx.spec.shard_samples
+    return [
+        LlavaJob(
+            Unit(first_index + k, sub.name, f"{path}#chunk{k}"), root, entries[k * size : (k + 1) * size]
+        )
+        for k in range(math.ceil(len(entries) / size))
+    ]
+
+
+# --- the build -----------------------------------------------------------------------------------
+
+
+def process_job(job: UrlShardJob | LlavaJob, ctx: BuildContext) -> UnitResult:
+    """Ray task body: one unit of the second pass."""
+    if isinstance(job, UrlShardJob):
+        return process_url_shard(job, ctx)
+    return process_llava(job, ctx)
+
+
+def build_image_text(ctx: BuildContext) -> list[UnitResult]:
+    """Every unit of an image-text spec (finished units are reused), then the preview."""
+    done: list[UnitResult] = []
+    jobs: list[UrlShardJob | LlavaJob] = []
+    next_index = 0
+    for sub in ctx.spec.subsets:
+        if isinstance(sub.source, UrlListSource):
+            plan = plan_url_subset(ctx, sub, next_index)
+            next_index += 1 + len(plan.units)
+            done.append(finished_unit(ctx, plan.list_unit.index) or save_unit(ctx, plan.list_result))
+            pending = []
+            for k, unit in enumerate(plan.units):
+                if (result := finished_unit(ctx, unit.index)) is not None:
+                    done.append(result)
+                else:
+                    pending.append(k)
+            if pending:
+                download_subset(ctx, plan, pending)
+            raw = str(ctx.out / plan.work / "img2dataset")
+            size = ctx.spec.shard_samples
+            jobs += [
+                UrlShardJob(plan.units[k], raw, k, len(plan.rows[k * size : (k + 1) * size])) for k in pending
+            ]
+        else:
+            chunks = plan_llava_subset(ctx, sub, next_index)
+            next_index += len(chunks)
+            for job in chunks:
+                if (result := finished_unit(ctx, job.unit.index)) is not None:
+                    done.append(result)
+                else:
+                    jobs.append(job)
+    if jobs:
+        log.info("%s: %d units to write (%d reused)", ctx.spec.name, len(jobs), len(done))
+    results = ray_map(process_job, jobs, ctx, label=f"{ctx.spec.name}: filter+shard")
+    merged = sorted([*done, *results], key=lambda r: r.index)
+    write_preview(ctx, merged)
+    return merged
+
+
+# --- preview -------------------------------------------------------------------------------------
+
+
+def write_preview(ctx: BuildContext, results: list[UnitResult]) -> Path | None:
+    """``preview.png``: up to 16 train samples with their captions in a 4-column grid (PIL only)."""
+    from PIL import Image, ImageDraw, ImageFont, ImageOps
+
+    picked: list[tuple[bytes, str]] = []
+    for record in (rec for r in results for rec in r.shards if rec["split"] == "train"):
+        for sample in read_tar_samples(ctx.out / record["path"]):
+            picked.append((sample["jpg"], sample["txt"].decode("utf-8", "replace")))
+            if len(picked) >= PREVIEW_SAMPLES:
+                break
+        if len(picked) >= PREVIEW_SAMPLES:
+            break
+    if not picked:
+        return None
+    cols, cell, text_h = 4, PREVIEW_CELL, 48
+    rows = math.ceil(len(picked) / cols)
+    sheet = Image.new("RGB", (cols * cell, rows * (cell + text_h)), (255, 255, 255))
+    draw = ImageDraw.Draw(sheet)
+    font = ImageFont.load_default()
+    for i, (jpg, caption) in enumerate(picked):
+        x, y = (i % cols) * cell, (i // cols) * (cell + text_h)
+        with Image.open(io.BytesIO(jpg)) as image:
+            thumb = ImageOps.contain(image.convert("RGB"), (cell - 8, cell - 8))
+        sheet.paste(thumb, (x + (cell - thumb.size[0]) // 2, y + (cell - thumb.size[1]) // 2))
+        lines = textwrap.wrap(caption, width=26)
+        if len(lines) > 3:
+            lines = [*lines[:2], textwrap.shorten(" ".join(lines[2:]), width=26, placeholder=" ...")]
+        draw.multiline_text((x + 4, y + cell), "\n".join(lines), fill=(0, 0, 0), font=font, spacing=2)
+    buffer = io.BytesIO()
+    sheet.save(buffer, format="PNG")
+    return atomic_write_bytes(ctx.out / "preview.png", buffer.getvalue())
