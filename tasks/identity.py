@@ -23,7 +23,7 @@ CHUNK = 1 << 20
 CODE_VERSIONS: dict[str, str] = {
     "text-builder": "1",
     "image-text-builder": "1",
-    "instruct-builder": "1",
+    "instruct-builder": "2",
     "trainer": "1",
     "exporter": "1",
     "quantizer": "1",

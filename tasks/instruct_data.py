@@ -100,7 +100,8 @@ def load_image_bytes(path: Path, spec: DatasetSpec) -> bytes:
     from PIL import Image
 
     limits = spec.filters
-    Image.MAX_IMAGE_PIXELS = limits.max_image_pixels
+    # Pillow's limit is process-wide: set it for this decode only (other builders share Ray workers).
+    pillow_limit, Image.MAX_IMAGE_PIXELS = Image.MAX_IMAGE_PIXELS, limits.max_image_pixels
     try:
         with Image.open(path) as img:
             width, height = img.size
@@ -115,11 +116,20 @@ def load_image_bytes(path: Path, spec: DatasetSpec) -> bytes:
             if max(width, height) / min(width, height) > limits.max_aspect_ratio:
                 raise SampleError("bad_aspect_ratio", f"{width}x{height} beyond max_aspect_ratio")
             img.seek(0)
-            rgb = img.convert("RGB")
-    except (OSError, Image.DecompressionBombError, ValueError, SyntaxError) as err:
+            if img.mode.startswith("I;16"):  # 16-bit greyscale: scale to 8 bits (convert() would clip)
+                import numpy as np
+
+                rgb = Image.fromarray((np.asarray(img) >> 8).astype(np.uint8)).convert("RGB")
+            else:
+                rgb = img.convert("RGB")
+    except Image.DecompressionBombError as err:  # more than twice max_image_pixels, refused by Pillow
+        raise SampleError("image_too_large", f"{path.name}: {err}") from None
+    except (OSError, ValueError, SyntaxError) as err:
         if isinstance(err, SampleError):
             raise
         raise SampleError("bad_image", f"cannot decode {path.name}: {err}") from None
+    finally:
+        Image.MAX_IMAGE_PIXELS = pillow_limit
     scale = spec.image_size / min(rgb.size)
     if scale < 1:
         rgb = rgb.resize((max(1, round(rgb.width * scale)), max(1, round(rgb.height * scale))), Image.BICUBIC)
