@@ -226,3 +226,20 @@ def tokenize_prompt(prompt: str, tokenizer: PreTrainedTokenizerBase) -> list[int
     """Token ids for generation: bos, then the chunks of ``prompt``, ``IMAGE_TOKEN_INDEX`` per ``<image>``."""
     ids, _ = _tokenize_chunks(prompt, tokenizer)
     return [_bos_id(tokenizer), *ids]
+
+
+def prompt_for_round(conv: Sequence[Turn], round_index: int, template: str = "v1") -> tuple[str, str]:
+    """(prompt, expected answer) for asking round ``round_index`` of ``conv`` with the earlier rounds as
+    history, rendered exactly as training renders them (the prompt ends with ``"ASSISTANT:"``)."""
+    tmpl = get_template(template)
+    if tmpl.style == "plain":
+        raise ValueError("prompt_for_round needs a conversational template such as 'v1'")
+    validate_conversation(conv)
+    if not 0 <= round_index < len(conv) // 2:
+        raise ValueError(f"round {round_index} out of range: the conversation has {len(conv) // 2} round(s)")
+    history, _ = (
+        _render_two_sep(tmpl, conv[: 2 * round_index]) if round_index else (tmpl.system + tmpl.sep, [])
+    )
+    user, assistant = tmpl.roles
+    question = conv[2 * round_index]["value"]
+    return f"{history}{user}: {question}{tmpl.sep}{assistant}:", conv[2 * round_index + 1]["value"]

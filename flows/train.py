@@ -1,0 +1,136 @@
+"""Prefect flow ``train``: the recipe's stages in order, each a Ray Train job, then evaluation."""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from pathlib import Path
+from typing import Any
+
+from prefect import flow, task
+from prefect.cache_policies import NONE
+
+from tasks.recipes import Recipe, StageConfig
+
+log = logging.getLogger(__name__)
+
+
+def stage_init(stage: StageConfig, previous_final: str | None) -> dict[str, str]:
+    """Where a stage starts: the recipe's explicit init, else the previous stage's output."""
+    if stage.init == "scratch":
+        return {"kind": "scratch", "path": ""}
+    if stage.init:
+        return {"kind": "checkpoint", "path": stage.init}
+    if previous_final is None:
+        raise ValueError(f"stage {stage.name} has no init and no previous stage; set init in the recipe")
+    return {"kind": "checkpoint", "path": previous_final}
+
+
+@task(name="plan-stage", cache_policy=NONE)
+def plan_stage_task(recipe: Recipe, stage: StageConfig, init: dict, data_root: str, runs_root: str,
+                    tokenizer: str | None) -> Any:  # fmt: skip
+    """Check inputs, compute the stage identity, open (or find) its MLflow run."""
+    from tasks import tracking
+    from tasks.settings import get_settings
+    from tasks.train_stage import EXPERIMENT, plan_stage
+
+    plan, builds = plan_stage(recipe, stage, init, Path(data_root), Path(runs_root), tokenizer)
+    uri = get_settings().mlflow_uri
+    mlflow = tracking.client(uri)
+    run_id, created = tracking.run_for(
+        mlflow, EXPERIMENT, plan.stage_id, f"{recipe.name}/{stage.name}",
+        {"mvlm.recipe": recipe.name, "mvlm.stage": stage.name, "mvlm.kind": "stage"},
+    )  # fmt: skip
+    if created:
+        tracking.log_params(
+            mlflow, run_id, {"recipe": recipe.name, "stage": plan.stage, "steps": plan.total_steps}
+        )
+        for build in builds:
+            tracking.log_dataset(mlflow, run_id, build.spec, build.build_id, build.path)
+    return dataclasses.replace(plan, mlflow_uri=uri, mlflow_run_id=run_id)
+
+
+@task(name="run-stage", cache_policy=NONE)
+def run_stage_task(plan: Any) -> dict[str, Any]:
+    """Train (or reuse) the stage; marks its MLflow run finished or failed."""
+    from tasks import tracking
+    from tasks.train_stage import run_stage
+
+    mlflow = tracking.client(plan.mlflow_uri)
+    try:
+        manifest = run_stage(plan)
+    except Exception:
+        mlflow.set_terminated(plan.mlflow_run_id, "FAILED")
+        raise
+    mlflow.set_terminated(plan.mlflow_run_id, "FINISHED")
+    return manifest
+
+
+@task(name="evaluate-stage", cache_policy=NONE)
+def evaluate_task(plan: Any, manifest: dict[str, Any]) -> dict[str, Any]:
+    """Held-out perplexity (text stages) or exact-match accuracy (instruction stages), logged to MLflow."""
+    from tasks import tracking
+    from tasks.evaluate import evaluate_checkpoint, write_result
+    from tasks.identity import read_json
+    from tasks.train_stage import EXPERIMENT, BuildRef, sources
+
+    path = plan.out / "evaluation.json"
+    if path.is_file():
+        return read_json(path)
+    builds = [BuildRef(**b) for b in plan.builds]
+    kind = "text" if all(b.kind == "text" for b in builds) else "instruct"
+    result = evaluate_checkpoint(
+        Path(manifest["final"]), sources(builds, "heldout"), kind, plan.stage["eval_samples"]
+    )
+    mlflow = tracking.client(plan.mlflow_uri)
+    name = f"{plan.recipe}/{plan.stage['name']}/eval"
+    tags = {"mvlm.kind": "evaluation", "mvlm.stage_id": plan.stage_id}
+    run_id, _ = tracking.run_for(mlflow, EXPERIMENT, f"{plan.stage_id}/eval", name, tags)
+    tracking.log_metrics(mlflow, run_id, [{"step": 0, **result.metrics}])
+    mlflow.set_terminated(run_id, "FINISHED")
+    write_result(result, path)
+    return dataclasses.asdict(result)
+
+
+@flow(name="train", flow_run_name="train-{recipe_name}")
+def train(recipe_name: str, stage: str | None = None, data_root: str | None = None,
+          runs_root: str | None = None) -> list[dict[str, Any]]:  # fmt: skip
+    """Run the recipe's enabled stages in order (``stage``: only that one, after finished predecessors)."""
+    from tasks.recipes import get_recipe
+    from tasks.settings import get_settings
+    from tasks.train_stage import StageError, finished_stage
+
+    settings = get_settings()
+    data_root = data_root or str(settings.data_root)
+    runs_root = runs_root or str(settings.runs_root)
+    recipe = get_recipe(recipe_name)
+    stages = recipe.enabled_stages()
+    if stage is not None and stage not in [s.name for s in stages]:
+        raise StageError(
+            f"recipe {recipe.name} has no enabled stage {stage!r}; stages: {[s.name for s in stages]}"
+        )
+    summaries, previous, tokenizer = [], None, None
+    for s in stages:
+        plan = plan_stage_task(recipe, s, stage_init(s, previous), data_root, runs_root, tokenizer)
+        if stage is not None and s.name != stage:
+            done = finished_stage(plan.out)
+            if done is None:
+                raise StageError(
+                    f"stage {s.name} must finish before {stage}: "
+                    f"run `mvlm train {recipe.name} --stage {s.name}`"
+                )
+            previous = tokenizer = done["final"]
+            continue
+        manifest = run_stage_task(plan)
+        summary = {
+            "stage": s.name,
+            "stage_id": plan.stage_id,
+            **{k: manifest[k] for k in ("first_loss", "final_loss", "final")},
+        }
+        if s.name in ("llm-pretrain", "vlm-instruct"):
+            summary["evaluation"] = evaluate_task(plan, manifest)["metrics"]
+        summaries.append(summary)
+        previous = tokenizer = manifest["final"]
+        if stage is not None:
+            break
+    return summaries

@@ -1,0 +1,202 @@
+"""Train one stage: trainable parts, optimizer and schedule, the DeepSpeed step loop, checkpoints.
+
+Torch and DeepSpeed only: data comes as an iterator of batches, metrics leave through a callback,
+and the orchestration (Ray Train, MLflow) lives in ``tasks/``.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import random
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+log = logging.getLogger(__name__)
+
+
+class NonFiniteLossError(FloatingPointError):
+    """The loss became NaN or inf; the last good checkpoint is kept."""
+
+
+@dataclass(frozen=True)
+class LoopConfig:
+    """What the step loop needs (a projection of the recipe stage)."""
+
+    total_steps: int
+    """Optimizer steps in the stage."""
+    grad_accum: int
+    """Micro-batches per optimizer step."""
+    checkpoint_every: int
+    """Optimizer steps between checkpoints."""
+    lr: float
+    """Peak learning rate."""
+    min_lr: float
+    """Final learning rate of the cosine."""
+    warmup_steps: int
+    """Linear warmup steps."""
+    weight_decay: float
+    """AdamW weight decay (not applied to norms, biases and embeddings-free 1-D params)."""
+    betas: tuple[float, float]
+    """AdamW betas."""
+    trainable_params: int = 0
+    """Parameters that train (for MFU: 6 x params x tokens/s)."""
+    peak_flops: float | None = None
+    """Peak FLOP/s per worker; MFU is reported when set."""
+
+
+@dataclass
+class LoopState:
+    """Resumable state besides model and optimizer (DeepSpeed client state)."""
+
+    step: int = 0
+    """Optimizer steps done."""
+    loader: dict[str, Any] = field(default_factory=dict)
+    """Data loader position."""
+    rng: dict[str, Any] = field(default_factory=dict)
+    """Python, numpy and torch RNG states."""
+
+
+def set_trainable(model: nn.Module, parts: tuple[str, ...]) -> int:
+    """Freeze everything, then unfreeze ``parts`` (``llm``, ``projector``); the vision tower stays frozen."""
+    model.requires_grad_(False)
+    inner = model.model
+    if "projector" in parts:
+        if not hasattr(inner, "mm_projector"):
+            raise ValueError("stage trains the projector but the model has none (use a VLM config row)")
+        inner.mm_projector.requires_grad_(True)
+    if "llm" in parts:
+        for name, module in inner.named_children():
+            if name not in ("vision_tower", "mm_projector"):
+                module.requires_grad_(True)
+        model.lm_head.requires_grad_(True)
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
+def cosine_schedule(step: int, cfg: LoopConfig) -> float:
+    """Learning-rate multiplier: linear warmup, then cosine from lr to min_lr."""
+    if cfg.warmup_steps and step < cfg.warmup_steps:
+        return (step + 1) / cfg.warmup_steps
+    span = max(1, cfg.total_steps - cfg.warmup_steps)
+    progress = min(1.0, (step - cfg.warmup_steps) / span)
+    floor = cfg.min_lr / cfg.lr
+    return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def make_optimizer(model: nn.Module, cfg: LoopConfig) -> tuple[torch.optim.Optimizer, Any]:
+    """AdamW over trainable parameters (no decay on 1-D params) and its warmup-cosine scheduler."""
+    decay = [p for p in model.parameters() if p.requires_grad and p.dim() >= 2]
+    no_decay = [p for p in model.parameters() if p.requires_grad and p.dim() < 2]
+    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    optimizer = torch.optim.AdamW([g for g in groups if g["params"]], lr=cfg.lr, betas=cfg.betas)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: cosine_schedule(s, cfg))
+    return optimizer, scheduler
+
+
+def rng_state() -> dict[str, Any]:
+    """Python, numpy and torch RNG states."""
+    return {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    """Restore ``rng_state()`` output."""
+    if state:
+        random.setstate(state["python"])
+        np.random.set_state(state["numpy"])
+        torch.set_rng_state(state["torch"])
+
+
+def save_checkpoint(engine: Any, ckpt_dir: Path, state: LoopState) -> None:
+    """DeepSpeed checkpoint ``step-N`` with the loop state as client state (every rank calls this)."""
+    state.rng = rng_state()
+    engine.save_checkpoint(str(ckpt_dir), tag=f"step-{state.step}", client_state={"loop": state.__dict__})
+
+
+def load_checkpoint(engine: Any, ckpt_dir: Path) -> LoopState | None:
+    """Resume from the latest DeepSpeed checkpoint in ``ckpt_dir``, if any."""
+    if not (ckpt_dir / "latest").is_file():
+        return None
+    path, client = engine.load_checkpoint(str(ckpt_dir))
+    if path is None:
+        return None
+    state = LoopState(**client["loop"])
+    set_rng_state(state.rng)
+    log.info("resumed from %s at step %d", path, state.step)
+    return state
+
+
+def run_loop(
+    engine: Any,
+    batches: Callable[[dict[str, Any]], Iterator[tuple[dict[str, Any], dict[str, Any]]]],
+    cfg: LoopConfig,
+    state: LoopState,
+    ckpt_dir: Path,
+    on_metrics: Callable[[list[dict[str, float]]], None],
+    world_size: int = 1,
+) -> LoopState:
+    """Train from ``state.step`` to ``cfg.total_steps``.
+
+    ``batches(position)`` yields ``(batch, position_after)`` from a loader position. Metrics are
+    buffered and handed to ``on_metrics`` right after each checkpoint, so a crash never reports a
+    step twice. A non-finite loss raises NonFiniteLossError before anything is saved.
+    """
+    stream = batches(state.loader)
+    buffer: list[dict[str, float]] = []
+    while state.step < cfg.total_steps:
+        started = time.perf_counter()
+        losses, tokens, samples, wait = [], 0, 0, 0.0
+        for _ in range(cfg.grad_accum):
+            t0 = time.perf_counter()
+            batch, state.loader = next(stream)
+            wait += time.perf_counter() - t0
+            loss = engine(**batch).loss
+            if not torch.isfinite(loss):
+                raise NonFiniteLossError(
+                    f"loss is {loss.item()} at step {state.step + 1}; last good checkpoint kept"
+                )
+            engine.backward(loss)
+            engine.step()
+            losses.append(loss.item())
+            tokens += (
+                int(batch["attention_mask"].sum())
+                if "attention_mask" in batch
+                else batch["input_ids"].numel()
+            )
+            samples += len(batch["input_ids"])
+        state.step += 1
+        elapsed = time.perf_counter() - started
+        buffer.append(
+            _metrics(
+                engine, state.step, losses, tokens * world_size, samples * world_size, elapsed, wait, cfg
+            )
+        )
+        if state.step % cfg.checkpoint_every == 0 or state.step == cfg.total_steps:
+            save_checkpoint(engine, ckpt_dir, state)
+            on_metrics(buffer)
+            buffer = []
+    return state
+
+
+def _metrics(engine: Any, step: int, losses: list[float], tokens: int, samples: int, elapsed: float,
+             wait: float, cfg: LoopConfig) -> dict[str, float]:  # fmt: skip
+    tok_s = tokens / elapsed
+    norm = engine.get_global_grad_norm()
+    out = {
+        "step": step,
+        "loss": sum(losses) / len(losses),
+        "lr": engine.get_lr()[0],
+        "grad_norm": float(norm) if norm is not None else float("nan"),
+        "tokens_per_s": tok_s,
+        "samples_per_s": samples / elapsed,
+        "data_wait_fraction": wait / elapsed,
+    }
+    if cfg.peak_flops:
+        out["mfu"] = 6 * cfg.trainable_params * tok_s / cfg.peak_flops
+    return out

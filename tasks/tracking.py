@@ -1,0 +1,116 @@
+"""MLflow tracking: runs addressed by identity tags, flat params, dataset inputs, batched metrics.
+
+Before creating a run for an identity, the run with that identity tag is looked up, so a rerun or a
+resumed step reuses its run instead of creating a second one. The tracking URI comes from
+``MLFLOW_TRACKING_URI`` (default: SQLite under the work dir), set here at call time, never at import.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+log = logging.getLogger(__name__)
+IDENTITY_TAG = "mvlm.identity"
+MAX_PARAM = 500
+
+
+def client(tracking_uri: str | None = None) -> Any:
+    """An MlflowClient for ``tracking_uri`` (default from settings)."""
+    from mlflow.tracking import MlflowClient
+
+    from tasks.settings import get_settings
+
+    uri = tracking_uri or get_settings().mlflow_uri
+    if uri.startswith("sqlite:///"):
+        from pathlib import Path
+
+        Path(uri.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
+    return MlflowClient(tracking_uri=uri)
+
+
+def experiment_id(mlflow: Any, name: str) -> str:
+    """The id of experiment ``name``, created if missing (local stores keep artifacts under the work dir)."""
+    from tasks.settings import get_settings
+
+    found = mlflow.get_experiment_by_name(name)
+    if found:
+        return found.experiment_id
+    settings = get_settings()
+    local = settings.mlflow_uri.startswith(("sqlite:", "file:")) or "://" not in settings.mlflow_uri
+    location = (settings.work_dir / "mlartifacts" / name).as_uri() if local else None
+    return mlflow.create_experiment(name, artifact_location=location)
+
+
+def run_for(
+    mlflow: Any, experiment: str, identity: str, name: str, tags: dict[str, str] | None = None,
+    parent_run_id: str | None = None,
+) -> tuple[str, bool]:  # fmt: skip
+    """(run id, created) of the run tagged with ``identity`` in ``experiment``; created if none exists."""
+    exp = experiment_id(mlflow, experiment)
+    found = mlflow.search_runs([exp], filter_string=f"tags.`{IDENTITY_TAG}` = '{identity}'", max_results=1)
+    if found:
+        return found[0].info.run_id, False
+    all_tags = {IDENTITY_TAG: identity, **(tags or {})}
+    if parent_run_id:
+        all_tags["mlflow.parentRunId"] = parent_run_id
+    run = mlflow.create_run(exp, run_name=name, tags=all_tags)
+    return run.info.run_id, True
+
+
+def flatten(data: dict[str, Any], prefix: str = "") -> dict[str, str]:
+    """Nested dict -> ``a.b.c`` keys with string values (MLflow params)."""
+    out: dict[str, str] = {}
+    for key, value in data.items():
+        if isinstance(value, dict) and value:
+            out |= flatten(value, f"{prefix}{key}.")
+        else:
+            out[f"{prefix}{key}"] = str(value)[:MAX_PARAM]
+    return out
+
+
+def log_params(mlflow: Any, run_id: str, params: dict[str, Any]) -> None:
+    """Log (flattened) params once; params already present are left as they are."""
+    from mlflow.entities import Param
+
+    existing = mlflow.get_run(run_id).data.params
+    items = [Param(k, v) for k, v in flatten(params).items() if k not in existing]
+    for i in range(0, len(items), 100):
+        mlflow.log_batch(run_id, params=items[i : i + 100])
+
+
+def log_dataset(
+    mlflow: Any, run_id: str, name: str, digest: str, source: str, context: str = "training"
+) -> None:
+    """Log a dataset build as a run input (digest = build identity, source = shard location)."""
+    from mlflow.entities import Dataset, DatasetInput, InputTag
+
+    dataset = Dataset(name=name, digest=digest, source_type="local", source=source)
+    mlflow.log_inputs(
+        run_id, datasets=[DatasetInput(dataset, tags=[InputTag("mlflow.data.context", context)])]
+    )
+
+
+def log_metrics(mlflow: Any, run_id: str, rows: list[dict[str, float]], after_step: int = -1) -> int:
+    """Log metric rows (each with a ``step``) whose step is above ``after_step``; returns the last step."""
+    import time
+
+    from mlflow.entities import Metric
+
+    now = int(time.time() * 1000)
+    metrics = [
+        Metric(key, float(value), now, int(row["step"]))
+        for row in rows
+        if row["step"] > after_step
+        for key, value in row.items()
+        if key != "step"
+    ]
+    for i in range(0, len(metrics), 500):
+        mlflow.log_batch(run_id, metrics=metrics[i : i + 500])
+    return max([after_step, *(int(r["step"]) for r in rows)])
+
+
+def last_logged_step(mlflow: Any, run_id: str, key: str = "loss") -> int:
+    """Highest step logged for ``key`` (-1 when none)."""
+    history = mlflow.get_metric_history(run_id, key)
+    return max((m.step for m in history), default=-1)
