@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import random
 import time
 from collections.abc import Callable, Iterator
@@ -50,6 +51,10 @@ class LoopConfig:
     """Parameters that train (for MFU: 6 x params x tokens/s)."""
     peak_flops: float | None = None
     """Peak FLOP/s per worker; MFU is reported when set."""
+    kill_at_step: int | None = None
+    """Chaos testing: the process exits abruptly (as if SIGKILLed) after this optimizer step."""
+    nan_at_step: int | None = None
+    """Chaos testing: the loss of this optimizer step becomes NaN."""
 
 
 @dataclass
@@ -157,6 +162,8 @@ def run_loop(
             batch, state.loader = next(stream)
             wait += time.perf_counter() - t0
             loss = engine(**batch).loss
+            if cfg.nan_at_step == state.step + 1:
+                loss = loss * float("nan")
             if not torch.isfinite(loss):
                 raise NonFiniteLossError(
                     f"loss is {loss.item()} at step {state.step + 1}; last good checkpoint kept"
@@ -171,6 +178,8 @@ def run_loop(
             )
             samples += len(batch["input_ids"])
         state.step += 1
+        if cfg.kill_at_step is not None and state.step == cfg.kill_at_step:
+            os._exit(137)
         elapsed = time.perf_counter() - started
         buffer.append(
             _metrics(

@@ -79,6 +79,10 @@ class StagePlan:
     """Tracking URI for rank 0."""
     mlflow_run_id: str
     """The stage's MLflow run."""
+    kill_at_step: int | None = None
+    """Chaos testing only: workers exit abruptly after this step (not part of the identity)."""
+    nan_at_step: int | None = None
+    """Chaos testing only: the loss of this step becomes NaN (not part of the identity)."""
 
     @property
     def out(self) -> Path:
@@ -322,9 +326,20 @@ def train_worker(config: dict[str, Any]) -> None:
     optim = stage["optim"]
     warmup = optim["warmup_steps"] or int(optim["warmup_ratio"] * plan.total_steps)
     llm_params = sum(p.numel() for n, p in model.named_parameters() if "vision_tower" not in n)
-    cfg = LoopConfig(plan.total_steps, stage["global_batch"] // (world * stage["micro_batch"]),
-                     stage["checkpoint_every"], optim["lr"], optim["min_lr"], warmup, optim["weight_decay"],
-                     tuple(optim["betas"]), llm_params, stage["peak_flops"])  # fmt: skip
+    cfg = LoopConfig(
+        total_steps=plan.total_steps,
+        grad_accum=stage["global_batch"] // (world * stage["micro_batch"]),
+        checkpoint_every=stage["checkpoint_every"],
+        lr=optim["lr"],
+        min_lr=optim["min_lr"],
+        warmup_steps=warmup,
+        weight_decay=optim["weight_decay"],
+        betas=tuple(optim["betas"]),
+        trainable_params=llm_params,
+        peak_flops=stage["peak_flops"],
+        kill_at_step=plan.kill_at_step,
+        nan_at_step=plan.nan_at_step,
+    )
     optimizer, scheduler = make_optimizer(model, cfg)
     engine, *_ = deepspeed.initialize(
         model=model,
