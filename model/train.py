@@ -149,18 +149,20 @@ def run_loop(
     """Train from ``state.step`` to ``cfg.total_steps``.
 
     ``batches(position)`` yields ``(batch, position_after)`` from a loader position. Metrics are
-    buffered and handed to ``on_metrics`` right after each checkpoint, so a crash never reports a
-    step twice. A non-finite loss raises NonFiniteLossError before anything is saved.
+    buffered and handed to ``on_metrics`` just before each checkpoint; the sink drops rows past the
+    checkpoint it resumes from, so every step is reported exactly once. A non-finite loss raises
+    NonFiniteLossError before anything is saved.
     """
     stream = batches(state.loader)
     buffer: list[dict[str, float]] = []
     while state.step < cfg.total_steps:
         started = time.perf_counter()
-        losses, tokens, samples, wait = [], 0, 0, 0.0
+        losses, tokens, samples, wait, skipped = [], 0, 0, 0.0, 0
         for _ in range(cfg.grad_accum):
             t0 = time.perf_counter()
             batch, state.loader = next(stream)
             wait += time.perf_counter() - t0
+            skipped = int(batch.pop("skipped_samples", 0))
             loss = engine(**batch).loss
             if cfg.nan_at_step == state.step + 1:
                 loss = loss * float("nan")
@@ -181,14 +183,13 @@ def run_loop(
         if cfg.kill_at_step is not None and state.step == cfg.kill_at_step:
             os._exit(137)
         elapsed = time.perf_counter() - started
-        buffer.append(
-            _metrics(
-                engine, state.step, losses, tokens * world_size, samples * world_size, elapsed, wait, cfg
-            )
+        row = _metrics(
+            engine, state.step, losses, tokens * world_size, samples * world_size, elapsed, wait, cfg
         )
+        buffer.append(row | {"skipped_samples": skipped})
         if state.step % cfg.checkpoint_every == 0 or state.step == cfg.total_steps:
+            on_metrics(buffer)  # before the checkpoint: a crash in between is trimmed on resume
             save_checkpoint(engine, ckpt_dir, state)
-            on_metrics(buffer)
             buffer = []
     return state
 

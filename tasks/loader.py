@@ -24,6 +24,8 @@ import torch
 from tasks.shards import read_tar_samples
 
 log = logging.getLogger(__name__)
+SHARDS_PER_STREAM = 4
+"""Streams split by whole shards only when each gets at least this many; otherwise by sample."""
 
 
 @dataclass(frozen=True)
@@ -85,7 +87,7 @@ def source_stream(source: Source, cfg: LoaderConfig, epoch: int, part: int, part
     """Raw samples of ``source`` for one (epoch, part of ``parts``), shuffled deterministically."""
     shards = list(source.shards)
     _rng(cfg.seed, epoch, source.name, "shards").shuffle(shards)
-    by_shard = len(shards) >= parts
+    by_shard = len(shards) >= SHARDS_PER_STREAM * parts  # else every stream reads all shards, keeps 1/parts
     mine = shards[part::parts] if by_shard else shards
     rng = _rng(cfg.seed, epoch, source.name, part, "buffer")
     buffer: list[dict] = []
@@ -198,10 +200,17 @@ def _chunks(samples: Iterator[dict], size: int) -> Iterator[list[dict]]:
 
 
 def _grouped(samples: Iterator[dict], size: int, window: int = 8) -> Iterator[list[dict]]:
-    """Batches of one modality and similar length, formed inside windows of ``window`` batches."""
+    """Batches of one modality and similar length: windows of ``window`` batches are split by modality,
+    sorted by length and cut into full batches; a modality's leftovers wait for the next window."""
+    pending: dict[bool, list[dict]] = {False: [], True: []}
     for pool in _chunks(samples, size * window):
-        pool.sort(key=lambda s: (s["image"] is not None, len(s["input_ids"])))
-        yield from (pool[i : i + size] for i in range(0, len(pool), size))
+        for sample in pool:
+            pending[sample["image"] is not None].append(sample)
+        for modality in (False, True):
+            items = sorted(pending[modality], key=lambda s: len(s["input_ids"]))
+            full = len(items) // size * size
+            yield from (items[i : i + size] for i in range(0, full, size))
+            pending[modality] = items[full:]
 
 
 class EpochDataset(torch.utils.data.IterableDataset):

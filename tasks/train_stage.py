@@ -18,7 +18,14 @@ from pathlib import Path
 from typing import Any
 
 from tasks.build import make_context, verify_build
-from tasks.identity import atomic_write_json, code_version, hash_json, read_json, sha256_file
+from tasks.identity import (
+    atomic_write_json,
+    atomic_write_text,
+    code_version,
+    hash_json,
+    read_json,
+    sha256_file,
+)
 from tasks.loader import LoaderConfig, Source
 from tasks.recipes import Recipe, StageConfig, stage_dict
 from tasks.specs import find_spec
@@ -356,17 +363,22 @@ def train_worker(config: dict[str, Any]) -> None:
         "rank %d/%d: %d trainable params, steps %d..%d", rank, world, trainable, state.step, plan.total_steps
     )
     state = run_loop(
-        engine, lambda pos: _strip(batches(loader_cfg, rank, world, pos, stage["loader_workers"])),
+        engine, lambda pos: batches(loader_cfg, rank, world, pos, stage["loader_workers"]),
         cfg, state, ckpt_dir, sink, world,
     )  # fmt: skip
     if rank == 0:
         _save_final(engine.module, plan)
 
 
-def _strip(stream):
-    for batch, position in stream:
-        batch.pop("skipped_samples", None)
-        yield batch, position
+def _read_rows(path: Path) -> list[dict[str, Any]]:
+    """Metric rows of a metrics.jsonl; a torn last line (crash mid-append) is ignored."""
+    rows = []
+    for line in path.read_text().splitlines() if path.exists() else []:
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:
+            log.warning("%s: ignoring a torn line", path)
+    return rows
 
 
 class _MetricSink:
@@ -379,9 +391,9 @@ class _MetricSink:
         self.run_id = plan.mlflow_run_id
         self.mlflow = tracking.client(plan.mlflow_uri) if plan.mlflow_run_id else None
         self.logged = tracking.last_logged_step(self.mlflow, self.run_id) if self.mlflow else -1
-        rows = [json.loads(x) for x in self.path.read_text().splitlines()] if self.path.exists() else []
+        rows = _read_rows(self.path)
         kept = [r for r in rows if r["step"] <= resumed_step]
-        self.path.write_text("".join(json.dumps(r) + "\n" for r in kept))
+        atomic_write_text(self.path, "".join(json.dumps(r) + "\n" for r in kept))
 
     def __call__(self, rows: list[dict[str, float]]) -> None:
         from tasks import tracking
@@ -451,7 +463,7 @@ def _finish(plan: StagePlan) -> dict[str, Any]:
         raise StageError(
             f"stage {plan.stage['name']}: training ended without a final checkpoint in {plan.out}"
         )
-    rows = [json.loads(x) for x in (plan.out / "metrics.jsonl").read_text().splitlines()]
+    rows = _read_rows(plan.out / "metrics.jsonl")
     manifest = {
         "recipe": plan.recipe, "stage": plan.stage["name"], "stage_id": plan.stage_id,
         "steps": plan.total_steps,

@@ -1,0 +1,85 @@
+"""Recipes: the paper's hyperparameters, every stage resolvable, DeepSpeed configs generated."""
+
+from __future__ import annotations
+
+import pytest
+
+from model.config import config_names
+from tasks.deepspeed_config import deepspeed_config
+from tasks.recipes import RECIPES, get_recipe
+from tasks.specs import load_all
+
+
+@pytest.mark.parametrize("name", list(RECIPES))
+def test_every_recipe_row_is_consistent(name: str) -> None:
+    recipe = RECIPES[name]
+    specs = load_all()
+    assert [s.name for s in recipe.stages] == ["llm-pretrain", "llm-sft", "vlm-align", "vlm-instruct"]
+    for stage in recipe.stages:
+        assert stage.model in config_names()
+        assert all(d.spec in specs for d in stage.datasets)
+        assert stage.grad_accum >= 1
+        config = deepspeed_config(stage, use_gpu=False)
+        assert config["zero_optimization"]["stage"] == stage.zero_stage
+        assert (
+            config["train_micro_batch_size_per_gpu"]
+            * config["gradient_accumulation_steps"]
+            * (stage.num_workers)
+            == stage.global_batch
+        )
+        assert config["bf16"]["enabled"] is False  # no GPU here
+    assert recipe.stage("vlm-align").train == ("projector",)
+    assert recipe.stage("vlm-instruct").train == ("projector", "llm")
+    assert not recipe.stage("llm-sft").enabled
+
+
+def test_mobilevlm_1_7b_matches_the_paper() -> None:
+    r = get_recipe("mobilevlm-1.7b")
+    pre = r.stage("llm-pretrain")
+    assert (pre.optim.lr, pre.optim.min_lr, pre.optim.betas, pre.optim.weight_decay) == (
+        3e-4,
+        3e-5,
+        (0.9, 0.95),
+        0.1,
+    )
+    assert (pre.optim.grad_clip, pre.optim.warmup_steps, pre.zero_stage) == (1.0, 2000, 1)
+    assert pre.global_batch * pre.seq_len == 5_242_880 and pre.max_tokens == 1_300_000_000_000
+    align, it = r.stage("vlm-align"), r.stage("vlm-instruct")
+    assert (align.optim.lr, align.global_batch, align.epochs, align.optim.warmup_ratio, align.zero_stage) == (
+        1e-3, 256, 1, 0.03, 2)  # fmt: skip
+    assert (align.template, it.template) == ("plain", "v1")
+    assert (it.optim.lr, it.global_batch, it.epochs, it.zero_stage) == (2e-5, 128, 1, 2)
+    assert get_recipe("mobilevlm-3b").stage("vlm-instruct").zero_stage == 3
+    assert get_recipe("mobilevlm-3b").stage("vlm-instruct").optim.lr == 4e-5
+
+
+def test_lora_option_and_overrides() -> None:
+    from tasks.recipes import LoraConfig
+
+    lora = LoraConfig()
+    assert (lora.r, lora.alpha) == (128, 256)
+    r = get_recipe("tiny", **{"vlm-instruct": {"lora": lora}})
+    assert r.stage("vlm-instruct").lora == lora
+    with pytest.raises(KeyError, match="known recipes"):
+        get_recipe("mobilevlm-7b")
+
+
+def test_lora_merges_back_into_plain_weights() -> None:
+    import torch
+
+    import model
+    from model.lora import apply_lora, merge_lora
+
+    torch.manual_seed(0)
+    llm = model.build("tiny-llama")
+    ids = torch.tensor([[1, 5, 9, 13]])
+    assert apply_lora(llm, 8, 16, 0.0, ("q_proj", "v_proj")) == 4
+    for name, p in llm.named_parameters():
+        if "lora_B" in name:
+            torch.nn.init.normal_(p, std=0.1)
+    with torch.no_grad():
+        before = llm(input_ids=ids).logits
+        assert merge_lora(llm) == 4
+        after = llm(input_ids=ids).logits
+    torch.testing.assert_close(before, after, rtol=1e-5, atol=1e-5)
+    assert set(llm.state_dict()) == set(model.build("tiny-llama").state_dict())
