@@ -1,0 +1,161 @@
+"""The ``device-benchmark`` Prefect flow, deployed once per device work pool.
+
+A runner is a Prefect process worker on (or beside) a device, polling that device class's pool
+(``host-cpu``, ``snapdragon-888``, ``jetson-orin``, more in ``infra/runners/pools.yaml``). A flow
+run fetches the quantized GGUFs from MLflow by run id (sha256-verified), runs the benchmark
+protocol through the pool's backend and transport, and pushes the result into MLflow as a child
+run of the quant run through the on-disk outbox, so an unreachable server loses nothing.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+from prefect import flow, task
+
+log = logging.getLogger(__name__)
+
+FLOW_NAME = "device-benchmark"
+ENTRYPOINT = "flows/device_benchmark.py:device_benchmark"
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+@task(name="fetch-quant", retries=2, retry_delay_seconds=10)
+def fetch_quant_task(quant_run_id: str, uri: str | None) -> Any:
+    """Download the quant run's GGUFs (or reuse the verified cache)."""
+    from tasks.mlflow_push import fetch_quant
+
+    return fetch_quant(quant_run_id, uri=uri)
+
+
+@task(name="run-benchmark")
+def run_benchmark_task(fetched: Any, pool: str, settings: dict[str, Any] | None, nonce: str) -> Any:
+    """The protocol on the pool's device."""
+    from tasks.bench import device_class, run_benchmark, settings_for
+
+    device = device_class(pool)
+    protocol = settings_for(device, settings)
+    return run_benchmark(
+        fetched.llm, fetched.mmproj, fetched.quant_id, fetched.quant_type, device, protocol, nonce
+    )
+
+
+@task(name="push-results")
+def push_results_task(payload: Any, uri: str | None) -> dict[str, Any]:
+    """Store the payload in the outbox, then send everything pending."""
+    from tasks.mlflow_push import Outbox, flush
+
+    outbox = Outbox()
+    outbox.put(payload)
+    report = flush(outbox, uri)
+    return {"sent": report.sent, "kept": report.kept, "outbox": str(outbox.folder)}
+
+
+def existing_result(identity: str, uri: str | None) -> str | None:
+    """Run id of a complete result with ``identity`` when MLflow is reachable and has one."""
+    from tasks.mlflow_push import COMPLETE_TAG, client, experiment_id, find_run, reachable, tracking_uri
+
+    uri = tracking_uri(uri)
+    if not reachable(uri):
+        return None
+    mlflow = client(uri)
+    run = find_run(mlflow, experiment_id(mlflow), identity)
+    return run.info.run_id if run is not None and run.data.tags.get(COMPLETE_TAG) == "true" else None
+
+
+@flow(name=FLOW_NAME)
+def device_benchmark(
+    quant_run_id: str,
+    pool: str = "host-cpu",
+    settings: dict[str, Any] | None = None,
+    rerun: bool = False,
+    tracking_uri: str | None = None,
+) -> dict[str, Any]:
+    """Benchmark the quantized model of MLflow run ``quant_run_id`` on ``pool``'s device; push the result."""
+    from tasks.bench import bench_identity, bench_payload, device_class, settings_for
+
+    fetched = fetch_quant_task(quant_run_id, tracking_uri)
+    device = device_class(pool)
+    nonce = str(time.time_ns()) if rerun else ""
+    identity = bench_identity(fetched.quant_id, device, settings_for(device, settings), nonce)
+    done = existing_result(identity, tracking_uri)
+    if done is not None:
+        log.info("result %s already in MLflow (run %s); pass rerun=True to measure again", identity, done)
+        return {"identity": identity, "run_id": done, "status": "exists"}
+    result = run_benchmark_task(fetched, pool, settings, nonce)
+    pushed = push_results_task(
+        bench_payload(result, quant_run_id, fetched.export_id, fetched.model), tracking_uri
+    )
+    run_id = pushed["sent"].get(identity)
+    status = "pushed" if run_id else "queued"
+    return {"identity": identity, "run_id": run_id, "status": status, "metrics": result.metrics(), **pushed}
+
+
+# --- pools and deployments ------------------------------------------------------------------------
+
+
+async def ensure_pool(name: str, description: str) -> None:
+    """Create the process work pool ``name`` unless it exists."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.actions import WorkPoolCreate
+    from prefect.exceptions import ObjectNotFound
+
+    async with get_client() as client:
+        try:
+            await client.read_work_pool(name)
+        except ObjectNotFound:
+            await client.create_work_pool(WorkPoolCreate(name=name, type="process", description=description))
+            log.info("created work pool %s", name)
+
+
+def deploy(
+    pools: list[str] | None = None, source: str | None = None, env: dict[str, str] | None = None
+) -> dict:
+    """One ``device-benchmark`` deployment per pool (named after the pool); returns pool -> deployment id.
+
+    ``source`` is where workers load the flow from: this repository's folder (default; runners on
+    this machine or with the same checkout path) or a git URL for remote runners. ``env`` is passed
+    to every flow run (MLFLOW_TRACKING_URI, MVLM_RUNS_ROOT, ...).
+    """
+    import asyncio
+
+    from tasks.bench import load_pools
+
+    devices = load_pools()
+    names = pools or sorted(devices)
+    unknown = sorted(set(names) - set(devices))
+    if unknown:
+        raise KeyError(f"unknown pool(s) {unknown}; pools file has {sorted(devices)}")
+    flow_from_source = device_benchmark.from_source(source=source or str(REPO_ROOT), entrypoint=ENTRYPOINT)
+    ids = {}
+    for name in names:
+        asyncio.run(ensure_pool(name, devices[name].description))
+        ids[name] = str(
+            flow_from_source.deploy(
+                name=name,
+                work_pool_name=name,
+                parameters={"pool": name},
+                job_variables={"env": env or {}},
+                description=f"MobileVLM device benchmark on {devices[name].soc}",
+                tags=["device-benchmark", name],
+                build=False,
+                push=False,
+                print_next_steps=False,
+            )
+        )
+    return ids
+
+
+def submit(
+    quant_run_id: str, pool: str, settings: dict | None = None, rerun: bool = False, wait_s: float = 0
+):
+    """Create a flow run of ``device-benchmark/<pool>``; wait up to ``wait_s`` seconds (0: return at once)."""
+    from prefect.deployments import run_deployment
+
+    parameters: dict[str, Any] = {"quant_run_id": quant_run_id, "pool": pool, "rerun": rerun}
+    if settings:
+        parameters["settings"] = settings
+    return run_deployment(f"{FLOW_NAME}/{pool}", parameters=parameters, timeout=wait_s or 0)
