@@ -11,7 +11,7 @@ from typing import Annotated
 
 import typer
 
-from flows import cli_data, cli_export, cli_model, cli_train
+from flows import cli_data, cli_export, cli_model, cli_retrain, cli_train
 from flows.logs import setup_logging
 
 app = typer.Typer(
@@ -24,7 +24,7 @@ def _main(verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Debug l
     setup_logging(logging.DEBUG if verbose else logging.INFO)
 
 
-for _module in (cli_model, cli_data, cli_train, cli_export):
+for _module in (cli_model, cli_data, cli_train, cli_export, cli_retrain):
     _module.register(app)
 
 

@@ -38,6 +38,7 @@ def build_dataset_task(spec_path: str, data_root: str, force: bool) -> dict[str,
         "totals": result.manifest["stats"]["totals"],
         "rejects": result.manifest["stats"]["rejects"],
         "shards": len(result.manifest["shards"]),
+        "spec_path": str(spec_path),
     }
 
 

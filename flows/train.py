@@ -28,18 +28,19 @@ def stage_init(stage: StageConfig, previous_final: str | None) -> dict[str, str]
 
 @task(name="plan-stage", cache_policy=NONE)
 def plan_stage_task(recipe: Recipe, stage: StageConfig, init: dict, data_root: str, runs_root: str,
-                    tokenizer: str | None) -> Any:  # fmt: skip
+                    tokenizer: str | None, parent_run_id: str | None = None) -> Any:  # fmt: skip
     """Check inputs, compute the stage identity, open (or find) its MLflow run."""
     from tasks import tracking
     from tasks.settings import get_settings
-    from tasks.train_stage import EXPERIMENT, plan_stage
+    from tasks.tracking import EXPERIMENT
+    from tasks.train_stage import plan_stage
 
     plan, builds = plan_stage(recipe, stage, init, Path(data_root), Path(runs_root), tokenizer)
     uri = get_settings().mlflow_uri
     mlflow = tracking.client(uri)
     run_id, created = tracking.run_for(
         mlflow, EXPERIMENT, plan.stage_id, f"{recipe.name}/{stage.name}",
-        {"mvlm.recipe": recipe.name, "mvlm.stage": stage.name, "mvlm.kind": "stage"},
+        {"mvlm.recipe": recipe.name, "mvlm.stage": stage.name, "mvlm.kind": "stage"}, parent_run_id,
     )  # fmt: skip
     if created:
         tracking.log_params(
@@ -72,7 +73,8 @@ def evaluate_task(plan: Any, manifest: dict[str, Any]) -> dict[str, Any]:
     from tasks import tracking
     from tasks.evaluate import evaluate_checkpoint, write_result
     from tasks.identity import read_json
-    from tasks.train_stage import EXPERIMENT, BuildRef, sources
+    from tasks.tracking import EXPERIMENT
+    from tasks.train_stage import BuildRef, sources
 
     path = plan.out / "evaluation.json"
     if path.is_file():
@@ -85,52 +87,75 @@ def evaluate_task(plan: Any, manifest: dict[str, Any]) -> dict[str, Any]:
     mlflow = tracking.client(plan.mlflow_uri)
     name = f"{plan.recipe}/{plan.stage['name']}/eval"
     tags = {"mvlm.kind": "evaluation", "mvlm.stage_id": plan.stage_id}
-    run_id, _ = tracking.run_for(mlflow, EXPERIMENT, f"{plan.stage_id}/eval", name, tags)
+    parent = mlflow.get_run(plan.mlflow_run_id).data.tags.get("mlflow.parentRunId")
+    run_id, _ = tracking.run_for(mlflow, EXPERIMENT, f"{plan.stage_id}/eval", name, tags, parent)
     tracking.log_metrics(mlflow, run_id, [{"step": 0, **result.metrics}])
     mlflow.set_terminated(run_id, "FINISHED")
     write_result(result, path)
     return dataclasses.asdict(result)
 
 
-@flow(name="train", flow_run_name="train-{recipe_name}")
-def train(recipe_name: str, stage: str | None = None, data_root: str | None = None,
-          runs_root: str | None = None) -> list[dict[str, Any]]:  # fmt: skip
-    """Run the recipe's enabled stages in order (``stage``: only that one, after finished predecessors)."""
+def run_stages(
+    recipe_name: str, only: str | None, data_root: str, runs_root: str, parent_run_id: str | None = None,
+    force: tuple[str, ...] = (),
+) -> list[tuple[Any, dict[str, Any], dict[str, Any]]]:  # fmt: skip
+    """Plan and run the enabled stages in order.
+
+    ``only`` runs one stage after finished predecessors; stages in ``force`` are retrained even when a
+    finished output exists. Returns (plan, manifest, summary) per stage run.
+    """
+    import shutil
+
     from tasks.recipes import get_recipe
-    from tasks.settings import get_settings
     from tasks.train_stage import StageError, finished_stage
+
+    recipe = get_recipe(recipe_name)
+    stages = recipe.enabled_stages()
+    if only is not None and only not in [s.name for s in stages]:
+        raise StageError(
+            f"recipe {recipe.name} has no enabled stage {only!r}; stages: {[s.name for s in stages]}"
+        )
+    done, previous = [], None
+    for s in stages:
+        plan = plan_stage_task(
+            recipe, s, stage_init(s, previous), data_root, runs_root, previous, parent_run_id
+        )
+        if only is not None and s.name != only:
+            manifest = finished_stage(plan.out)
+            if manifest is None:
+                hint = f"run `mvlm train {recipe.name} --stage {s.name}`"
+                raise StageError(f"stage {s.name} must finish before {only}: {hint}")
+            previous = manifest["final"]
+            continue
+        if s.name in force and (plan.out / "stage.json").exists():
+            log.info("forcing stage %s: removing %s", s.name, plan.out)
+            shutil.rmtree(plan.out)
+        reused = finished_stage(plan.out) is not None
+        manifest = run_stage_task(plan)
+        keep = ("first_loss", "final_loss", "final")
+        summary = {
+            "stage": s.name,
+            "stage_id": plan.stage_id,
+            "reused": reused,
+            **{k: manifest[k] for k in keep},
+        }
+        if s.name in ("llm-pretrain", "vlm-instruct"):
+            summary["evaluation"] = evaluate_task(plan, manifest)["metrics"]
+        done.append((plan, manifest, summary))
+        previous = manifest["final"]
+        if only is not None:
+            break
+    return done
+
+
+@flow(name="train", flow_run_name="train-{recipe_name}")
+def train(
+    recipe_name: str, stage: str | None = None, data_root: str | None = None, runs_root: str | None = None
+) -> list[dict[str, Any]]:
+    """Run the recipe's enabled stages in order (``stage``: only that one, after finished predecessors)."""
+    from tasks.settings import get_settings
 
     settings = get_settings()
     data_root = data_root or str(settings.data_root)
     runs_root = runs_root or str(settings.runs_root)
-    recipe = get_recipe(recipe_name)
-    stages = recipe.enabled_stages()
-    if stage is not None and stage not in [s.name for s in stages]:
-        raise StageError(
-            f"recipe {recipe.name} has no enabled stage {stage!r}; stages: {[s.name for s in stages]}"
-        )
-    summaries, previous, tokenizer = [], None, None
-    for s in stages:
-        plan = plan_stage_task(recipe, s, stage_init(s, previous), data_root, runs_root, tokenizer)
-        if stage is not None and s.name != stage:
-            done = finished_stage(plan.out)
-            if done is None:
-                raise StageError(
-                    f"stage {s.name} must finish before {stage}: "
-                    f"run `mvlm train {recipe.name} --stage {s.name}`"
-                )
-            previous = tokenizer = done["final"]
-            continue
-        manifest = run_stage_task(plan)
-        summary = {
-            "stage": s.name,
-            "stage_id": plan.stage_id,
-            **{k: manifest[k] for k in ("first_loss", "final_loss", "final")},
-        }
-        if s.name in ("llm-pretrain", "vlm-instruct"):
-            summary["evaluation"] = evaluate_task(plan, manifest)["metrics"]
-        summaries.append(summary)
-        previous = tokenizer = manifest["final"]
-        if stage is not None:
-            break
-    return summaries
+    return [summary for _, _, summary in run_stages(recipe_name, stage, data_root, runs_root)]

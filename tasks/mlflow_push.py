@@ -27,6 +27,7 @@ from typing import TYPE_CHECKING, Any
 
 from tasks.identity import atomic_write_json, read_json, sha256_file
 from tasks.settings import get_settings
+from tasks.tracking import EXPERIMENT, IDENTITY_TAG
 
 if TYPE_CHECKING:
     from mlflow import MlflowClient
@@ -36,9 +37,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-EXPERIMENT = "mobilevlm-deploy"
 """MLflow experiment of quantized models and their device benchmarks."""
-IDENTITY_TAG = "mvlm.identity"
 COMPLETE_TAG = "mvlm.push_complete"
 KIND_TAG = "mvlm.kind"
 SHA_TAG_PREFIX = "mvlm.sha256."

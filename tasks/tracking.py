@@ -12,6 +12,8 @@ from typing import Any
 
 log = logging.getLogger(__name__)
 IDENTITY_TAG = "mvlm.identity"
+EXPERIMENT = "mobilevlm"
+"""One experiment for every step, so the UI nests each retrain's steps under its parent run."""
 MAX_PARAM = 500
 
 

@@ -31,7 +31,6 @@ from tasks.recipes import Recipe, StageConfig, stage_dict
 from tasks.specs import find_spec
 
 log = logging.getLogger(__name__)
-EXPERIMENT = "mobilevlm-training"
 
 
 class StageError(RuntimeError):

@@ -1,0 +1,99 @@
+"""``mvlm retrain RECIPE`` and ``mvlm lineage MODEL[@VERSION]``."""
+
+from __future__ import annotations
+
+from typing import Annotated, Any
+
+import typer
+from rich.table import Table
+
+from flows.logs import console
+
+
+def register(app: typer.Typer) -> None:
+    """Attach the retrain and lineage commands to the root app."""
+    app.command("retrain")(retrain)
+    app.command("lineage")(lineage)
+
+
+def retrain(
+    recipe: Annotated[str, typer.Argument(help="Recipe name, see `mvlm recipes`.")],
+    from_stage: Annotated[
+        str | None, typer.Option("--from", help="Retrain this stage and all later ones.")
+    ] = None,
+    force: Annotated[
+        list[str] | None, typer.Option(help="Retrain this stage even if unchanged (repeatable).")
+    ] = None,
+    pool: Annotated[
+        list[str] | None, typer.Option(help="Device work pool to benchmark on (repeatable).")
+    ] = None,
+    quant: Annotated[list[str] | None, typer.Option(help="llama.cpp quant type (repeatable).")] = None,
+    bench_timeout: Annotated[float, typer.Option(help="Seconds to wait for each device benchmark.")] = 600,
+) -> None:
+    """Data, training stages, evaluation, export, quantization and device benchmarks, reusing what exists."""
+    from flows.retrain import RetrainError
+    from flows.retrain import retrain as retrain_flow
+
+    try:
+        result = retrain_flow(recipe, from_stage, force, pool, quant, bench_timeout)
+    except (RetrainError, KeyError, ValueError) as err:
+        console.print(f"[red]error:[/red] {err.args[0] if err.args else err}", highlight=False)
+        raise typer.Exit(1) from err
+    print_summary(result)
+
+
+def print_summary(result: dict[str, Any]) -> None:
+    """Tables of what the retrain produced, and how to open MLflow on it."""
+    from tasks.settings import get_settings
+
+    data = Table("dataset", "build", "status", "kept", "rejected", title="data")
+    for b in result["builds"]:
+        t = b["totals"]
+        data.add_row(b["name"], b["build_id"], "reused" if b["reused"] else "built", str(t.get("kept", 0)),
+                     str(t.get("rejected", 0)))  # fmt: skip
+    stages = Table("stage", "status", "first loss", "final loss", "evaluation", "model", title="stages")
+    for s, model in zip(result["stages"], result["models"], strict=True):
+        evaluation = ", ".join(f"{k} {v:.3f}" for k, v in (s.get("evaluation") or {}).items())
+        status = "reused" if s.get("reused") else "trained"
+        stages.add_row(
+            s["stage"], status, f"{s['first_loss']:.3f}", f"{s['final_loss']:.3f}", evaluation or "-", model
+        )
+    quants = Table(
+        "quant", "size MB", "model", "pool", "status", "LM eval tok/s", "VLM eval tok/s", title="deploy"
+    )
+    for q in result["quants"]:
+        for b in (b for b in result["benchmarks"] if b["quant_type"] == q["quant_type"]):
+            m = b.get("metrics") or {}
+            size = f"{q['bytes'] / 1e6:.1f}"
+            speeds = _num(m.get("lm.eval_tps")), _num(m.get("vlm.eval_tps"))
+            quants.add_row(q["quant_type"], size, q["model_version"], b["pool"], b["status"], *speeds)
+    for table in (data, stages, quants):
+        console.print(table)
+    console.print(f"lineage: {result['lineage']}")
+    uri = get_settings().mlflow_uri
+    console.print(
+        f"open MLflow on this store: [bold]mlflow ui --backend-store-uri {uri}[/bold]", highlight=False
+    )
+
+
+def _num(value: Any) -> str:
+    return f"{value:.1f}" if isinstance(value, int | float) else "-"
+
+
+def lineage(
+    model: Annotated[str, typer.Argument(help="Registered model name, optionally @VERSION.")],
+) -> None:
+    """Print what made a model version (datasets, stages, recipe, code) and what was made from it."""
+    from tasks import tracking
+    from tasks.lineage import downstream, render_text, upstream
+
+    mlflow = tracking.client()
+    try:
+        up, down = upstream(mlflow, model), downstream(mlflow, model)
+    except KeyError as err:
+        console.print(f"[red]error:[/red] {err.args[0]}", highlight=False)
+        raise typer.Exit(1) from err
+    console.print("[bold]upstream[/bold] (what made it)")
+    console.print(render_text(up))
+    console.print("[bold]downstream[/bold] (what was made from it)")
+    console.print(render_text(down))

@@ -1,0 +1,193 @@
+"""Prefect flow ``retrain``: data, stages, evaluation, export, quantization, device benchmarks.
+
+Every step is reused by identity when its inputs did not change, so a second run with nothing new
+finishes in seconds and says what it reused. A failure names the step; everything finished before it
+stays, and the next run continues from there. All steps are MLflow child runs of one parent run.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+from prefect import flow, task
+from prefect.cache_policies import NONE
+
+log = logging.getLogger(__name__)
+DEFAULT_QUANTS = {"tiny": ("q8_0", "q4_0")}
+PAPER_QUANTS = ("q4_k_s", "q8_0")
+
+
+class RetrainError(RuntimeError):
+    """A retrain step failed; the message names the step."""
+
+
+def retrain_identity(recipe_name: str, data_root: str) -> str:
+    """Hash of the recipe rows, the current dataset build ids and the code versions."""
+    from tasks.build import make_context
+    from tasks.identity import CODE_VERSIONS, hash_json
+    from tasks.recipes import get_recipe, stage_dict
+    from tasks.specs import find_spec
+
+    recipe = get_recipe(recipe_name)
+    specs = sorted({d.spec for s in recipe.enabled_stages() for d in s.datasets})
+    builds = {spec: make_context(find_spec(spec)[0], data_root).build_id for spec in specs}
+    return hash_json(
+        {"recipe": [stage_dict(s) for s in recipe.enabled_stages()], "builds": builds, "code": CODE_VERSIONS}
+    )
+
+
+@task(name="publish-build", cache_policy=NONE)
+def publish_build_task(summary: dict, parent_run_id: str) -> str:
+    """The build's MLflow child run."""
+    from tasks import tracking
+    from tasks.publish import log_build
+
+    return log_build(tracking.client(), summary, parent_run_id)
+
+
+@task(name="register-stage", cache_policy=NONE)
+def register_stage_task(recipe: str, stage: str, manifest: dict, parent_model: str | None) -> str:
+    """Registered model version of a stage output."""
+    from tasks import tracking
+    from tasks.publish import register_stage
+
+    return register_stage(tracking.client(), recipe, stage, manifest, parent_model)
+
+
+@task(name="export", cache_policy=NONE)
+def export_task(final: str, parent_run_id: str, model_version: str) -> Any:
+    """GGUF export (LLM + mmproj) with its checks, as an MLflow child run."""
+    from tasks import tracking
+    from tasks.export import export_checkpoint
+    from tasks.publish import log_export
+
+    export = export_checkpoint(final, check=True)
+    log_export(tracking.client(), export, parent_run_id, model_version)
+    return export
+
+
+@task(name="quantize", cache_policy=NONE)
+def quantize_task(
+    recipe: str, export: Any, quant_type: str, parent_run_id: str, parent_model: str, datasets: dict[str, str]
+) -> dict[str, Any]:
+    """llama.cpp quantization logged to MLflow and registered as a model version."""
+    from tasks import tracking
+    from tasks.mlflow_push import log_quant
+    from tasks.publish import register_quant
+    from tasks.quantize import quantize
+
+    quant = quantize(export.llm, quant_type)
+    run_id = log_quant(quant)
+    ref = register_quant(tracking.client(), recipe, quant, run_id, parent_run_id, parent_model, datasets)
+    return {"quant_type": quant_type, "run_id": run_id, "model_version": ref, "bytes": _size(quant.out_dir)}
+
+
+def _size(folder: Path) -> int:
+    return sum(p.stat().st_size for p in Path(folder).glob("*.gguf"))
+
+
+@task(name="device-benchmark", cache_policy=NONE)
+def bench_task(quant: dict[str, Any], pool: str, timeout_s: float) -> dict[str, Any]:
+    """Benchmark one quantization on one pool (pending, not failed, when no runner answers)."""
+    from tasks.publish import bench_on_pool
+
+    return {
+        "quant_type": quant["quant_type"],
+        **bench_on_pool(quant["run_id"], pool, quant["model_version"], timeout_s),
+    }
+
+
+@task(name="lineage", cache_policy=NONE)
+def lineage_task(model_version: str, parent_run_id: str, runs_root: str) -> str:
+    """The lineage graph of the final model as an HTML artifact of the retrain run."""
+    from tasks import tracking
+    from tasks.identity import atomic_write_text
+    from tasks.lineage import downstream, render_html, upstream
+
+    mlflow = tracking.client()
+    page = render_html(
+        upstream(mlflow, model_version), downstream(mlflow, model_version), f"lineage of {model_version}"
+    )
+    path = atomic_write_text(Path(runs_root) / "lineage" / f"{model_version.replace('@', '-v')}.html", page)
+    mlflow.log_artifact(parent_run_id, str(path), "lineage")
+    return str(path)
+
+
+def _step(name: str, fn, *args, **kwargs):
+    try:
+        return fn(*args, **kwargs)
+    except Exception as err:
+        raise RetrainError(
+            f"retrain step {name!r} failed: {err}; finished steps are kept, rerun to continue"
+        ) from err
+
+
+@flow(name="retrain", flow_run_name="retrain-{recipe_name}")
+def retrain(
+    recipe_name: str,
+    from_stage: str | None = None,
+    force: list[str] | None = None,
+    pools: list[str] | None = None,
+    quant_types: list[str] | None = None,
+    bench_timeout_s: float = 600,
+    data_root: str | None = None,
+    runs_root: str | None = None,
+) -> dict[str, Any]:
+    """Build or reuse data, train, evaluate, export, quantize and benchmark one recipe.
+
+    ``from_stage`` retrains that stage and every later one; ``force`` names stages to retrain;
+    ``pools`` are device work pools to benchmark on (default host-cpu); ``quant_types`` default to
+    q8_0+q4_0 for tiny models and the paper's q4_k_s+q8_0 otherwise.
+    """
+    from flows.data import build_data
+    from flows.train import run_stages
+    from tasks import tracking
+    from tasks.recipes import get_recipe
+    from tasks.settings import get_settings
+
+    settings = get_settings()
+    data_root, runs_root = data_root or str(settings.data_root), runs_root or str(settings.runs_root)
+    recipe = get_recipe(recipe_name)
+    names = [s.name for s in recipe.enabled_stages()]
+    forced = set(force or ()) | (set(names[names.index(from_stage) :]) if from_stage else set())
+    parent = _step("parent-run", _parent, recipe_name, data_root)
+    specs = sorted({d.spec for s in recipe.enabled_stages() for d in s.datasets})
+    builds = [_step(f"data:{spec}", build_data, spec, data_root=data_root) for spec in specs]
+    for summary in builds:
+        publish_build_task(summary, parent)
+    stages = _step("train", run_stages, recipe_name, None, data_root, runs_root, parent, tuple(forced))
+    versions: list[str] = []
+    for _, manifest, summary in stages:
+        versions.append(
+            register_stage_task(recipe_name, summary["stage"], manifest, versions[-1] if versions else None)
+        )
+    final_manifest = stages[-1][1]
+    export = _step("export", export_task, final_manifest["final"], parent, versions[-1])
+    datasets = {b["spec"]: b["build_id"] for b in final_manifest["builds"]}
+    types = quant_types or DEFAULT_QUANTS.get(recipe_name, PAPER_QUANTS)
+    quants = [
+        _step(f"quantize:{t}", quantize_task, recipe_name, export, t, parent, versions[-1], datasets)
+        for t in types
+    ]
+    benches = [bench_task(q, pool, bench_timeout_s) for q in quants for pool in (pools or ["host-cpu"])]
+    lineage = lineage_task(versions[-1], parent, runs_root)
+    tracking.client().set_terminated(parent, "FINISHED")
+    return {
+        "parent_run_id": parent,
+        "builds": builds,
+        "stages": [s for _, _, s in stages],
+        "models": versions,
+        "export": str(export.out_dir),
+        "quants": quants,
+        "benchmarks": benches,
+        "lineage": lineage,
+    }
+
+
+def _parent(recipe_name: str, data_root: str) -> str:
+    from tasks import tracking
+    from tasks.publish import parent_run
+
+    return parent_run(tracking.client(), recipe_name, retrain_identity(recipe_name, data_root))

@@ -1,0 +1,191 @@
+"""Steps that put a retrain's products into MLflow: build runs, registered models, exports, benchmarks.
+
+Every function is idempotent: runs are found by their identity tag, model versions by theirs, so a
+rerun (or a resumed crash) points at what exists instead of creating a second copy.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+from tasks import tracking
+from tasks.lineage import code_commit, model_name, register
+
+log = logging.getLogger(__name__)
+
+
+def parent_run(mlflow: Any, recipe: str, identity: str) -> str:
+    """The retrain's parent run (one per retrain identity)."""
+    run_id, created = tracking.run_for(
+        mlflow,
+        tracking.EXPERIMENT,
+        f"retrain/{identity}",
+        f"retrain {recipe}",
+        {"mvlm.kind": "retrain", "mvlm.recipe": recipe, "mvlm.code_commit": code_commit()},
+    )
+    if created:
+        tracking.log_params(mlflow, run_id, {"recipe": recipe, "retrain_identity": identity})
+    return run_id
+
+
+def log_build(mlflow: Any, summary: dict[str, Any], parent_run_id: str) -> str:
+    """A child run for a dataset build: the dataset as input, counts as metrics, previews as artifacts."""
+    run_id, created = tracking.run_for(
+        mlflow,
+        tracking.EXPERIMENT,
+        f"build/{summary['build_id']}",
+        f"data {summary['name']}",
+        {"mvlm.kind": "build", "mvlm.spec": summary["name"]},
+        parent_run_id,
+    )
+    if created:
+        path = Path(summary["path"])
+        tracking.log_params(
+            mlflow,
+            run_id,
+            {
+                "spec": summary["name"],
+                "build_id": summary["build_id"],
+                "kind": summary["kind"],
+                "spec_path": summary.get("spec_path", ""),
+            },
+        )
+        tracking.log_dataset(
+            mlflow, run_id, summary["name"], summary["build_id"], str(path / "shards"), "build"
+        )
+        rows = {k: float(v) for k, v in summary["totals"].items()}
+        tracking.log_metrics(mlflow, run_id, [{"step": 0, **rows}])
+        for name in ("tokens.png", "preview.png", "stats.json"):
+            if (path / name).is_file():
+                mlflow.log_artifact(run_id, str(path / name))
+        mlflow.set_terminated(run_id, "FINISHED")
+    return run_id
+
+
+def register_stage(
+    mlflow: Any, recipe: str, stage: str, manifest: dict[str, Any], parent_model: str | None
+) -> str:
+    """Log the stage's final checkpoint on its run and register it; returns ``name@version``."""
+    run_id = manifest["mlflow_run_id"]
+    run = mlflow.get_run(run_id)
+    if "checkpoint" not in {a.path for a in mlflow.list_artifacts(run_id)}:
+        mlflow.log_artifacts(run_id, manifest["final"], "checkpoint")
+    mlflow.set_tag(run_id, "mvlm.code_commit", code_commit())
+    datasets = {b["spec"]: b["build_id"] for b in manifest["builds"]}
+    return register(
+        mlflow,
+        model_name(recipe, stage),
+        run_id,
+        f"{run.info.artifact_uri}/checkpoint",
+        manifest["stage_id"],
+        parent_model,
+        datasets,
+        f"{recipe} {stage} output",
+    )
+
+
+def log_export(mlflow: Any, export: Any, parent_run_id: str, model_version: str) -> str:
+    """A child run for a GGUF export with its checks as metrics."""
+    run_id, created = tracking.run_for(
+        mlflow,
+        tracking.EXPERIMENT,
+        f"export/{export.export_id}",
+        "export gguf",
+        {"mvlm.kind": "export", "mvlm.model_version": model_version},
+        parent_run_id,
+    )
+    if created:
+        tracking.log_params(
+            mlflow,
+            run_id,
+            {
+                "export_id": export.export_id,
+                "llm": export.llm.name,
+                "mmproj": export.mmproj.name if export.mmproj else "none",
+            },
+        )
+        numbers = {k: float(v) for k, v in _flat_numbers(export.checks).items()}
+        if numbers:
+            tracking.log_metrics(mlflow, run_id, [{"step": 0, **numbers}])
+        mlflow.set_terminated(run_id, "FINISHED")
+    return run_id
+
+
+def _flat_numbers(data: Any, prefix: str = "") -> dict[str, float]:
+    out: dict[str, float] = {}
+    if isinstance(data, dict):
+        for key, value in data.items():
+            out |= _flat_numbers(value, f"{prefix}{key}.")
+    elif isinstance(data, int | float) and not isinstance(data, bool):
+        out[prefix.rstrip(".")] = float(data)
+    return out
+
+
+def register_quant(
+    mlflow: Any,
+    recipe: str,
+    quant: Any,
+    quant_run_id: str,
+    parent_run_id: str,
+    parent_model: str,
+    datasets: dict[str, str],
+) -> str:
+    """Nest the quant run under the retrain and register the GGUF as a model version."""
+    run = mlflow.get_run(quant_run_id)
+    if "mlflow.parentRunId" not in run.data.tags:
+        mlflow.set_tag(quant_run_id, "mlflow.parentRunId", parent_run_id)
+    ref = register(
+        mlflow,
+        model_name(recipe, quant.quant_type),
+        quant_run_id,
+        run.info.artifact_uri,
+        quant.quant_id,
+        parent_model,
+        datasets,
+        f"{recipe} GGUF {quant.quant_type}",
+    )
+    mlflow.set_tag(quant_run_id, "mvlm.model_version", ref)
+    mlflow.set_tag(quant_run_id, "mvlm.code_commit", code_commit())
+    return ref
+
+
+def bench_on_pool(quant_run_id: str, pool: str, model_version: str, timeout_s: float) -> dict[str, Any]:
+    """Benchmark on ``pool``: through its deployment when a Prefect server is configured (waiting up to
+    ``timeout_s``; no live runner leaves it pending), else in-process for ``host-cpu``."""
+    from flows.device_benchmark import device_benchmark, submit
+
+    if os.environ.get("PREFECT_API_URL"):
+        try:
+            flow_run = submit(quant_run_id, pool, wait_s=timeout_s)
+        except Exception as err:  # no deployment for this pool: report it, do not fail the retrain
+            return {"pool": pool, "status": "pending", "reason": f"could not submit: {err}"}
+        state = getattr(getattr(flow_run, "state", None), "type", None)
+        if state is None or state.value != "COMPLETED":
+            return {"pool": pool, "status": "pending", "reason": f"flow run {flow_run.id} is {state}"}
+        result = {"status": "done"}
+    elif pool == "host-cpu":
+        result = device_benchmark(quant_run_id, pool)
+    else:
+        return {
+            "pool": pool,
+            "status": "pending",
+            "reason": "no Prefect server (PREFECT_API_URL) to reach its runner",
+        }
+    run_id = result.get("run_id") or _bench_run_for(quant_run_id, pool)
+    if not run_id:
+        return {"pool": pool, "status": "pending", "reason": "no result in MLflow yet"}
+    mlflow = tracking.client()
+    mlflow.set_tag(run_id, "mvlm.model_version", model_version)
+    metrics = result.get("metrics") or mlflow.get_run(run_id).data.metrics
+    status = "reused" if result.get("status") == "exists" else "done"
+    return {"pool": pool, "status": status, "run_id": run_id, "metrics": metrics}
+
+
+def _bench_run_for(quant_run_id: str, pool: str) -> str | None:
+    mlflow = tracking.client()
+    exp = tracking.experiment_id(mlflow, tracking.EXPERIMENT)
+    runs = mlflow.search_runs([exp], filter_string=f"tags.`mvlm.quant_run_id` = '{quant_run_id}'")
+    return runs[0].info.run_id if runs else None
