@@ -8,7 +8,7 @@ TORCH_SPEC ?= torch==2.13.0
 VENV_I2D ?= .venv-img2dataset
 I2D_SPEC ?= img2dataset==1.47.0
 
-.PHONY: setup test test-fast lint format demo clean
+.PHONY: setup test test-fast lint format demo smoke clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -42,7 +42,13 @@ format: setup
 	$(BIN)/ruff check --fix .
 	$(BIN)/ruff format .
 
+# The whole pipeline on embedded defaults: local Ray, Prefect's ephemeral API, MLflow on SQLite
+# under work_dir/. Ends with a summary and the command that opens the MLflow UI on that store.
 demo: setup
+	PREFECT_SERVER_ANALYTICS_ENABLED=false $(BIN)/mvlm data make-samples
+	PREFECT_SERVER_ANALYTICS_ENABLED=false $(BIN)/mvlm retrain tiny
+
+smoke: setup
 	$(BIN)/mvlm model smoke
 
 clean:

@@ -48,12 +48,14 @@ def publish_build_task(summary: dict, parent_run_id: str) -> str:
 
 
 @task(name="register-stage", cache_policy=NONE)
-def register_stage_task(recipe: str, stage: str, manifest: dict, parent_model: str | None) -> str:
+def register_stage_task(
+    recipe: str, stage: str, manifest: dict, parent_model: str | None, retrain_run: str
+) -> str:
     """Registered model version of a stage output."""
     from tasks import tracking
     from tasks.publish import register_stage
 
-    return register_stage(tracking.client(), recipe, stage, manifest, parent_model)
+    return register_stage(tracking.client(), recipe, stage, manifest, parent_model, retrain_run)
 
 
 @task(name="export", cache_policy=NONE)
@@ -161,7 +163,9 @@ def retrain(
     versions: list[str] = []
     for _, manifest, summary in stages:
         versions.append(
-            register_stage_task(recipe_name, summary["stage"], manifest, versions[-1] if versions else None)
+            register_stage_task(
+                recipe_name, summary["stage"], manifest, versions[-1] if versions else None, parent
+            )
         )
     final_manifest = stages[-1][1]
     export = _step("export", export_task, final_manifest["final"], parent, versions[-1])

@@ -57,8 +57,13 @@ def register(
     parent: str | None,
     datasets: dict[str, str],
     description: str = "",
+    link_run_id: str | None = None,
 ) -> str:
-    """Register (once per identity) a model version; returns ``name@version``."""
+    """Register (once per identity) a model version made by ``run_id``; returns ``name@version``.
+
+    ``link_run_id`` (the retrain run) becomes the version's MLflow run link, so the retrain's page
+    lists every model it produced; the ``mvlm.run_id`` tag keeps the run that made it (lineage).
+    """
     from mlflow.exceptions import MlflowException
 
     try:
@@ -75,7 +80,8 @@ def register(
         "mvlm.parent_model": parent or "",
         "mvlm.datasets": json.dumps(datasets, sort_keys=True),
     }
-    version = mlflow.create_model_version(name, source, run_id=run_id, tags=tags, description=description)
+    link = link_run_id or run_id
+    version = mlflow.create_model_version(name, source, run_id=link, tags=tags, description=description)
     return f"{name}@{version.version}"
 
 

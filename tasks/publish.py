@@ -62,11 +62,15 @@ def log_build(mlflow: Any, summary: dict[str, Any], parent_run_id: str) -> str:
             if (path / name).is_file():
                 mlflow.log_artifact(run_id, str(path / name))
         mlflow.set_terminated(run_id, "FINISHED")
+    used = {d.dataset.digest for d in mlflow.get_run(parent_run_id).inputs.dataset_inputs}
+    if summary["build_id"] not in used:  # the retrain run lists every dataset it used
+        shards = str(Path(summary["path"]) / "shards")
+        tracking.log_dataset(mlflow, parent_run_id, summary["name"], summary["build_id"], shards)
     return run_id
 
 
 def register_stage(
-    mlflow: Any, recipe: str, stage: str, manifest: dict[str, Any], parent_model: str | None
+    mlflow: Any, recipe: str, stage: str, manifest: dict[str, Any], parent_model: str | None, retrain_run: str
 ) -> str:
     """Log the stage's final checkpoint on its run and register it; returns ``name@version``."""
     run_id = manifest["mlflow_run_id"]
@@ -84,6 +88,7 @@ def register_stage(
         parent_model,
         datasets,
         f"{recipe} {stage} output",
+        retrain_run,
     )
 
 
@@ -146,6 +151,7 @@ def register_quant(
         parent_model,
         datasets,
         f"{recipe} GGUF {quant.quant_type}",
+        parent_run_id,
     )
     mlflow.set_tag(quant_run_id, "mvlm.model_version", ref)
     mlflow.set_tag(quant_run_id, "mvlm.code_commit", code_commit())

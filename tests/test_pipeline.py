@@ -1,0 +1,273 @@
+"""The tiny recipe end to end through the real ``retrain`` flow.
+
+Real Prefect (test harness), real Ray Train with 2 workers and DeepSpeed on CPU, real img2dataset,
+real llama.cpp, MLflow on SQLite. One retrain per module; the tests read what it produced. The
+accuracy assertion proves that image splicing, label masking and freezing work together: a bug in
+any of them leaves the colour and shape answers at chance.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import pytest
+
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("ray_local", "prefect_api")]
+
+
+@pytest.fixture(scope="module")
+def env(samples_root: Path, tmp_path_factory):
+    """A work dir with the session's samples; MVLM_WORK_DIR points at it for the module."""
+    work = tmp_path_factory.mktemp("pipeline")
+    (work / "data").mkdir()
+    (work / "data" / "samples").symlink_to(samples_root / "samples")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("MVLM_WORK_DIR", str(work))
+        yield work
+
+
+@pytest.fixture(scope="module")
+def retrained(env: Path) -> dict:
+    from flows.retrain import retrain
+
+    return retrain("tiny")
+
+
+@pytest.fixture(scope="module")
+def mlflow(retrained: dict):
+    from tasks import tracking
+
+    return tracking.client()
+
+
+def _children(mlflow, parent_id: str) -> list:
+    from tasks import tracking
+
+    exp = tracking.experiment_id(mlflow, tracking.EXPERIMENT)
+    return mlflow.search_runs([exp], filter_string=f"tags.`mlflow.parentRunId` = '{parent_id}'")
+
+
+# --- issue 4: every stage learns -------------------------------------------------------------------
+
+
+def test_every_stage_runs_and_its_loss_falls(retrained: dict) -> None:
+    stages = {s["stage"]: s for s in retrained["stages"]}
+    assert list(stages) == ["llm-pretrain", "vlm-align", "vlm-instruct"]
+    for name, s in stages.items():
+        assert s["final_loss"] < 0.7 * s["first_loss"], name
+        assert (Path(s["final"]) / "model.safetensors").is_file()
+    assert stages["llm-pretrain"]["evaluation"]["perplexity"] < 1024 / 20  # uniform would be 1024
+
+
+def test_the_tiny_vlm_answers_colour_and_shape_far_above_chance(retrained: dict) -> None:
+    from tasks.samples import SampleConfig
+
+    metrics = next(s for s in retrained["stages"] if s["stage"] == "vlm-instruct")["evaluation"]
+    chance_colour, chance_shape = 1 / len(SampleConfig().colours), 1 / len(SampleConfig().kinds)
+    assert metrics["accuracy/colour"] >= 2.5 * chance_colour, metrics
+    assert metrics["accuracy/shape"] >= 1.7 * chance_shape, metrics
+
+
+def test_stage_runs_have_params_dataset_inputs_and_exactly_once_metrics(retrained: dict, mlflow) -> None:
+    builds = {b["name"]: b["build_id"] for b in retrained["builds"]}
+    stage_runs = [
+        r for r in _children(mlflow, retrained["parent_run_id"]) if r.data.tags.get("mvlm.kind") == "stage"
+    ]
+    assert {r.data.tags["mvlm.stage"] for r in stage_runs} == {"llm-pretrain", "vlm-align", "vlm-instruct"}
+    for run in stage_runs:
+        assert run.info.status == "FINISHED"
+        assert (
+            run.data.params["stage.name"] == run.data.tags["mvlm.stage"]
+            and "stage.optim.lr" in run.data.params
+        )
+        inputs = {d.dataset.name: d.dataset.digest for d in run.inputs.dataset_inputs}
+        assert inputs and all(builds[name] == digest for name, digest in inputs.items())
+        history = mlflow.get_metric_history(run.info.run_id, "loss")
+        assert sorted(m.step for m in history) == list(range(1, len(history) + 1))
+
+
+# --- issue 6: lineage ------------------------------------------------------------------------------
+
+
+def test_retrain_run_has_a_child_for_every_step(retrained: dict, mlflow) -> None:
+    kinds = sorted(r.data.tags.get("mvlm.kind", "") for r in _children(mlflow, retrained["parent_run_id"]))
+    assert kinds.count("build") == 4 and kinds.count("stage") == 3 and kinds.count("evaluation") == 2
+    assert kinds.count("export") == 1 and kinds.count("quant") == 2
+    for quant in retrained["quants"]:  # device results are children of their quant run
+        benches = _children(mlflow, quant["run_id"])
+        assert len(benches) == 1 and benches[0].data.tags["mvlm.model_version"] == quant["model_version"]
+    build_run = next(
+        r for r in _children(mlflow, retrained["parent_run_id"]) if r.data.tags.get("mvlm.kind") == "build"
+    )
+    (dataset,) = build_run.inputs.dataset_inputs
+    assert (
+        dataset.dataset.source.endswith("/shards")
+        and dataset.dataset.digest in build_run.data.tags["mvlm.identity"]
+    )
+
+
+def test_registered_models_chain_with_their_tags(retrained: dict, mlflow) -> None:
+    import json
+
+    assert retrained["models"] == [
+        "tiny-mobilellama-base@1",
+        "tiny-mobilevlm-aligned@1",
+        "tiny-mobilevlm-instruct@1",
+    ]
+    parents = {}
+    for ref in [*retrained["models"], *(q["model_version"] for q in retrained["quants"])]:
+        name, version = ref.split("@")
+        (v,) = [v for v in mlflow.search_model_versions(f"name='{name}'") if str(v.version) == version]
+        parents[ref] = v.tags["mvlm.parent_model"]
+        assert mlflow.get_run(v.tags["mvlm.run_id"]).info.status == "FINISHED"
+        assert json.loads(v.tags["mvlm.datasets"])
+    assert parents["tiny-mobilevlm-aligned@1"] == "tiny-mobilellama-base@1"
+    assert parents["tiny-mobilevlm-instruct@1"] == "tiny-mobilevlm-aligned@1"
+    assert parents["tiny-gguf-q8_0@1"] == "tiny-mobilevlm-instruct@1"
+
+
+def test_lineage_command_prints_upstream_and_downstream(retrained: dict) -> None:
+    from typer.testing import CliRunner
+
+    from flows.cli import app
+
+    out = CliRunner().invoke(app, ["lineage", "tiny-gguf-q8_0"], env={"COLUMNS": "250"})
+    assert out.exit_code == 0, out.output
+    for expected in (
+        "tiny-mobilevlm-instruct@1",
+        "tiny-mobilellama-base@1",
+        "dataset tiny-redpajama",
+        "dataset tiny-cc3m",
+        "spec=",
+        "recipe=tiny",
+        "stage=vlm-align",
+        "code=",
+        "device result host-cpu",
+    ):
+        assert expected in out.output, expected
+    html = Path(retrained["lineage"]).read_text()
+    assert "tiny-mobilellama-base@1" in html and "device result" in html
+    missing = CliRunner().invoke(app, ["lineage", "no-such-model"])
+    assert missing.exit_code == 1 and "no registered model 'no-such-model'" in missing.output
+
+
+def test_second_retrain_reuses_everything_in_seconds(retrained: dict) -> None:
+    from flows.retrain import retrain
+
+    start = time.perf_counter()
+    again = retrain("tiny")
+    assert time.perf_counter() - start < 90
+    assert again["parent_run_id"] == retrained["parent_run_id"]
+    assert all(b["reused"] for b in again["builds"]) and all(s["reused"] for s in again["stages"])
+    assert [b["status"] for b in again["benchmarks"]] == ["reused", "reused"]
+    assert again["models"] == retrained["models"]
+
+
+def test_train_flow_reuses_the_finished_stages(retrained: dict) -> None:
+    from flows.train import train
+
+    again = train("tiny")
+    assert [s["stage_id"] for s in again] == [s["stage_id"] for s in retrained["stages"]]
+    assert all(s["reused"] for s in again)
+
+
+def test_a_failing_step_is_named_and_finished_steps_are_kept(retrained: dict) -> None:
+    from flows.retrain import RetrainError, retrain
+
+    with pytest.raises(RetrainError, match=r"retrain step 'quantize:q9_9' failed: .*rerun to continue"):
+        retrain("tiny", quant_types=["q9_9"])
+    for s in retrained["stages"]:
+        assert (Path(s["final"]) / "model.safetensors").is_file()
+
+
+# --- the MLflow UI, as a user sees it ----------------------------------------------------------------
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def mlflow_ui(retrained: dict, env: Path):
+    """A real ``mlflow server`` on 127.0.0.1 over the retrain's SQLite store."""
+    import subprocess
+    import sys
+    import urllib.request
+
+    port = _free_port()
+    cmd = [
+        sys.executable,
+        "-m",
+        "mlflow",
+        "server",
+        "--backend-store-uri",
+        f"sqlite:///{env / 'mlflow.db'}",
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--workers",
+        "1",
+    ]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        for _ in range(120):
+            try:
+                urllib.request.urlopen(f"{url}/health", timeout=2)
+                break
+            except OSError:
+                time.sleep(0.5)
+        else:
+            raise RuntimeError("mlflow server did not start")
+        yield url
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+
+
+def _page_text(url: str, tmp_path: Path) -> str:
+    """The page's text after its JavaScript ran, from headless Chromium."""
+    import re
+    import shutil
+    import subprocess
+
+    browser = shutil.which("chromium") or shutil.which("chromium-browser")
+    assert browser, "headless Chromium is required (.ci/run installs Debian's chromium)"
+    flags = [
+        "--headless",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-quic",
+        "--no-first-run",
+        "--disable-background-networking",
+        "--disable-component-update",
+        "--disable-sync",
+        f"--user-data-dir={tmp_path / 'chromium'}",
+        "--virtual-time-budget=30000",
+        "--dump-dom",
+    ]
+    dom = subprocess.run([browser, *flags, url], capture_output=True, text=True, timeout=120).stdout
+    text = re.sub(r"<[^>]+>", " ", re.sub(r"<(script|style)[^>]*>.*?</\1>", " ", dom, flags=re.S))
+    return re.sub(r"\s+", " ", text)
+
+
+def test_mlflow_ui_shows_the_retrain_with_children_datasets_and_models(
+    retrained: dict, mlflow, mlflow_ui: str, tmp_path: Path
+) -> None:
+    from tasks import tracking
+
+    exp = tracking.experiment_id(mlflow, tracking.EXPERIMENT)
+    text = _page_text(f"{mlflow_ui}/#/experiments/{exp}/runs/{retrained['parent_run_id']}", tmp_path)
+    assert "retrain tiny" in text
+    child_runs = text.split("Child runs", 1)[1][:2000]
+    assert "tiny/vlm-instruct" in child_runs and "export gguf" in child_runs and "quant-q8_0" in child_runs
+    datasets = text.split("Datasets", 1)[1][:2000]
+    assert "tiny-redpajama" in datasets and "tiny-llava-instruct" in datasets
+    models = text.split("Registered models", 1)[1][:2000]
+    assert "tiny-mobilevlm-instruct" in models and "tiny-gguf-q8_0" in models
