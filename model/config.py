@@ -90,6 +90,11 @@ class VisionConfig:
         return self.image_size // self.patch_size
 
     @property
+    def feature_layer(self) -> int:
+        """Non-negative hidden-state index of the features (0 = embeddings), as llama.cpp counts."""
+        return self.select_layer if self.select_layer >= 0 else self.n_layer + self.select_layer + 1
+
+    @property
     def num_tokens(self) -> int:
         """Feature tokens per image after selection."""
         return self.grid**2 + (1 if self.select_feature == "cls_patch" else 0)

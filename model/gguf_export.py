@@ -30,6 +30,9 @@ import gguf
 import numpy as np
 import torch
 
+from model.config import VisionConfig
+from model.mobilevlm import vision_row
+
 log = logging.getLogger(__name__)
 
 GGUFDtype = Literal["f32", "f16"]
@@ -333,68 +336,16 @@ def write_llm_gguf(
 # --- mmproj (vision tower + projector) ---------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class VisionHParams:
-    """The vision-side shape an mmproj header needs (from the checkpoint's ``vision_config``)."""
-
-    n_layer: int
-    """Encoder layers of the full CLIP tower."""
-    hidden: int
-    """Encoder width."""
-    n_head: int
-    """Attention heads."""
-    intermediate: int
-    """MLP width."""
-    image_size: int
-    """Input resolution (square)."""
-    patch_size: int
-    """Patch size."""
-    projection_dim: int
-    """CLIP projection width (header only)."""
-    layer_norm_eps: float
-    """LayerNorm epsilon."""
-    hidden_act: str
-    """``quick_gelu`` (OpenAI CLIP) or ``gelu``."""
-    select_layer: int
-    """Hidden state used as features (``mm_vision_select_layer``, -2 for MobileVLM)."""
-    select_feature: str
-    """``patch`` (CLS dropped) is what llama.cpp computes."""
-
-    @property
-    def feature_layer(self) -> int:
-        """Non-negative hidden-state index (0 = embeddings, n = after block n-1), as llama.cpp counts."""
-        return self.select_layer if self.select_layer >= 0 else self.n_layer + self.select_layer + 1
-
-    @property
-    def grid(self) -> int:
-        """Patches per side."""
-        return self.image_size // self.patch_size
+def vision_hparams(config: Any) -> VisionConfig:
+    """The vision row of a multimodal checkpoint config (its ``vision_config``, or the table row named
+    by ``mm_vision_tower`` for the authors' checkpoints)."""
+    try:
+        return vision_row(config)
+    except ValueError as err:
+        raise GGUFExportError(f"cannot export the mmproj: {err}") from err
 
 
-def vision_hparams(config: Any) -> VisionHParams:
-    """The vision header values of a multimodal checkpoint config."""
-    clip = getattr(config, "vision_config", None)
-    if not clip:
-        raise GGUFExportError(
-            "checkpoint config has no 'vision_config'; mmproj export needs a MobileVLM checkpoint "
-            "saved by this project (model.save) or one with an explicit CLIP vision_config"
-        )
-    return VisionHParams(
-        n_layer=clip["num_hidden_layers"],
-        hidden=clip["hidden_size"],
-        n_head=clip["num_attention_heads"],
-        intermediate=clip["intermediate_size"],
-        image_size=clip["image_size"],
-        patch_size=clip["patch_size"],
-        projection_dim=clip.get("projection_dim", 768),
-        layer_norm_eps=float(clip.get("layer_norm_eps", 1e-5)),
-        hidden_act=clip.get("hidden_act", "quick_gelu"),
-        select_layer=int(getattr(config, "mm_vision_select_layer", -2)),
-        select_feature=getattr(config, "mm_vision_select_feature", "patch"),
-    )
-
-
-def check_mmproj_supported(hp: VisionHParams, projector: str) -> None:
+def check_mmproj_supported(hp: VisionConfig, projector: str) -> None:
     """Raise GGUFExportError when llama.cpp's mmproj graph cannot compute this model."""
     if projector not in PROJECTOR_GGUF_TYPES:
         raise GGUFExportError(
@@ -459,7 +410,7 @@ def _projector_array(tensor: torch.Tensor, dtype: GGUFDtype) -> np.ndarray:
 
 
 def mmproj_tensors(
-    state: dict[str, torch.Tensor], hp: VisionHParams, dtype: GGUFDtype
+    state: dict[str, torch.Tensor], hp: VisionConfig, dtype: GGUFDtype
 ) -> Iterator[tuple[str, np.ndarray]]:
     """(GGUF name, array) for the kept CLIP layers and the projector."""
     for key, tensor in state.items():
@@ -472,7 +423,7 @@ def mmproj_tensors(
 
 
 def _add_clip_header(
-    writer: gguf.GGUFWriter, hp: VisionHParams, projector: str, image_mean: tuple, image_std: tuple
+    writer: gguf.GGUFWriter, hp: VisionConfig, projector: str, image_mean: tuple, image_std: tuple
 ) -> None:
     writer.add_bool("clip.has_vision_encoder", True)
     writer.add_bool("clip.has_llava_projector", True)
