@@ -55,6 +55,8 @@ class LoopConfig:
     """Chaos testing: the process exits abruptly (as if SIGKILLed) after this optimizer step."""
     nan_at_step: int | None = None
     """Chaos testing: the loss of this optimizer step becomes NaN."""
+    keep_checkpoints: int = 2
+    """DeepSpeed checkpoints kept (the newest ones); older ones are deleted after each save."""
 
 
 @dataclass
@@ -118,10 +120,24 @@ def set_rng_state(state: dict[str, Any]) -> None:
         torch.set_rng_state(state["torch"])
 
 
-def save_checkpoint(engine: Any, ckpt_dir: Path, state: LoopState) -> None:
-    """DeepSpeed checkpoint ``step-N`` with the loop state as client state (every rank calls this)."""
+def save_checkpoint(engine: Any, ckpt_dir: Path, state: LoopState, keep: int = 2) -> None:
+    """DeepSpeed checkpoint ``step-N`` with the loop state as client state (every rank calls this);
+    rank 0 then deletes all but the newest ``keep`` checkpoints."""
     state.rng = rng_state()
     engine.save_checkpoint(str(ckpt_dir), tag=f"step-{state.step}", client_state={"loop": state.__dict__})
+    if getattr(engine, "global_rank", 0) == 0:
+        prune_checkpoints(ckpt_dir, keep)
+
+
+def prune_checkpoints(ckpt_dir: Path, keep: int) -> list[Path]:
+    """Delete ``step-N`` folders beyond the newest ``keep``; returns what was deleted."""
+    import shutil
+
+    steps = sorted((p for p in Path(ckpt_dir).glob("step-*") if p.is_dir()), key=lambda p: int(p.name[5:]))
+    old = steps[: max(0, len(steps) - max(keep, 1))]
+    for path in old:
+        shutil.rmtree(path, ignore_errors=True)
+    return old
 
 
 def load_checkpoint(engine: Any, ckpt_dir: Path) -> LoopState | None:
@@ -189,7 +205,7 @@ def run_loop(
         buffer.append(row | {"skipped_samples": skipped})
         if state.step % cfg.checkpoint_every == 0 or state.step == cfg.total_steps:
             on_metrics(buffer)  # before the checkpoint: a crash in between is trimmed on resume
-            save_checkpoint(engine, ckpt_dir, state)
+            save_checkpoint(engine, ckpt_dir, state, cfg.keep_checkpoints)
             buffer = []
     return state
 

@@ -83,3 +83,14 @@ def test_lora_merges_back_into_plain_weights() -> None:
         after = llm(input_ids=ids).logits
     torch.testing.assert_close(before, after, rtol=1e-5, atol=1e-5)
     assert set(llm.state_dict()) == set(model.build("tiny-llama").state_dict())
+
+
+def test_old_checkpoints_are_pruned(tmp_path) -> None:
+    from model.train import prune_checkpoints
+
+    for step in (2, 4, 6, 10, 8):
+        (tmp_path / f"step-{step}").mkdir()
+    (tmp_path / "latest").write_text("step-10")
+    deleted = prune_checkpoints(tmp_path, keep=2)
+    assert sorted(p.name for p in deleted) == ["step-2", "step-4", "step-6"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["latest", "step-10", "step-8"]
