@@ -101,6 +101,19 @@ def bench_task(quant: dict[str, Any], pool: str, timeout_s: float) -> dict[str, 
     }
 
 
+@task(name="device-chart", cache_policy=NONE)
+def device_chart_task(parent_run_id: str, runs_root: str) -> str:
+    """Bar chart of our device results beside the paper's, logged on the retrain run."""
+    from tasks import tracking
+    from tasks.bench import report_rows, write_chart
+
+    path = write_chart(
+        report_rows(), Path(runs_root) / "reports" / f"device-benchmarks-{parent_run_id[:8]}.png"
+    )
+    tracking.client().log_artifact(parent_run_id, str(path), "plots")
+    return str(path)
+
+
 @task(name="lineage", cache_policy=NONE)
 def lineage_task(model_version: str, parent_run_id: str, runs_root: str) -> str:
     """The lineage graph of the final model as an HTML artifact of the retrain run."""
@@ -176,6 +189,7 @@ def retrain(
         for t in types
     ]
     benches = [bench_task(q, pool, bench_timeout_s) for q in quants for pool in (pools or ["host-cpu"])]
+    chart = device_chart_task(parent, runs_root)
     lineage = lineage_task(versions[-1], parent, runs_root)
     tracking.client().set_terminated(parent, "FINISHED")
     return {
@@ -187,6 +201,7 @@ def retrain(
         "quants": quants,
         "benchmarks": benches,
         "lineage": lineage,
+        "device_chart": chart,
     }
 
 

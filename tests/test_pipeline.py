@@ -146,6 +146,7 @@ def test_lineage_command_prints_upstream_and_downstream(retrained: dict) -> None
         "device result host-cpu",
     ):
         assert expected in out.output, expected
+    assert Path(retrained["device_chart"]).stat().st_size > 1000
     html = Path(retrained["lineage"]).read_text()
     assert "tiny-mobilellama-base@1" in html and "device result" in html
     missing = CliRunner().invoke(app, ["lineage", "no-such-model"])
