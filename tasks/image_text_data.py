@@ -24,22 +24,18 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import io
-import ipaddress
 import json
 import logging
 import math
 import os
 import re
-import socket
 import tarfile
 import textwrap
-import unicodedata
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from itertools import chain
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit
 
 from tasks.build import (
     BuildContext,
@@ -52,6 +48,17 @@ from tasks.build import (
     save_unit,
 )
 from tasks.identity import atomic_write_bytes
+from tasks.image_checks import (
+    caption_problem,
+    decoded_size,
+    encode_jpeg,
+    image_problem,
+    normalise_caption,
+    resize_image,
+    sample_key,
+    split_for,
+    to_rgb,
+)
 from tasks.img2dataset_runner import (
     DownloadOptions,
     Img2DatasetError,
@@ -64,227 +71,18 @@ from tasks.img2dataset_runner import (
 )
 from tasks.parallel import ray_map
 from tasks.rejects import Rejects
-from tasks.shards import SAFE_KEY, read_tar_samples, write_shard
-from tasks.specs import Filters, LlavaSource, Subset, UrlListSource
+from tasks.shards import read_tar_samples, write_shard
+from tasks.specs import LlavaSource, Subset, UrlListSource
+from tasks.url_policy import LOCAL_PLACEHOLDER, HostPolicy, url_problem
 
 log = logging.getLogger(__name__)
 
-JPEG_QUALITY = 95
 PREVIEW_SAMPLES = 16
 PREVIEW_CELL = 160
-ALLOWED_SCHEMES = ("http", "https")
-METADATA_HOSTS = frozenset(
-    {"metadata", "metadata.google.internal", "instance-data", "instance-data.ec2.internal", "metadata.azure"}
-)
 VALIDATION_BASE = "http://127.0.0.1"
 """Stands for the local server while URLs are checked (the server binds 127.0.0.1; its port comes later)."""
-LOCAL_PLACEHOLDER = "{LOCAL_SERVER}"
 I2D_COLUMNS = ("row", "src_url")
 """Columns img2dataset keeps beside each sample: the list row and the URL as written in the list."""
-
-
-# --- URL policy ----------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class HostPolicy:
-    """Which non-public hosts URL lists may reach: the spec's ``allow_hosts`` (names or CIDR networks)."""
-
-    names: frozenset[str] = frozenset()
-    """Host names allowed as written (lowercase)."""
-    networks: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = ()
-    """Address ranges allowed."""
-
-    @classmethod
-    def from_allow(cls, allow_hosts: Iterable[str]) -> HostPolicy:
-        """Parse ``allow_hosts``: an address or CIDR network becomes a network, anything else a name."""
-        names, networks = set(), []
-        for entry in allow_hosts:
-            text = entry.strip().strip("[]").lower()
-            try:
-                networks.append(ipaddress.ip_network(text, strict=False))
-            except ValueError:
-                names.add(text.rstrip("."))
-        return cls(frozenset(names), tuple(networks))
-
-    def allows(self, host: str, address: ipaddress.IPv4Address | ipaddress.IPv6Address | None) -> bool:
-        """True when the host name or its literal address is listed."""
-        if host in self.names:
-            return True
-        return address is not None and any(address in net for net in self.networks)
-
-
-def host_address(host: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
-    """The address a literal-IP host means (including legacy forms like ``2130706433`` or ``0x7f.1``)."""
-    text = host.strip("[]").split("%", 1)[0]
-    try:
-        address = ipaddress.ip_address(text)
-    except ValueError:
-        if not re.fullmatch(r"[0-9a-fA-FxX.]+", text):
-            return None
-        try:
-            address = ipaddress.IPv4Address(socket.inet_aton(text))
-        except OSError:
-            return None
-    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
-        return address.ipv4_mapped
-    return address
-
-
-def _non_public(host: str, address: ipaddress.IPv4Address | ipaddress.IPv6Address | None) -> str | None:
-    """Why a host is not a public internet host (loopback, private, link-local, metadata), or None."""
-    if address is not None:
-        if address.is_loopback:
-            return "a loopback address"
-        if address.is_link_local:
-            return "a link-local address (cloud metadata lives there)"
-        if address.is_private:
-            return "a private address"
-        if not address.is_global:
-            return "not a public address"
-        return None
-    if host == "localhost" or host.endswith(".localhost"):
-        return "a loopback name"
-    if host in METADATA_HOSTS:
-        return "a cloud metadata name"
-    return None
-
-
-def url_problem(url: str | None, policy: HostPolicy) -> str | None:
-    """Why a URL may not be downloaded, or None. Only literal addresses and well-known names are
-    checked (names are not resolved here)."""
-    if not url or not url.strip():
-        return "empty URL"
-    url = url.strip()
-    if any(ord(c) < 33 or ord(c) == 127 for c in url):
-        return "URL contains whitespace or control characters"
-    if LOCAL_PLACEHOLDER in url:
-        return f"URL contains {LOCAL_PLACEHOLDER} but the subset has no local_server"
-    try:
-        parts = urlsplit(url)
-        host = (parts.hostname or "").rstrip(".").lower()
-        _ = parts.port
-    except ValueError as err:
-        return f"malformed URL ({err})"
-    scheme = parts.scheme.lower()
-    if scheme not in ALLOWED_SCHEMES:
-        return f"scheme {scheme or '(none)'!r} not allowed; only {', '.join(ALLOWED_SCHEMES)}"
-    if not host:
-        return "URL has no host"
-    if "@" in parts.netloc:
-        return "URL carries credentials"
-    address = host_address(host)
-    why = _non_public(host, address)
-    if why and not policy.allows(host, address):
-        return f"host {host} is {why}; list it in the spec's allow_hosts to permit it"
-    return None
-
-
-# --- captions, images, keys ----------------------------------------------------------------------
-
-
-def normalise_caption(text: Any) -> str:
-    """NFC and single spaces (every run of whitespace, newlines included, becomes one space)."""
-    if not isinstance(text, str):
-        return ""
-    return " ".join(unicodedata.normalize("NFC", text).split())
-
-
-def caption_problem(caption: str, filters: Filters) -> tuple[str, str] | None:
-    """(reason, detail) when a normalised caption fails the filters, else None."""
-    if not caption:
-        return "empty_caption", "caption is empty after normalisation"
-    words = len(caption.split(" "))
-    if words < filters.min_caption_words:
-        return "caption_too_short", f"{words} words < min_caption_words {filters.min_caption_words}"
-    if len(caption) < filters.min_chars:
-        return "caption_too_short", f"{len(caption)} chars < min_chars {filters.min_chars}"
-    if len(caption) > filters.max_caption_chars:
-        return "caption_too_long", f"{len(caption)} chars > max_caption_chars {filters.max_caption_chars}"
-    return None
-
-
-def image_problem(width: int, height: int, filters: Filters) -> tuple[str, str] | None:
-    """(reason, detail) when an (original) image size fails the filters, else None."""
-    if width * height > filters.max_image_pixels:
-        return "image_too_large", f"{width}x{height} > max_image_pixels {filters.max_image_pixels}"
-    if min(width, height) < filters.min_image_side:
-        return "image_too_small", f"{width}x{height}: a side < min_image_side {filters.min_image_side}"
-    ratio = max(width, height) / max(min(width, height), 1)
-    if ratio > filters.max_aspect_ratio:
-        return "bad_aspect_ratio", f"{width}x{height}: aspect {ratio:.1f} > {filters.max_aspect_ratio}"
-    return None
-
-
-def subset_slug(subset: str) -> str:
-    """A subset name usable inside sample keys (``.`` is not allowed there)."""
-    return subset.replace(".", "-")
-
-
-def sample_key(subset: str, ident: str) -> str:
-    """``{subset}-{ident}``; idents that are not key-safe (or too long) become a hash of themselves."""
-    if not ident or not set(ident) <= SAFE_KEY or len(ident) > 120:
-        ident = "h" + hashlib.sha256(ident.encode()).hexdigest()[:24]
-    return f"{subset_slug(subset)}-{ident}"
-
-
-def split_for(key: str, fraction: float) -> str:
-    """``heldout`` for a stable ``fraction`` of keys (sha256 of the key), else ``train``."""
-    if fraction <= 0:
-        return "train"
-    value = int(hashlib.sha256(key.encode()).hexdigest()[:8], 16) / 0xFFFFFFFF
-    return "heldout" if value < fraction else "train"
-
-
-def to_rgb(image: Any) -> Any:
-    """RGB image; transparency is composited onto white (as img2dataset does)."""
-    from PIL import Image
-
-    if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
-        rgba = image.convert("RGBA")
-        canvas = Image.new("RGB", rgba.size, (255, 255, 255))
-        canvas.paste(rgba, mask=rgba.getchannel("A"))
-        return canvas
-    return image.convert("RGB")
-
-
-def resize_image(image: Any, size: int, mode: str) -> Any:
-    """Resize like img2dataset: keep_ratio puts the SMALLER side at ``size`` (center_crop then crops the
-    centre square), border puts the larger side at ``size`` and pads with white, no keeps the size."""
-    from PIL import Image
-
-    if mode == "no":
-        return image
-    width, height = image.size
-    scale = size / (min(width, height) if mode in ("keep_ratio", "center_crop") else max(width, height))
-    new = (max(1, round(width * scale)), max(1, round(height * scale)))
-    if new != (width, height):
-        resample = Image.Resampling.BOX if scale < 1 else Image.Resampling.LANCZOS
-        image = image.resize(new, resample)
-    if mode == "center_crop":
-        left, top = (new[0] - size) // 2, (new[1] - size) // 2
-        image = image.crop((left, top, left + size, top + size))
-    elif mode == "border":
-        canvas = Image.new("RGB", (size, size), (255, 255, 255))
-        canvas.paste(image, ((size - new[0]) // 2, (size - new[1]) // 2))
-        image = canvas
-    return image
-
-
-def encode_jpeg(image: Any) -> bytes:
-    """JPEG quality 95, no metadata: the same pixels always give the same bytes."""
-    buffer = io.BytesIO()
-    image.save(buffer, format="JPEG", quality=JPEG_QUALITY)
-    return buffer.getvalue()
-
-
-def decoded_size(data: bytes) -> tuple[int, int]:
-    """(width, height) of image bytes, fully decoded (raises on corrupt data)."""
-    from PIL import Image
-
-    with Image.open(io.BytesIO(data)) as image:
-        image.load()
-        return image.size
 
 
 # --- writing a unit ------------------------------------------------------------------------------
