@@ -266,9 +266,13 @@ def test_mlflow_ui_shows_the_retrain_with_children_datasets_and_models(
     exp = tracking.experiment_id(mlflow, tracking.EXPERIMENT)
     text = _page_text(f"{mlflow_ui}/#/experiments/{exp}/runs/{retrained['parent_run_id']}", tmp_path)
     assert "retrain tiny" in text
-    child_runs = text.split("Child runs", 1)[1][:2000]
+    details = text.split("About this run", 1)[1]  # the run page's panel (the sidebar also says "Datasets")
+    child_runs = details.split("Child runs", 1)[1][:2000]
     assert "tiny/vlm-instruct" in child_runs and "export gguf" in child_runs and "quant-q8_0" in child_runs
-    datasets = text.split("Datasets", 1)[1][:2000]
-    assert "tiny-redpajama" in datasets and "tiny-llava-instruct" in datasets
-    models = text.split("Registered models", 1)[1][:2000]
-    assert "tiny-mobilevlm-instruct" in models and "tiny-gguf-q8_0" in models
+    # The panel shows the first dataset and model by name and folds the rest into "+N".
+    datasets = details.split("Datasets", 1)[1].split("Tags", 1)[0]
+    specs = {b["name"] for b in retrained["builds"]}
+    assert any(name in datasets for name in specs) and f"+{len(specs) - 1}" in datasets, datasets
+    models = details.split("Registered models", 1)[1][:300]
+    refs = [*retrained["models"], *(q["model_version"] for q in retrained["quants"])]
+    assert any(ref.split("@")[0] in models for ref in refs) and f"+{len(refs) - 1}" in models, models
