@@ -327,14 +327,17 @@ def builder_for(kind: str) -> Builder:
 
 def build_dataset(spec_path: str | Path, data_root: str | Path, force: bool = False) -> BuildResult:
     """Build (or reuse, or resume) the dataset described by ``spec_path``."""
+    from tasks.locks import exclusive
+
     ctx = make_context(spec_path, data_root)
-    if force and ctx.out.exists():
-        shutil.rmtree(ctx.out)
-    if not force and (manifest := verify_build(ctx.out)) is not None:
-        log.info("%s: build %s exists and verifies; reusing", ctx.spec.name, ctx.build_id)
-        return BuildResult(ctx.spec.name, ctx.build_id, ctx.out, True, manifest)
-    log.info("%s: building %s into %s", ctx.spec.name, ctx.build_id, ctx.out)
-    ctx.out.mkdir(parents=True, exist_ok=True)
-    results = builder_for(ctx.spec.kind)(ctx)
-    manifest = finalize(ctx, results)
-    return BuildResult(ctx.spec.name, ctx.build_id, ctx.out, False, manifest)
+    with exclusive(ctx.out.parent / f".{ctx.build_id}.lock"):  # a concurrent builder waits, then reuses
+        if force and ctx.out.exists():
+            shutil.rmtree(ctx.out)
+        if not force and (manifest := verify_build(ctx.out)) is not None:
+            log.info("%s: build %s exists and verifies; reusing", ctx.spec.name, ctx.build_id)
+            return BuildResult(ctx.spec.name, ctx.build_id, ctx.out, True, manifest)
+        log.info("%s: building %s into %s", ctx.spec.name, ctx.build_id, ctx.out)
+        ctx.out.mkdir(parents=True, exist_ok=True)
+        results = builder_for(ctx.spec.kind)(ctx)
+        manifest = finalize(ctx, results)
+        return BuildResult(ctx.spec.name, ctx.build_id, ctx.out, False, manifest)

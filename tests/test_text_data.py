@@ -182,3 +182,25 @@ def test_a_new_spec_file_builds_without_code_changes(data_root: Path, tmp_path: 
     result = build_dataset(_spec(tmp_path, name="brand-new-corpus"), data_root)
     assert result.name == "brand-new-corpus"
     assert result.path == data_root / "builds" / "brand-new-corpus" / result.build_id
+
+
+def test_concurrent_builds_of_one_identity_build_once(data_root: Path, tmp_path: Path) -> None:
+    """Two processes building the same spec at once: one builds, the other waits and reuses it."""
+    import subprocess
+    import sys
+
+    spec = _spec(tmp_path, name="shared-corpus")
+    script = (
+        "import json, os, sys; os.environ['MVLM_NO_PROGRESS'] = '1'\n"
+        "from tasks.build import build_dataset\n"
+        "r = build_dataset(sys.argv[1], sys.argv[2])\n"
+        "print(json.dumps({'reused': r.reused, 'id': r.build_id}))\n"
+    )
+    env = {**__import__("os").environ, "RAY_ADDRESS": ""}
+    cmd = [sys.executable, "-c", script, str(spec), str(data_root)]
+    procs = [subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True, env=env) for _ in range(2)]
+    results = [json.loads(p.communicate(timeout=300)[0].strip().splitlines()[-1]) for p in procs]
+    assert all(p.returncode == 0 for p in procs)
+    assert sorted(r["reused"] for r in results) == [False, True]
+    assert results[0]["id"] == results[1]["id"]
+    assert build_dataset(spec, data_root).reused
