@@ -415,7 +415,17 @@ def _save_final(module: Any, plan: StagePlan) -> None:
 
 
 def run_stage(plan: StagePlan) -> dict[str, Any]:
-    """Train the planned stage with Ray Train (resuming if it was interrupted); returns the stage manifest."""
+    """Train the planned stage with Ray Train (resuming if it was interrupted); returns the stage manifest.
+
+    A second process asking for the same stage identity waits for the first, then reuses its output.
+    """
+    from tasks.locks import exclusive
+
+    with exclusive(plan.out.parent / f".{plan.stage_id}.lock"):
+        return _run_stage_locked(plan)
+
+
+def _run_stage_locked(plan: StagePlan) -> dict[str, Any]:
     import ray.train
     from ray.train import RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
