@@ -27,6 +27,7 @@ from tasks.samples import (
     make_samples,
 )
 
+N = SampleConfig().n_images
 SMALL = SampleConfig(n_images=40, n_docs_per_subset=8, n_chats=10)
 
 
@@ -78,7 +79,7 @@ def _kind_of(mask: np.ndarray) -> str:
     """Shape kind from how much of its bounding box it fills and, for pointed shapes, its widest row."""
     ys, xs = np.nonzero(mask)
     fill = mask.sum() / ((xs.max() - xs.min() + 1) * (ys.max() - ys.min() + 1))
-    if fill > 0.9:
+    if fill > 0.855:  # measured on the 2400 default images: square 0.879-1.0, circle 0.719-0.830
         return "square"
     if fill > 0.65:
         return "circle"
@@ -137,7 +138,7 @@ def test_counts_match_summary(samples: tuple[Path, SampleSummary]) -> None:
     config = SampleConfig()
     assert summary.config == json.loads(json.dumps(config.__dict__))
     assert summary.n_images == len(summary.images) == config.n_images
-    assert summary.n_single_shape == sum(r.count == 1 for r in summary.images) == 300
+    assert summary.n_single_shape == sum(r.count == 1 for r in summary.images) == N // 2
     assert sorted(summary.redpajama) == sorted(REDPAJAMA_SUBSETS)
     total = 0
     for subset, counts in summary.redpajama.items():
@@ -154,9 +155,9 @@ def test_counts_match_summary(samples: tuple[Path, SampleSummary]) -> None:
         total += counts.chars
     assert 150_000 < total < 1_000_000
     assert {t for s in REDPAJAMA_SUBSETS for t in _blank_kinds(root, s)} == {"", " \n\t "}
-    assert summary.pretrain_samples == len(json.loads((root / "llava/pretrain.json").read_text())) == 600
+    assert summary.pretrain_samples == len(json.loads((root / "llava/pretrain.json").read_text())) == N
     instruct = json.loads((root / "llava/instruct.json").read_text())
-    assert summary.instruct_samples == len(instruct) == 600
+    assert summary.instruct_samples == len(instruct) == N
     assert summary.instruct_rounds == sum(len(e["conversations"]) // 2 for e in instruct)
     assert sum(summary.instruct_questions.values()) == summary.instruct_rounds
     chats = json.loads((root / "sharegpt/chat.json").read_text())
@@ -194,8 +195,8 @@ def test_urls_tsv_rows(samples: tuple[Path, SampleSummary]) -> None:
             good.append(f)
         except OSError:
             corrupt.append(f)
-    assert (len(good), len(missing), len(corrupt)) == (600, 3, 2)
-    assert (summary.cc3m.good, summary.cc3m.missing, summary.cc3m.corrupt) == (600, 3, 2)
+    assert (len(good), len(missing), len(corrupt)) == (N, 3, 2)
+    assert (summary.cc3m.good, summary.cc3m.missing, summary.cc3m.corrupt) == (N, 3, 2)
     assert summary.cc3m.rows == len(rows)
     assert sorted(f.name for f in corrupt) == ["broken_0.jpg", "empty_1.jpg"]
     assert (root / "images" / "empty_1.jpg").stat().st_size == 0
@@ -221,7 +222,7 @@ def test_captions_and_answers_agree_with_metadata(samples: tuple[Path, SampleSum
 def test_colour_and_shape_questions_are_plentiful_and_balanced(samples: tuple[Path, SampleSummary]) -> None:
     _, summary = samples
     config = SampleConfig()
-    assert summary.instruct_questions["colour"] >= 300 and summary.instruct_questions["shape"] >= 300
+    assert summary.instruct_questions["colour"] >= N // 2 and summary.instruct_questions["shape"] >= N // 2
     assert summary.instruct_questions["count"] > 50 and summary.instruct_questions["position"] > 50
     single = [r.shapes[0] for r in summary.images if r.count == 1]
     colours, kinds = Counter(s.colour for s in single), Counter(s.kind for s in single)
