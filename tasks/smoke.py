@@ -50,6 +50,7 @@ def run_smoke(name: str = "mobilevlm-tiny", steps: int = 3, seed: int = 0) -> Sm
     from model.conversation import build_prompt, tokenize_conversation, tokenize_prompt
     from model.image import preprocess_images
     from model.tokenizer import train_tokenizer
+    from tasks.loader import collate
 
     start = time.perf_counter()
     torch.manual_seed(seed)
@@ -62,7 +63,7 @@ def run_smoke(name: str = "mobilevlm-tiny", steps: int = 3, seed: int = 0) -> Sm
         )
         for c in CAPTIONS
     ]
-    batch = _collate(samples)
+    batch = collate([{**s, "image": None} for s in samples], pad_id=0)
     images = preprocess_images([square_image(c, size) for c in COLOURS], size, "pad")
     optimizer = torch.optim.AdamW([p for p in vlm.parameters() if p.requires_grad], lr=3e-3)
     losses = []
@@ -86,17 +87,3 @@ def run_smoke(name: str = "mobilevlm-tiny", steps: int = 3, seed: int = 0) -> Sm
         generated=tokenizer.decode(out[0], skip_special_tokens=True),
         seconds=time.perf_counter() - start,
     )
-
-
-def _collate(samples: list[dict[str, list[int]]]) -> dict[str, torch.Tensor]:
-    """Right-pad token ids (pad 0) and labels (-100) into a batch."""
-    longest = max(len(s["input_ids"]) for s in samples)
-    ids = torch.zeros(len(samples), longest, dtype=torch.long)
-    labels = torch.full((len(samples), longest), -100, dtype=torch.long)
-    mask = torch.zeros(len(samples), longest, dtype=torch.long)
-    for i, s in enumerate(samples):
-        n = len(s["input_ids"])
-        ids[i, :n] = torch.tensor(s["input_ids"])
-        labels[i, :n] = torch.tensor(s["labels"])
-        mask[i, :n] = 1
-    return {"input_ids": ids, "labels": labels, "attention_mask": mask}

@@ -23,6 +23,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from tasks.loader import collate
+
 TRAIN_QUESTIONS = ("What colour is this?", "Which color do you see?", "Name the color of the shape.")
 COLOURS = ("red", "green", "blue", "yellow")
 TRAIN_STEPS = 40
@@ -41,19 +43,6 @@ def _samples(tokenizer) -> tuple[list[dict[str, list[int]]], list[str]]:
             samples.append(tokenize_conversation(conv, tokenizer, "v1"))
             colours.append(colour)
     return samples, colours
-
-
-def _collate(samples: list[dict[str, list[int]]]) -> dict[str, torch.Tensor]:
-    longest = max(len(s["input_ids"]) for s in samples)
-    ids = torch.zeros(len(samples), longest, dtype=torch.long)
-    labels = torch.full((len(samples), longest), -100, dtype=torch.long)
-    mask = torch.zeros(len(samples), longest, dtype=torch.long)
-    for i, sample in enumerate(samples):
-        n = len(sample["input_ids"])
-        ids[i, :n] = torch.tensor(sample["input_ids"])
-        labels[i, :n] = torch.tensor(sample["labels"])
-        mask[i, :n] = 1
-    return {"input_ids": ids, "labels": labels, "attention_mask": mask}
 
 
 def train_tiny_vlm(tokenizer, out: Path, name: str = "mobilevlm-tiny-336", steps: int = TRAIN_STEPS) -> Path:
@@ -75,7 +64,7 @@ def _train(vlm, tokenizer, out: Path, steps: int) -> Path:
 
     size = vlm.config.vision_config["image_size"]
     samples, colours = _samples(tokenizer)
-    batch = _collate(samples)
+    batch = collate([{**s, "image": None} for s in samples], pad_id=0)
     images = preprocess_images([generated_image(c, size) for c in colours], size, "pad")
     optimizer = torch.optim.AdamW([p for p in vlm.parameters() if p.requires_grad], lr=3e-3)
     vlm.train()
