@@ -13,11 +13,15 @@ from tasks.specs import Filters
 JPEG_QUALITY = 95
 
 
+_CONTROL = {c: None for c in (*range(32), 0x7F) if not chr(c).isspace()}
+
+
 def normalise_caption(text: Any) -> str:
-    """NFC and single spaces (every run of whitespace, newlines included, becomes one space)."""
+    """NFC, no control characters (NUL, ESC, ...), single spaces (every run of whitespace, newlines
+    included, becomes one space)."""
     if not isinstance(text, str):
         return ""
-    return " ".join(unicodedata.normalize("NFC", text).split())
+    return " ".join(unicodedata.normalize("NFC", text).translate(_CONTROL).split())
 
 
 def caption_problem(caption: str, filters: Filters) -> tuple[str, str] | None:
@@ -54,7 +58,7 @@ def subset_slug(subset: str) -> str:
 def sample_key(subset: str, ident: str) -> str:
     """``{subset}-{ident}``; idents that are not key-safe (or too long) become a hash of themselves."""
     if not ident or not set(ident) <= SAFE_KEY or len(ident) > 120:
-        ident = "h" + hashlib.sha256(ident.encode()).hexdigest()[:24]
+        ident = "h" + hashlib.sha256(ident.encode("utf-8", "surrogatepass")).hexdigest()[:24]
     return f"{subset_slug(subset)}-{ident}"
 
 
@@ -67,9 +71,15 @@ def split_for(key: str, fraction: float) -> str:
 
 
 def to_rgb(image: Any) -> Any:
-    """RGB image; transparency is composited onto white (as img2dataset does)."""
+    """RGB image; transparency is composited onto white (as img2dataset does); 16-bit greyscale is
+    scaled to 8 bits (Pillow's ``convert`` would clip it to white)."""
     from PIL import Image
 
+    if image.mode.startswith("I;16") or image.mode == "I":
+        import numpy as np
+
+        grey = np.clip(np.asarray(image, dtype=np.int64), 0, 0xFFFF) >> 8
+        return Image.fromarray(grey.astype(np.uint8)).convert("RGB")
     if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
         rgba = image.convert("RGBA")
         canvas = Image.new("RGB", rgba.size, (255, 255, 255))

@@ -22,7 +22,6 @@ or ports, so a resumed build is byte-identical). ``preview.png`` shows up to 16 
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import io
 import json
 import logging
@@ -37,6 +36,7 @@ from itertools import chain
 from pathlib import Path
 from typing import Any
 
+from tasks.bounded_read import bounded_lines, line_limit, load_whole_json, oversized_detail
 from tasks.build import (
     BuildContext,
     BuildError,
@@ -47,7 +47,7 @@ from tasks.build import (
     resolve_path,
     save_unit,
 )
-from tasks.identity import atomic_write_bytes
+from tasks.identity import atomic_write_bytes, sha256_file
 from tasks.image_checks import (
     caption_problem,
     decoded_size,
@@ -72,7 +72,7 @@ from tasks.img2dataset_runner import (
 from tasks.parallel import ray_map
 from tasks.rejects import Rejects
 from tasks.shards import read_tar_samples, write_shard
-from tasks.specs import LlavaSource, Subset, UrlListSource
+from tasks.specs import Filters, LlavaSource, Subset, UrlListSource
 from tasks.url_policy import LOCAL_PLACEHOLDER, HostPolicy, url_problem
 
 log = logging.getLogger(__name__)
@@ -174,17 +174,23 @@ class ListRow:
     """Caption as written."""
     problem: str = ""
     """Parse problem of the row, if any."""
+    reason: str = "invalid_row"
+    """Reject reason when ``problem`` is set: ``invalid_row``, ``invalid_utf8`` or ``oversized_line``."""
 
 
-def read_url_list(path: str, src: UrlListSource) -> list[ListRow]:
-    """Rows of a TSV (no quoting), CSV or parquet list; rows with the wrong number of fields come back
-    with a problem."""
+def read_url_list(path: str, src: UrlListSource, filters: Filters | None = None) -> list[ListRow]:
+    """Rows of a TSV (no quoting), CSV or parquet list; rows with the wrong number of fields, invalid
+    UTF-8 or (TSV) more than ``filters.max_line_bytes`` come back with a problem. TSV lines are read with
+    that bound, so one huge line never sits in memory whole."""
     import pyarrow as pa
     import pyarrow.csv as pacsv
     import pyarrow.parquet as pq
 
-    bad: list[ListRow] = []
+    filters = filters or Filters()
     name = path.lower()
+    if not name.endswith((".csv", ".csv.gz", ".parquet")):
+        return _read_tsv(path, src, line_limit(filters, filters.max_caption_chars))
+    bad: list[ListRow] = []
     if name.endswith(".parquet"):
         table = pq.read_table(path)
     else:
@@ -195,23 +201,73 @@ def read_url_list(path: str, src: UrlListSource) -> list[ListRow]:
             )
             return "skip"
 
-        tsv = not (name.endswith(".csv") or name.endswith(".csv.gz"))
-        parse = pacsv.ParseOptions(
-            delimiter="\t" if tsv else ",", quote_char=False if tsv else '"', invalid_row_handler=skip
-        )
-        types = {src.url_col: pa.string(), src.caption_col: pa.string()}
-        table = pacsv.read_csv(
-            path,
-            read_options=pacsv.ReadOptions(use_threads=False),
-            parse_options=parse,
-            convert_options=pacsv.ConvertOptions(column_types=types, strings_can_be_null=False),
-        )
+        parse = pacsv.ParseOptions(delimiter=",", quote_char='"', invalid_row_handler=skip)
+        types = {src.url_col: pa.binary(), src.caption_col: pa.binary()}
+        try:
+            table = pacsv.read_csv(
+                path,
+                read_options=pacsv.ReadOptions(use_threads=False),
+                parse_options=parse,
+                convert_options=pacsv.ConvertOptions(column_types=types, strings_can_be_null=False),
+            )
+        except pa.ArrowInvalid as err:
+            raise BuildError(f"{path}: cannot parse the CSV list ({err})") from err
     missing = [c for c in (src.url_col, src.caption_col) if c not in table.column_names]
     if missing:
         raise BuildError(f"{path}: column(s) {missing} not found; the list has {table.column_names}")
     urls = table.column(src.url_col).to_pylist()
     captions = table.column(src.caption_col).to_pylist()
-    rows = [ListRow(f"row {i}", u, c) for i, (u, c) in enumerate(zip(urls, captions, strict=True))]
+    rows = []
+    for i, (url, caption) in enumerate(zip(urls, captions, strict=True)):
+        try:
+            url, caption = (v.decode("utf-8") if isinstance(v, bytes) else v for v in (url, caption))
+        except UnicodeDecodeError as err:
+            bad.append(ListRow(f"row {i}", None, None, f"not UTF-8: {err}", "invalid_utf8"))
+            continue
+        rows.append(ListRow(f"row {i}", url, caption))
+    return rows + bad
+
+
+def _read_tsv(path: str, src: UrlListSource, limit: int) -> list[ListRow]:
+    """A TSV list (``.gz`` too): header line, then ``url<TAB>caption`` lines; no line read past ``limit``
+    bytes. Blank lines are skipped; ``row N`` counts the rows that parsed."""
+    import gzip
+
+    rows: list[ListRow] = []
+    bad: list[ListRow] = []
+    opener = gzip.open if path.lower().endswith(".gz") else open
+    with opener(path, "rb") as handle:
+        lines = bounded_lines(handle, limit)
+        header = next(lines, None)
+        if header is None or header.data is None:
+            raise BuildError(f"{path}: no header line (or one over {limit} bytes) in the URL list")
+        try:
+            columns = header.data.decode("utf-8").split("\t")
+        except UnicodeDecodeError as err:
+            raise BuildError(f"{path}: the header line is not UTF-8 ({err})") from err
+        missing = [c for c in (src.url_col, src.caption_col) if c not in columns]
+        if missing:
+            raise BuildError(f"{path}: column(s) {missing} not found; the list has {columns}")
+        url_at, caption_at = columns.index(src.url_col), columns.index(src.caption_col)
+        for line in lines:
+            where = f"line {line.number}"
+            if line.data is None:
+                detail = oversized_detail(line, limit, "max_caption_chars")
+                bad.append(ListRow(where, None, None, detail, "oversized_line"))
+                continue
+            if not line.data:
+                continue
+            try:
+                text = line.data.decode("utf-8")
+            except UnicodeDecodeError as err:
+                excerpt = line.data[:200].decode("utf-8", "replace")
+                bad.append(ListRow(where, None, None, f"not UTF-8 ({err}): {excerpt}", "invalid_utf8"))
+                continue
+            fields = text.split("\t")
+            if len(fields) != len(columns):
+                bad.append(ListRow(where, None, None, f"{len(fields)} fields: {text[:200]}"))
+                continue
+            rows.append(ListRow(f"row {len(rows)}", fields[url_at], fields[caption_at]))
     return rows + bad
 
 
@@ -246,9 +302,9 @@ def plan_url_subset(ctx: BuildContext, sub: Subset, first_index: int) -> UrlPlan
     writer = _UnitWriter(ctx, unit)
     clean: list[dict[str, Any]] = []
     seen: set[str] = set()
-    for row in read_url_list(path, src):
+    for row in read_url_list(path, src, ctx.spec.filters):
         if row.problem:
-            writer.reject("invalid_row", path, row.where, row.problem)
+            writer.reject(row.reason, path, row.where, row.problem)
             continue
         url = (row.url or "").strip()
         check = url.replace(LOCAL_PLACEHOLDER, VALIDATION_BASE) if src.local_server else url
@@ -291,6 +347,8 @@ def download_options(ctx: BuildContext) -> DownloadOptions:
         processes=int(os.environ.get("MVLM_IMG2DATASET_PROCESSES", max(1, min(4, cpus // 2)))),
         threads=int(os.environ.get("MVLM_IMG2DATASET_THREADS", 16)),
         timeout=int(os.environ.get("MVLM_IMG2DATASET_TIMEOUT", 10)),
+        allow_hosts=tuple(ctx.spec.allow_hosts),
+        max_image_pixels=ctx.spec.filters.max_image_pixels,
     )
 
 
@@ -463,14 +521,10 @@ def _gpt_caption(conversations: Any) -> str | None:
     return None
 
 
-def prepare_llava(path: str, subset: str) -> list[dict[str, Any]]:
+def prepare_llava(path: str, subset: str, filters: Filters | None = None) -> list[dict[str, Any]]:
     """Entries of a LLaVA pretrain json as ``{where, key, image, caption}`` or ``{where, reason, detail}``;
-    duplicate keys after the first are rejects."""
-    try:
-        with open(path, "rb") as handle:
-            data = json.loads(handle.read().decode("utf-8-sig"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise BuildError(f"{path}: cannot read LLaVA json ({err})") from err
+    duplicate keys after the first are rejects. A file above ``filters.max_json_bytes`` is refused."""
+    data = load_whole_json(path, filters or Filters(), "LLaVA json")
     if not isinstance(data, list):
         raise BuildError(f"{path}: expected a json list of entries, got {type(data).__name__}")
     out: list[dict[str, Any]] = []
@@ -485,6 +539,13 @@ def prepare_llava(path: str, subset: str) -> list[dict[str, Any]]:
                     "detail": "not an object with an id",
                     "excerpt": str(entry)[:200],
                 }
+            )
+            continue
+        try:
+            json.dumps(entry, ensure_ascii=False).encode()
+        except UnicodeEncodeError as err:  # JSON allows lone surrogates (\ud800); UTF-8 does not
+            out.append(
+                {"where": where, "reason": "invalid_unicode", "detail": f"lone surrogate in the entry: {err}"}
             )
             continue
         image = entry.get("image")
@@ -530,10 +591,14 @@ def image_under_root(root: Path, relative: str) -> tuple[Path | None, str, str]:
         return None, "path_outside_root", f"absolute image path {relative!r} refused"
     if ".." in re.split(r"[\\/]", relative):
         return None, "path_outside_root", f"image path {relative!r} contains '..'"
-    resolved = (root / relative).resolve()
-    if not resolved.is_relative_to(root):
+    try:
+        resolved = (root / relative).resolve()
+        outside, is_file = not resolved.is_relative_to(root), resolved.is_file()
+    except (OSError, RuntimeError, ValueError) as err:  # name too long, symlink loop, unencodable
+        return None, "missing_image", f"cannot resolve {relative[:200]!r}: {err}"[:300]
+    if outside:
         return None, "path_outside_root", f"{relative!r} resolves outside the image root (symlink)"
-    if not resolved.is_file():
+    if not is_file:
         return None, "missing_image", f"{relative!r} not found under the image root"
     return resolved, "", ""
 
@@ -543,6 +608,8 @@ def load_local_image(path: Path, ctx: BuildContext) -> tuple[bytes | None, dict[
     from PIL import Image
 
     filters = ctx.spec.filters
+    # Pillow's bomb limit is process-wide: the spec's for this decode only (Ray workers are shared).
+    pillow_limit, Image.MAX_IMAGE_PIXELS = Image.MAX_IMAGE_PIXELS, filters.max_image_pixels
     try:
         with Image.open(path) as image:
             original = image.size
@@ -550,10 +617,12 @@ def load_local_image(path: Path, ctx: BuildContext) -> tuple[bytes | None, dict[
                 return None, {}, bad
             image.load()
             out = resize_image(to_rgb(image), int(ctx.spec.image_size or 0), ctx.spec.resize_mode)
-    except Image.DecompressionBombError as err:
+    except Image.DecompressionBombError as err:  # more than twice max_image_pixels, refused by Pillow
         return None, {}, ("image_too_large", str(err))
     except Exception as err:  # any decoder failure is a reject
         return None, {}, ("decode_error", f"{type(err).__name__}: {err}")
+    finally:
+        Image.MAX_IMAGE_PIXELS = pillow_limit
     meta = {
         "width": out.size[0],
         "height": out.size[1],
@@ -588,7 +657,7 @@ def process_llava(job: LlavaJob, ctx: BuildContext) -> UnitResult:
             if jpg is None:
                 writer.reject(bad[0], source, where, bad[1], entry["image"])
                 continue
-            digest = hashlib.sha256(path.read_bytes()).hexdigest()
+            digest = sha256_file(path)
             meta = {
                 "id": entry["id"],
                 "image": entry["image"],
@@ -612,7 +681,7 @@ def plan_llava_subset(ctx: BuildContext, sub: Subset, first_index: int) -> list[
     root = resolve_path(ctx.data_root, src.image_root)
     if not os.path.isdir(root):
         raise BuildError(f"spec {ctx.spec.name}: image_root {root} is not a folder")
-    entries = prepare_llava(path, sub.name)
+    entries = prepare_llava(path, sub.name, ctx.spec.filters)
     size = ctx.spec.shard_samples
     return [
         LlavaJob(

@@ -34,6 +34,9 @@ DEFAULT_EXECUTABLE = REPO / ".venv-img2dataset" / "bin" / "img2dataset"
 OOM_SHARD_COUNT = 5
 """img2dataset's default ``--oom_shard_count``: shard file names have 5 digits."""
 TAIL_LINES = 40
+GUARD_DIR = Path(__file__).resolve().parent / "egress_guard"
+"""Folder put on img2dataset's ``PYTHONPATH``: its ``sitecustomize.py`` installs the egress guard."""
+GUARD_BANNER = "mvlm egress guard active"
 _HTTP_ERROR = re.compile(r"HTTP Error (\d{3})")
 _FILTER_MESSAGES = {
     "image too small": "image_too_small",
@@ -76,6 +79,14 @@ class DownloadOptions:
     """``--timeout`` in seconds per request."""
     retries: int = 0
     """``--retries`` per URL."""
+    allow_hosts: tuple[str, ...] = ()
+    """The spec's ``allow_hosts``: non-public hosts the egress guard lets img2dataset connect to."""
+    max_image_pixels: int | None = None
+    """The spec's ``filters.max_image_pixels``: OpenCV refuses to decode images over twice this
+    (``OPENCV_IO_MAX_IMAGE_PIXELS``, a decompression-bomb guard); smaller ones are filtered later."""
+    egress_guard: bool = True
+    """Run img2dataset with the egress guard (``tasks/egress_guard``): resolved addresses and redirects
+    are checked at connect time."""
 
 
 @dataclass(frozen=True)
@@ -143,9 +154,17 @@ def command(executable: Path, url_list: Path, output: Path, opts: DownloadOption
     return cmd
 
 
-def _child_env() -> dict[str, str]:
-    """Our environment minus anything that would leak our venv into img2dataset's, quiet and offline."""
+def _child_env(opts: DownloadOptions) -> dict[str, str]:
+    """Our environment minus anything that would leak our venv into img2dataset's, quiet and offline;
+    with the egress guard on, ``PYTHONPATH`` is the guard's folder (its ``sitecustomize`` loads it)."""
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "PYTHONHOME", "VIRTUAL_ENV")}
+    env = {k: v for k, v in env.items() if not k.startswith("MVLM_EGRESS_")}
+    if opts.max_image_pixels:
+        env["OPENCV_IO_MAX_IMAGE_PIXELS"] = str(2 * opts.max_image_pixels)
+    if opts.egress_guard:
+        env.update(
+            PYTHONPATH=str(GUARD_DIR), MVLM_EGRESS_GUARD="1", MVLM_EGRESS_ALLOW=json.dumps(opts.allow_hosts)
+        )
     no_proxy = ",".join(filter(None, [env.get("NO_PROXY", ""), "127.0.0.1,localhost,::1"]))
     env.update(
         NO_ALBUMENTATIONS_UPDATE="1",
@@ -164,13 +183,20 @@ def run_img2dataset(url_list: Path, output: Path, opts: DownloadOptions, label: 
     log.info("%s: running %s", label, " ".join(cmd))
     tail: collections.deque[str] = collections.deque(maxlen=TAIL_LINES)
     proc = subprocess.Popen(
-        cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=_child_env(), text=True, errors="replace"
+        cmd,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        env=_child_env(opts),
+        text=True,
+        errors="replace",
     )
+    guarded = False
     try:
         assert proc.stdout is not None
         for raw in proc.stdout:
             for line in raw.replace("\r", "\n").splitlines():
                 if line.strip():
+                    guarded = guarded or line.startswith(GUARD_BANNER)
                     tail.append(line)
                     log.info("%s: %s", label, line.rstrip())
         code = proc.wait()
@@ -185,6 +211,11 @@ def run_img2dataset(url_list: Path, output: Path, opts: DownloadOptions, label: 
     if code != 0:
         raise Img2DatasetError(
             f"{label}: img2dataset exited with status {code}; last lines:\n" + "\n".join(tail)
+        )
+    if opts.egress_guard and not guarded:
+        raise Img2DatasetError(
+            f"{label}: the egress guard did not announce itself in img2dataset's log (is another "
+            f"sitecustomize shadowing {GUARD_DIR / 'sitecustomize.py'}?); its downloads are not trusted"
         )
 
 
@@ -233,6 +264,8 @@ def failure_reason(status: str, message: str | None) -> str:
     text = (message or "").strip()
     lower = text.lower()
     if status == "failed_to_download":
+        if "mvlm egress guard" in lower:
+            return "egress_refused"
         if match := _HTTP_ERROR.search(text):
             return "http_404" if match.group(1) == "404" else "http_error"
         if "timed out" in lower or "timeout" in lower:
@@ -247,6 +280,8 @@ def failure_reason(status: str, message: str | None) -> str:
     if status == "failed_to_resize":
         if text in _FILTER_MESSAGES:
             return _FILTER_MESSAGES[text]
+        if "cv_io_max_image_pixels" in lower:  # refused before decoding (decompression-bomb guard)
+            return "image_too_large"
         if "decod" in lower or "imdecode" in lower or "buf.empty" in lower:
             return "decode_error"
         return "resize_error"

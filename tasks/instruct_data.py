@@ -13,10 +13,12 @@ import io
 import json
 import logging
 import os
+import re
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
+from tasks.bounded_read import load_whole_json
 from tasks.build import (
     BuildContext,
     BuildError,
@@ -30,10 +32,12 @@ from tasks.build import (
 from tasks.parallel import ray_map
 from tasks.rejects import Rejects
 from tasks.shards import finished_shard, write_shard
-from tasks.specs import DatasetSpec
+from tasks.specs import DatasetSpec, Filters
 
 log = logging.getLogger(__name__)
 IMAGE = "<image>"
+_CONTROL = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")
+"""Control characters a turn may not contain (tab, newline and carriage return are allowed)."""
 
 
 class SampleError(ValueError):
@@ -44,13 +48,10 @@ class SampleError(ValueError):
         self.reason = reason
 
 
-def load_records(path: str) -> list[Any]:
-    """The json list of a LLaVA/ShareGPT-style file (BOM tolerated)."""
-    try:
-        with open(path, "rb") as handle:
-            data = json.loads(handle.read().decode("utf-8-sig"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise BuildError(f"{path}: not valid UTF-8 JSON ({err}); fix the file or the spec's path") from err
+def load_records(path: str, filters: Filters | None = None) -> list[Any]:
+    """The json list of a LLaVA/ShareGPT-style file (BOM tolerated); a file above
+    ``filters.max_json_bytes`` is refused before it is read."""
+    data = load_whole_json(path, filters or Filters(), "JSON")
     if not isinstance(data, list):
         raise BuildError(f"{path}: expected a JSON list of records, got {type(data).__name__}")
     return data
@@ -70,6 +71,10 @@ def check_conversation(record: dict[str, Any], has_image: bool, max_chars: int) 
     for i, turn in enumerate(turns):
         if len(turn["value"]) > max_chars:
             raise SampleError("too_long", f"turn {i} has {len(turn['value'])} chars > {max_chars}")
+        if bad := _CONTROL.search(turn["value"]):
+            raise SampleError(
+                "control_characters", f"turn {i} contains U+{ord(bad.group()):04X} at offset {bad.start()}"
+            )
     placements = [i for i, t in enumerate(turns) for _ in range(t["value"].count(IMAGE))]
     if has_image and placements != [0]:
         raise SampleError(
@@ -82,15 +87,21 @@ def check_conversation(record: dict[str, Any], has_image: bool, max_chars: int) 
 
 def resolve_image(root: str, name: Any) -> Path:
     """The image file for ``name`` inside ``root``; SampleError for escapes and missing files."""
-    if not isinstance(name, str) or not name:
-        raise SampleError("bad_image_field", f"image field must be a non-empty string, got {name!r}")
+    if not isinstance(name, str) or not name or "\x00" in name:
+        raise SampleError(
+            "bad_image_field", f"image field must be a non-empty string without NUL, got {name!r}"
+        )
     if os.path.isabs(name) or ".." in Path(name).parts or "\\" in name:
         raise SampleError("path_outside_root", f"image path {name!r} is absolute or has '..'")
     root_real = Path(root).resolve()
-    path = (root_real / name).resolve()
-    if not path.is_relative_to(root_real):
+    try:
+        path = (root_real / name).resolve()
+        outside, is_file = not path.is_relative_to(root_real), path.is_file()
+    except (OSError, RuntimeError, ValueError) as err:  # name too long, symlink loop, unencodable
+        raise SampleError("missing_image", f"cannot resolve image path {name[:200]!r}: {err}"[:300]) from None
+    if outside:
         raise SampleError("path_outside_root", f"image path {name!r} resolves outside the image root")
-    if not path.is_file():
+    if not is_file:
         raise SampleError("missing_image", f"image {name!r} not found under {root}")
     return path
 
@@ -161,7 +172,10 @@ def make_sample(
         "image": record.get("image"),
         "subset": subset,
     }
-    sample = {"__key__": key, "json": json.dumps(meta, sort_keys=True, ensure_ascii=False).encode()}
+    try:
+        sample = {"__key__": key, "json": json.dumps(meta, sort_keys=True, ensure_ascii=False).encode()}
+    except UnicodeEncodeError as err:  # JSON allows lone surrogates (\ud800); UTF-8 does not
+        raise SampleError("invalid_unicode", f"lone surrogate in the record: {err}") from None
     if has_image:
         sample["jpg"] = load_image_bytes(resolve_image(image_root, record["image"]), spec)
     return sample
@@ -176,7 +190,7 @@ def plan_units(ctx: BuildContext) -> list[tuple[Unit, int, list[Any], set[int]]]
     jobs: list[tuple[Unit, int, list[Any], set[int]]] = []
     for sub in ctx.spec.subsets:
         path = expand_files(ctx.data_root, [sub.source.path])[0]
-        records = load_records(path)
+        records = load_records(path, ctx.spec.filters)
         duplicates = _duplicate_indices(records)
         for start in range(0, max(len(records), 1), ctx.spec.shard_samples):
             end = start + ctx.spec.shard_samples

@@ -127,6 +127,13 @@ class Filters(_Strict):
     """Maximum width x height (decompression-bomb guard)."""
     max_aspect_ratio: float = Field(default=20.0, ge=1.0)
     """Maximum long side / short side."""
+    max_line_bytes: int | None = Field(default=None, gt=0)
+    """Longest line of a jsonl or TSV source in bytes; a longer line is rejected as ``oversized_line``
+    without being read whole. Default: 12 x ``max_chars`` (jsonl) or ``max_caption_chars`` (TSV) + 1 MiB,
+    enough for any record within those limits even when every character is JSON-escaped."""
+    max_json_bytes: int = Field(default=2 << 30, gt=0)
+    """Largest whole-JSON file (``llava_json`` sources, ``files`` sources with ``format: json``) that is
+    loaded into memory; a larger file fails the build with an error naming the file and this field."""
 
 
 class Dedup(_Strict):

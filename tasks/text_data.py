@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import re
 import unicodedata
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -19,14 +20,17 @@ from typing import Any
 
 import numpy as np
 
-from tasks.build import BuildContext, Unit, UnitResult, expand_files, finished_unit, save_unit
+from tasks.bounded_read import bounded_lines, line_limit, load_whole_json, oversized_detail
+from tasks.build import BuildContext, BuildError, Unit, UnitResult, expand_files, finished_unit, save_unit
 from tasks.parallel import ray_map
 from tasks.rejects import Rejects
 from tasks.shards import finished_shard, npy_bytes, write_shard
-from tasks.specs import FilesSource, HFSource, resolve_env
+from tasks.specs import FilesSource, Filters, HFSource, resolve_env
 
 log = logging.getLogger(__name__)
 _CONTROL = {c: None for c in range(32) if c not in (9, 10)} | {0x7F: None}
+SURROGATE = re.compile("[\ud800-\udfff]")
+"""A lone surrogate (JSON allows ``\\ud800``; UTF-8 cannot encode it)."""
 TOKENIZE_BATCH = 256
 
 
@@ -73,8 +77,8 @@ def read_docs(unit: Unit, ctx: BuildContext) -> Iterator[Doc]:
     """Documents of one unit, normalised and filtered; bad ones come back with a reason."""
     sub = next(s for s in ctx.spec.subsets if s.name == unit.subset)
     src = sub.source
-    raw_docs = _read_hf(src, unit) if isinstance(src, HFSource) else _read_file(unit.source, src)
     limits = ctx.spec.filters
+    raw_docs = _read_hf(src, unit) if isinstance(src, HFSource) else _read_file(unit.source, src, limits)
     for doc in raw_docs:
         if doc.text is None:
             yield doc
@@ -91,39 +95,45 @@ def read_docs(unit: Unit, ctx: BuildContext) -> Iterator[Doc]:
             yield Doc(doc.where, text)
 
 
-def _read_file(path: str, src: FilesSource) -> Iterator[Doc]:
+def _read_file(path: str, src: FilesSource, limits: Filters) -> Iterator[Doc]:
     if src.format == "jsonl":
-        yield from _read_jsonl(path, src.text_field)
+        yield from _read_jsonl(path, src.text_field, line_limit(limits, limits.max_chars))
     elif src.format == "json":
-        with open(path, "rb") as handle:
-            rows = json.loads(handle.read().decode("utf-8-sig"))
-        for i, row in enumerate(rows if isinstance(rows, list) else []):
-            yield _doc_from_row(str(i), row, src.text_field)
+        rows = load_whole_json(path, limits, "JSON file")
+        if not isinstance(rows, list):
+            raise BuildError(f"{path}: expected a JSON list of records, got {type(rows).__name__}")
+        for i, row in enumerate(rows):
+            yield _doc_from_row(f"record {i}", row, src.text_field)
     else:
         import pyarrow.parquet as pq
 
         table = pq.read_table(path, columns=[src.text_field])
         for i, value in enumerate(table.column(0).to_pylist()):
-            yield _doc_from_row(str(i), {src.text_field: value}, src.text_field)
+            yield _doc_from_row(f"row {i}", {src.text_field: value}, src.text_field)
 
 
-def _read_jsonl(path: str, field: str) -> Iterator[Doc]:
+def _read_jsonl(path: str, field: str, max_line_bytes: int) -> Iterator[Doc]:
+    """Records of a jsonl file; no line is read past ``max_line_bytes`` (longer ones: ``oversized_line``).
+    A UTF-8 BOM on line 1 and CRLF line ends are accepted; blank lines are not records."""
     with open(path, "rb") as handle:
-        for number, raw in enumerate(handle, start=1):
-            where = f"line {number}"
-            if number == 1 and raw.startswith(b"\xef\xbb\xbf"):
-                raw = raw[3:]
+        for line in bounded_lines(handle, max_line_bytes):
+            where = f"line {line.number}"
+            if line.data is None:
+                detail = oversized_detail(line, max_line_bytes, "max_chars")
+                yield Doc(where, None, "oversized_line", detail, line.head[:80].decode("utf-8", "replace"))
+                continue
+            raw = line.data
             if not raw.strip():
                 continue
             try:
-                line = raw.decode("utf-8")
+                text = raw.decode("utf-8")
             except UnicodeDecodeError as err:
                 yield Doc(where, None, "invalid_utf8", str(err), raw[:80].decode("utf-8", "replace"))
                 continue
             try:
-                row = json.loads(line)
-            except json.JSONDecodeError as err:
-                yield Doc(where, None, "invalid_json", str(err), line[:80])
+                row = json.loads(text)
+            except (ValueError, RecursionError) as err:  # also too deep, or an int over Python's digit limit
+                yield Doc(where, None, "invalid_json", f"{type(err).__name__}: {err}"[:200], text[:80])
                 continue
             yield _doc_from_row(where, row, field)
 
@@ -140,6 +150,9 @@ def _doc_from_row(where: str, row: Any, field: str) -> Doc:
         return Doc(
             where, None, "bad_type", f"{field!r} is {type(value).__name__}, not a string", str(value)[:80]
         )
+    if bad := SURROGATE.search(value):
+        detail = f"lone surrogate U+{ord(bad.group()):04X} at offset {bad.start()} (not encodable as UTF-8)"
+        return Doc(where, None, "invalid_unicode", detail, value[:80])
     return Doc(where, value)
 
 

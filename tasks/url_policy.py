@@ -45,8 +45,15 @@ class HostPolicy:
         return address is not None and any(address in net for net in self.networks)
 
 
+NAT64 = ipaddress.ip_network("64:ff9b::/96")
+"""The well-known NAT64 prefix: its last 32 bits are the IPv4 address a NAT64 gateway connects to."""
+IPV4_COMPATIBLE = ipaddress.ip_network("::/96")
+"""Deprecated IPv4-compatible IPv6 addresses (``::a.b.c.d``)."""
+
+
 def host_address(host: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
-    """The address a literal-IP host means (including legacy forms like ``2130706433`` or ``0x7f.1``)."""
+    """The address a literal-IP host means (including legacy forms like ``2130706433`` or ``0x7f.1``);
+    IPv6 forms that carry an IPv4 address (mapped, compatible, 6to4, NAT64) mean that IPv4 address."""
     text = host.strip("[]").split("%", 1)[0]
     try:
         address = ipaddress.ip_address(text)
@@ -57,8 +64,21 @@ def host_address(host: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | N
             address = ipaddress.IPv4Address(socket.inet_aton(text))
         except OSError:
             return None
-    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+    return embedded_ipv4(address)
+
+
+def embedded_ipv4(
+    address: ipaddress.IPv4Address | ipaddress.IPv6Address,
+) -> ipaddress.IPv4Address | ipaddress.IPv6Address:
+    """The IPv4 address inside an IPv4-mapped, IPv4-compatible, 6to4 or NAT64 IPv6 address, else itself."""
+    if isinstance(address, ipaddress.IPv4Address):
+        return address
+    if address.ipv4_mapped is not None:
         return address.ipv4_mapped
+    if address.sixtofour is not None:
+        return address.sixtofour
+    if address in NAT64 or (address in IPV4_COMPATIBLE and int(address) > 1):
+        return ipaddress.IPv4Address(int(address) & 0xFFFFFFFF)
     return address
 
 
@@ -67,6 +87,8 @@ def _non_public(host: str, address: ipaddress.IPv4Address | ipaddress.IPv6Addres
     if address is not None:
         if address.is_loopback:
             return "a loopback address"
+        if address.is_unspecified:
+            return "the unspecified address (it reaches this machine)"
         if address.is_link_local:
             return "a link-local address (cloud metadata lives there)"
         if address.is_private:
@@ -81,9 +103,34 @@ def _non_public(host: str, address: ipaddress.IPv4Address | ipaddress.IPv6Addres
     return None
 
 
+def address_problem(host: str, address: str, policy: HostPolicy) -> str | None:
+    """Why a connection to ``address`` (what ``host`` resolved to) is refused, or None; used at connect
+    time by the downloader's egress guard (``tasks/egress_guard``)."""
+    try:
+        parsed = embedded_ipv4(ipaddress.ip_address(address.split("%", 1)[0]))
+    except ValueError:
+        return f"{address!r} is not an IP address"
+    why = _non_public("", parsed)
+    if why and not policy.allows(normalise_host(host), parsed):
+        return f"{host} resolves to {parsed}, {why}"
+    return None
+
+
+def normalise_host(host: str) -> str:
+    """Lowercase, no trailing dot, IDNA-encoded (``ｌｏｃａｌｈｏｓｔ`` is ``localhost`` to the resolver);
+    ValueError for a name that cannot be encoded."""
+    host = host.strip().rstrip(".").lower()
+    if not host.isascii():
+        try:
+            host = host.encode("idna").decode("ascii").rstrip(".").lower()
+        except UnicodeError as err:
+            raise ValueError(f"host {host!r} is not a valid name ({err})") from None
+    return host
+
+
 def url_problem(url: str | None, policy: HostPolicy) -> str | None:
     """Why a URL may not be downloaded, or None. Only literal addresses and well-known names are
-    checked (names are not resolved here)."""
+    checked (names are not resolved here; the downloader's egress guard checks resolved addresses)."""
     if not url or not url.strip():
         return "empty URL"
     url = url.strip()
@@ -93,7 +140,7 @@ def url_problem(url: str | None, policy: HostPolicy) -> str | None:
         return f"URL contains {LOCAL_PLACEHOLDER} but the subset has no local_server"
     try:
         parts = urlsplit(url)
-        host = (parts.hostname or "").rstrip(".").lower()
+        host = normalise_host(parts.hostname or "")
         _ = parts.port
     except ValueError as err:
         return f"malformed URL ({err})"
