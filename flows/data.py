@@ -1,11 +1,17 @@
-"""Prefect flow ``build-data``: validate, build (Ray fan-out inside), preview and catalog one spec."""
+"""Prefect flow ``build-data``: validate, build (Ray fan-out inside), preview and catalog one spec.
+
+Corruption found on the way is repaired and reported in the summary the flow returns (and as
+WARNINGs): ``repaired`` (shards rebuilt, with the reason), ``cleaned`` (temp files of killed writes
+deleted) and ``catalog_repaired`` (catalog rows that pointed at missing or wrong-sized shard files:
+the build is repaired and its rows rewritten, or, for a build no longer on disk, its rows removed).
+"""
 
 from __future__ import annotations
 
 from pathlib import Path
 from typing import Any
 
-from prefect import flow, task
+from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NONE
 
 from tasks.specs import DatasetSpec
@@ -26,6 +32,11 @@ def build_dataset_task(spec_path: str, data_root: str, force: bool) -> dict[str,
     from tasks.previews import token_chart
 
     result = build_dataset(spec_path, data_root, force=force)
+    logger = get_run_logger()
+    for item in result.repaired:
+        logger.warning("%s: rebuilt shard %s (%s)", result.name, item["shard"], item["reason"])
+    for path in result.cleaned:
+        logger.warning("%s: deleted %s, left by an interrupted write", result.name, path)
     chart = result.path / "tokens.png"
     if not chart.exists():
         token_chart(result.manifest, chart)
@@ -39,17 +50,37 @@ def build_dataset_task(spec_path: str, data_root: str, force: bool) -> dict[str,
         "rejects": result.manifest["stats"]["rejects"],
         "shards": len(result.manifest["shards"]),
         "spec_path": str(spec_path),
+        "repaired": result.repaired,
+        "cleaned": result.cleaned,
     }
 
 
+@task(name="check-catalog", cache_policy=NONE)
+def check_catalog(name: str, catalog: str) -> list[dict[str, Any]]:
+    """Catalog rows of ``name`` whose shard file is missing or has another size (WARNING each)."""
+    from tasks.catalog import missing_shards
+
+    problems = missing_shards(catalog, name)
+    logger = get_run_logger()
+    for p in problems:
+        logger.warning("catalog: %s build %s shard %s is %s", name, p["build_id"], p["shard"], p["reason"])
+    return problems
+
+
 @task(name="catalog-build", cache_policy=NONE)
-def catalog_build(summary: dict[str, Any], spec_path: str, catalog: str) -> None:
-    """Record the build's manifest in the DuckDB catalog."""
-    from tasks.catalog import record_build
+def catalog_build(
+    summary: dict[str, Any], spec_path: str, catalog: str, stale: list[str] | None = None
+) -> None:
+    """Record the build's manifest in the DuckDB catalog (replacing its rows); drop the rows of
+    ``stale`` builds (other builds of the dataset whose shard files are gone)."""
+    from tasks.catalog import forget_build, record_build
     from tasks.identity import read_json
 
     path = Path(summary["path"])
     record_build(catalog, read_json(path / "manifest.json"), path, spec_path)
+    for build_id in stale or []:
+        forget_build(catalog, build_id)
+        get_run_logger().warning("catalog: removed the rows of build %s, whose shards are gone", build_id)
 
 
 @flow(name="build-data", flow_run_name="build-data-{name}")
@@ -62,8 +93,15 @@ def build_data(
     settings = get_settings()
     root = data_root or str(settings.data_root)
     spec_path = validate_spec(name, spec_dir)
+    catalog = str(Path(root) / "catalog.duckdb")
+    problems = check_catalog(name, catalog)
     summary = build_dataset_task(spec_path, root, force)
-    catalog_build(summary, spec_path, str(Path(root) / "catalog.duckdb"))
+    stale = sorted({p["build_id"] for p in problems} - {summary["build_id"]})
+    catalog_build(summary, spec_path, catalog, stale)
+    summary["catalog_repaired"] = [
+        {**p, "action": "rows removed" if p["build_id"] in stale else "build repaired, rows rewritten"}
+        for p in problems
+    ]
     return summary
 
 

@@ -108,23 +108,49 @@ def make_optimizer(model: nn.Module, cfg: LoopConfig) -> tuple[torch.optim.Optim
 
 
 def rng_state() -> dict[str, Any]:
-    """Python, numpy and torch RNG states."""
-    return {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    """Python, numpy and torch RNG states as lists, ints, floats and a tensor, so that a checkpoint
+    holding them loads with ``torch.load(weights_only=True)``."""
+    version, internal, gauss = random.getstate()
+    name, key, pos, has_gauss, cached = np.random.get_state()
+    return {
+        "python": [version, list(internal), gauss],
+        "numpy": [str(name), key.tolist(), int(pos), int(has_gauss), float(cached)],
+        "torch": torch.get_rng_state(),
+    }
 
 
 def set_rng_state(state: dict[str, Any]) -> None:
-    """Restore ``rng_state()`` output."""
+    """Restore ``rng_state()`` output (also the older tuple/ndarray form)."""
     if state:
-        random.setstate(state["python"])
-        np.random.set_state(state["numpy"])
+        version, internal, gauss = state["python"]
+        random.setstate((version, tuple(internal), gauss))
+        name, key, pos, has_gauss, cached = state["numpy"]
+        np.random.set_state((name, np.asarray(key, dtype=np.uint32), pos, has_gauss, cached))
         torch.set_rng_state(state["torch"])
 
 
-def save_checkpoint(engine: Any, ckpt_dir: Path, state: LoopState, keep: int = 2) -> None:
+def save_checkpoint(
+    engine: Any, ckpt_dir: Path, state: LoopState, keep: int = 2, fault: Callable[[str], None] | None = None
+) -> None:
     """DeepSpeed checkpoint ``step-N`` with the loop state as client state (every rank calls this);
-    rank 0 then deletes all but the newest ``keep`` checkpoints."""
+    rank 0 then deletes all but the newest ``keep`` checkpoints. ``fault`` (chaos testing) is called
+    with ``"checkpoint-file"`` after each file DeepSpeed writes."""
     state.rng = rng_state()
-    engine.save_checkpoint(str(ckpt_dir), tag=f"step-{state.step}", client_state={"loop": state.__dict__})
+    writer = getattr(engine, "checkpoint_engine", None)
+    if fault is not None and writer is not None:
+        inner = writer.save
+
+        def save(*args: Any, **kwargs: Any) -> Any:
+            out = inner(*args, **kwargs)
+            fault("checkpoint-file")
+            return out
+
+        writer.save = save
+    try:
+        engine.save_checkpoint(str(ckpt_dir), tag=f"step-{state.step}", client_state={"loop": state.__dict__})
+    finally:
+        if fault is not None and writer is not None:
+            del writer.save  # back to the class's method
     if getattr(engine, "global_rank", 0) == 0:
         prune_checkpoints(ckpt_dir, keep)
 
@@ -141,9 +167,17 @@ def prune_checkpoints(ckpt_dir: Path, keep: int) -> list[Path]:
 
 
 def load_checkpoint(engine: Any, ckpt_dir: Path) -> LoopState | None:
-    """Resume from the latest DeepSpeed checkpoint in ``ckpt_dir``, if any."""
+    """Resume from the latest DeepSpeed checkpoint in ``ckpt_dir``, if any, never unpickling code.
+
+    Every file is read with ``torch.load(weights_only=True)`` (``model.ds_checkpoint``); a file that
+    needs more raises UnsafeCheckpointError. The driver checks and repairs the checkpoints before the
+    ranks start (``model.ds_checkpoint.repair_checkpoints``), so this only loads.
+    """
+    from model.ds_checkpoint import safe_load_engine
+
     if not (ckpt_dir / "latest").is_file():
         return None
+    safe_load_engine(engine)
     path, client = engine.load_checkpoint(str(ckpt_dir))
     if path is None:
         return None
@@ -161,13 +195,15 @@ def run_loop(
     ckpt_dir: Path,
     on_metrics: Callable[[list[dict[str, float]]], None],
     world_size: int = 1,
+    fault: Callable[[str], None] | None = None,
 ) -> LoopState:
     """Train from ``state.step`` to ``cfg.total_steps``.
 
     ``batches(position)`` yields ``(batch, position_after)`` from a loader position. Metrics are
     buffered and handed to ``on_metrics`` just before each checkpoint; the sink drops rows past the
     checkpoint it resumes from, so every step is reported exactly once. A non-finite loss raises
-    NonFiniteLossError before anything is saved.
+    NonFiniteLossError before anything is saved. ``fault`` (chaos testing, ``tasks.faults.hit``) is
+    called with ``"train-step"`` inside every optimizer step and passed on to ``save_checkpoint``.
     """
     stream = batches(state.loader)
     buffer: list[dict[str, float]] = []
@@ -188,6 +224,8 @@ def run_loop(
                 )
             engine.backward(loss)
             engine.step()
+            if fault is not None:
+                fault("train-step")
             losses.append(loss.item())
             tokens += (
                 int(batch["attention_mask"].sum())
@@ -205,7 +243,7 @@ def run_loop(
         buffer.append(row | {"skipped_samples": skipped})
         if state.step % cfg.checkpoint_every == 0 or state.step == cfg.total_steps:
             on_metrics(buffer)  # before the checkpoint: a crash in between is trimmed on resume
-            save_checkpoint(engine, ckpt_dir, state, cfg.keep_checkpoints)
+            save_checkpoint(engine, ckpt_dir, state, cfg.keep_checkpoints, fault)
             buffer = []
     return state
 

@@ -5,20 +5,29 @@ content, the source fingerprint, the tokenizer hash and the builder's code versi
 into units (a subset's file, or a hub dataset shard); a unit is done when its record
 ``units/NNNNN.json`` exists and its shards verify, so a killed build resumes where it stopped and
 ends byte-identical to an uninterrupted one. ``manifest.json``, written last, marks the build done.
+
+Corruption is repaired piece by piece: before building, stray temp files of killed writes are
+deleted and every recorded shard is checked (size and sha256) once, in the driver; a unit with a
+missing or corrupt shard loses its record and is rebuilt (its good shards are kept as they are),
+every other unit is reused untouched. ``BuildResult.repaired`` and a WARNING per shard say what was
+rebuilt and why.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import glob as globlib
 import json
 import logging
 import os
 import shutil
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from tasks import faults
 from tasks.identity import (
     atomic_write_json,
     atomic_write_text,
@@ -28,7 +37,7 @@ from tasks.identity import (
     sha256_file,
 )
 from tasks.rejects import Rejects
-from tasks.shards import verify_shard
+from tasks.shards import remove_stray_temps, shard_problem
 from tasks.specs import DatasetSpec, FilesSource, HFSource, LlavaSource, UrlListSource, load_spec
 
 log = logging.getLogger(__name__)
@@ -92,6 +101,8 @@ class BuildContext:
     """Resolved tokenizer folder or hub id (text kinds)."""
     tokenizer_hash: str | None
     """Hash of the tokenizer (part of the identity)."""
+    verified_units: frozenset[int] = frozenset()
+    """Units whose shards the driver verified just before this build (workers do not hash them again)."""
 
     @property
     def out(self) -> Path:
@@ -113,6 +124,10 @@ class BuildResult:
     """True when an identical verified build already existed."""
     manifest: dict[str, Any]
     """The manifest content."""
+    repaired: list[dict[str, Any]] = field(default_factory=list)
+    """Shards found missing or corrupt and rebuilt: ``{"shard", "reason", "unit"}`` each."""
+    cleaned: list[str] = field(default_factory=list)
+    """Stray temp files of interrupted writes that were deleted (paths relative to the build folder)."""
 
 
 # --- paths and fingerprints ----------------------------------------------------------------------
@@ -160,7 +175,11 @@ def folder_fingerprint(folder: str) -> dict[str, Any]:
     for root, _, names in os.walk(folder):
         for name in names:
             count += 1
-            total += os.path.getsize(os.path.join(root, name))
+            path = os.path.join(root, name)
+            try:
+                total += os.path.getsize(path)
+            except OSError:  # a dangling link or a loop: the builder rejects the samples that use it
+                total += os.lstat(path).st_size
     return {"files": count, "bytes": total}
 
 
@@ -229,29 +248,93 @@ def finished_unit(ctx: BuildContext, index: int) -> UnitResult | None:
     if not path.is_file():
         return None
     result = UnitResult(**read_json(path))
-    if all(verify_shard(ctx.out, rec) for rec in result.shards):
+    if index in ctx.verified_units:
         return result
-    log.warning("unit %d of %s has a missing or corrupt shard; rebuilding that unit", index, ctx.spec.name)
+    problems = [(rec["path"], why) for rec in result.shards if (why := shard_problem(ctx.out, rec))]
+    if not problems:
+        return result
+    for shard, why in problems:
+        log.warning(
+            "%s: unit %d shard %s is bad (%s); rebuilding that unit", ctx.spec.name, index, shard, why
+        )
     return None
 
 
 def save_unit(ctx: BuildContext, result: UnitResult) -> UnitResult:
     """Record a finished unit (after its shards are written)."""
+    faults.hit("unit-commit")
     atomic_write_json(unit_record_path(ctx, result.index), asdict(result))
     return result
 
 
-def verify_build(path: Path, deep: bool = True) -> dict[str, Any] | None:
-    """The manifest of a complete build whose shards verify, else None."""
+def shard_problems(build_dir: Path, records: Iterable[dict[str, Any]], deep: bool = True) -> list[dict]:
+    """``{"shard", "reason"}`` for every record whose shard is missing, has another size or (``deep``)
+    another sha256; hashes on a few threads (hashlib releases the GIL)."""
+    records = list(records)
+    with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:
+        reasons = list(pool.map(lambda rec: shard_problem(build_dir, rec, deep), records))
+    return [{"shard": rec["path"], "reason": why} for rec, why in zip(records, reasons, strict=True) if why]
+
+
+def check_build(path: Path, deep: bool = True) -> tuple[dict[str, Any] | None, list[dict[str, Any]]]:
+    """(manifest, []) for a complete build whose shards verify; (None, problems) otherwise, after
+    deleting the manifest of a build with bad shards (so it is repaired, never reused)."""
     manifest_path = path / "manifest.json"
     if not manifest_path.is_file():
-        return None
+        return None, []
     manifest = read_json(manifest_path)
-    if all(verify_shard(path, rec, deep=deep) for rec in manifest["shards"]):
-        return manifest
-    log.warning("build %s has missing or corrupt shards; repairing", path)
-    manifest_path.unlink()
-    return None
+    problems = shard_problems(path, manifest["shards"], deep=deep)
+    if not problems:
+        return manifest, []
+    for problem in problems:
+        log.warning("build %s: shard %s is bad (%s); repairing it", path, problem["shard"], problem["reason"])
+    manifest_path.unlink(missing_ok=True)
+    return None, problems
+
+
+def verify_build(path: Path, deep: bool = True) -> dict[str, Any] | None:
+    """The manifest of a complete build whose shards verify, else None."""
+    return check_build(path, deep)[0]
+
+
+def check_units(ctx: BuildContext, known: list[dict] | None = None) -> tuple[set[int], list[dict]]:
+    """Sort the recorded units of an unfinished build into verified ones and broken ones.
+
+    ``known`` are the problems ``check_build`` just found (every other shard verified); without it,
+    every recorded shard is checked now (size and sha256). A broken unit's record is deleted so the
+    builder rebuilds it. Returns (verified unit indexes, ``{"shard", "reason", "unit"}`` problems).
+    """
+    records = {}
+    for path in sorted((ctx.out / "units").glob("*.json")):
+        if not path.stem.isdigit():
+            continue
+        try:
+            records[int(path.stem)] = UnitResult(**read_json(path))
+        except (ValueError, TypeError) as err:  # a torn record: rebuild that unit
+            log.warning(
+                "%s: unit record %s is unreadable (%s); rebuilding that unit", ctx.spec.name, path, err
+            )
+            path.unlink(missing_ok=True)
+    if known is None:
+        known = shard_problems(ctx.out, [rec for r in records.values() for rec in r.shards])
+        for problem in known:
+            log.warning(
+                "%s: shard %s is bad (%s); rebuilding its unit",
+                ctx.spec.name,
+                problem["shard"],
+                problem["reason"],
+            )
+    by_shard = {p["shard"]: {**p, "unit": None} for p in known}
+    verified = set()
+    for index, result in records.items():
+        bad = [rec["path"] for rec in result.shards if rec["path"] in by_shard]
+        if not bad:
+            verified.add(index)
+            continue
+        for shard in bad:
+            by_shard[shard]["unit"] = index
+        unit_record_path(ctx, index).unlink(missing_ok=True)
+    return verified, list(by_shard.values())
 
 
 def finalize(
@@ -333,11 +416,23 @@ def build_dataset(spec_path: str | Path, data_root: str | Path, force: bool = Fa
     with exclusive(ctx.out.parent / f".{ctx.build_id}.lock"):  # a concurrent builder waits, then reuses
         if force and ctx.out.exists():
             shutil.rmtree(ctx.out)
-        if not force and (manifest := verify_build(ctx.out)) is not None:
+        cleaned = []
+        for path in remove_stray_temps(ctx.out) if ctx.out.is_dir() else []:
+            cleaned.append(str(path.relative_to(ctx.out)))
+            log.warning("%s: deleted %s, a temp file left by an interrupted write", ctx.spec.name, path)
+        manifest, bad = check_build(ctx.out) if not force else (None, [])
+        if manifest is not None:
             log.info("%s: build %s exists and verifies; reusing", ctx.spec.name, ctx.build_id)
-            return BuildResult(ctx.spec.name, ctx.build_id, ctx.out, True, manifest)
+            return BuildResult(ctx.spec.name, ctx.build_id, ctx.out, True, manifest, cleaned=cleaned)
+        verified, repaired = check_units(ctx, bad or None)
         log.info("%s: building %s into %s", ctx.spec.name, ctx.build_id, ctx.out)
         ctx.out.mkdir(parents=True, exist_ok=True)
+        ctx = dataclasses.replace(ctx, verified_units=frozenset(verified))
         results = builder_for(ctx.spec.kind)(ctx)
         manifest = finalize(ctx, results)
-        return BuildResult(ctx.spec.name, ctx.build_id, ctx.out, False, manifest)
+        if repaired:
+            log.warning(
+                "%s: repaired build %s: rebuilt %s", ctx.spec.name, ctx.build_id,
+                ", ".join(f"{p['shard']} ({p['reason']})" for p in repaired),
+            )  # fmt: skip
+        return BuildResult(ctx.spec.name, ctx.build_id, ctx.out, False, manifest, repaired, cleaned)

@@ -2,7 +2,9 @@
 
 The catalog is derived from build manifests (the manifest is the source of truth), so recording a
 build twice replaces its rows instead of duplicating them. Queries from the CLI open the file
-read-only.
+read-only. ``missing_shards`` lists rows whose shard file is gone or has another size; the
+``build-data`` flow checks them first, repairs the build and rewrites (or, for a build no longer on
+disk, removes) those rows.
 """
 
 from __future__ import annotations
@@ -65,6 +67,9 @@ def _open(duckdb: Any, path: Path, read_only: bool, attempts: int = 50) -> Any:
 
 def record_build(catalog: str | Path, manifest: dict[str, Any], build_path: Path, spec_path: str) -> None:
     """Insert or replace every row describing one build."""
+    from tasks import faults
+
+    faults.hit("catalog-write")
     build_id, spec, stats = manifest["build_id"], manifest["spec"], manifest["stats"]
     totals = stats["totals"]
     shards = manifest["shards"]
@@ -134,3 +139,37 @@ def latest_build(catalog: str | Path, name: str) -> dict[str, Any] | None:
         [name],
     )
     return dict(zip(cols, rows[0], strict=True)) if rows else None
+
+
+def missing_shards(catalog: str | Path, name: str) -> list[dict[str, Any]]:
+    """Shard rows of dataset ``name`` whose file is gone or has another size than recorded:
+    ``{"build_id", "shard", "reason"}`` each (an empty list when there is no catalog yet)."""
+    if not Path(catalog).exists():
+        return []
+    _, rows = query(
+        catalog,
+        "SELECT b.build_id, b.path, s.path, s.bytes FROM builds b JOIN shards s ON s.build_id = b.build_id "
+        "WHERE b.name = ? ORDER BY b.build_id, s.path",
+        [name],
+    )
+    out = []
+    for build_id, build_path, shard, size in rows:
+        file = Path(build_path) / shard
+        if not file.is_file():
+            reason = "missing"
+        elif (have := file.stat().st_size) != size:
+            reason = f"size mismatch ({have} bytes, recorded {size})"
+        else:
+            continue
+        out.append({"build_id": build_id, "shard": shard, "reason": reason})
+    return out
+
+
+def forget_build(catalog: str | Path, build_id: str) -> None:
+    """Delete every row of one build (whose files are gone); a dataset naming it as latest names none."""
+    with connect(catalog) as con:
+        con.execute("BEGIN")
+        for table in ("builds", "shards", "source_counts", "rejects"):
+            con.execute(f"DELETE FROM {table} WHERE build_id = ?", [build_id])
+        con.execute("UPDATE datasets SET latest_build = NULL WHERE latest_build = ?", [build_id])
+        con.execute("COMMIT")

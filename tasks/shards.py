@@ -17,6 +17,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from tasks import faults
 from tasks.identity import atomic_write_json, read_json, sha256_file
 
 SAFE_KEY = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_-")
@@ -67,10 +68,12 @@ def write_shard(
                 tokens += int(sample.pop("__tokens__", 0))
                 writer.write(sample)
                 count += 1
+                faults.hit("shard-sample")
             writer.close()
             handle.flush()
             os.fsync(handle.fileno())
         os.replace(tmp, target)
+        faults.hit("shard-commit")
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
@@ -80,13 +83,45 @@ def write_shard(
     return record
 
 
-def verify_shard(build_dir: Path, record: ShardRecord | dict, deep: bool = True) -> bool:
-    """True when the shard exists with the recorded size (and, if ``deep``, sha256)."""
+def shard_problem(build_dir: Path, record: ShardRecord | dict, deep: bool = True) -> str | None:
+    """Why the shard does not match its record (``missing``, ``size mismatch ...``, ``sha256 mismatch``),
+    or None when it exists with the recorded size (and, if ``deep``, sha256)."""
     rec = record if isinstance(record, dict) else asdict(record)
     path = build_dir / rec["path"]
-    if not path.is_file() or path.stat().st_size != rec["bytes"]:
-        return False
-    return not deep or sha256_file(path) == rec["sha256"]
+    if not path.is_file():
+        return "missing"
+    size = path.stat().st_size
+    if size != rec["bytes"]:
+        return f"size mismatch ({size} bytes, recorded {rec['bytes']})"
+    if deep and sha256_file(path) != rec["sha256"]:
+        return "sha256 mismatch"
+    return None
+
+
+def verify_shard(build_dir: Path, record: ShardRecord | dict, deep: bool = True) -> bool:
+    """True when the shard exists with the recorded size (and, if ``deep``, sha256)."""
+    return shard_problem(build_dir, record, deep) is None
+
+
+def is_temp_name(name: str) -> bool:
+    """Names of the temp files that ``write_shard`` and ``atomic_write_*`` rename into place."""
+    return name.startswith(".") and name.endswith(".tmp")
+
+
+def remove_stray_temps(folder: Path) -> list[Path]:
+    """Delete temp files (``.NAME.*.tmp``) that a killed write left under ``folder``; returns them.
+
+    Only call this while holding the folder's build lock: a live writer's temp file looks the same.
+    """
+    removed = []
+    for root, _, names in os.walk(folder):
+        for name in sorted(names):
+            if is_temp_name(name):
+                path = Path(root) / name
+                with contextlib.suppress(FileNotFoundError):
+                    path.unlink()
+                    removed.append(path)
+    return removed
 
 
 def finished_shard(build_dir: Path, relpath: str) -> ShardRecord | None:

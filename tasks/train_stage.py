@@ -17,6 +17,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from tasks import faults
 from tasks.build import make_context, verify_build
 from tasks.identity import (
     atomic_write_json,
@@ -363,7 +364,7 @@ def train_worker(config: dict[str, Any]) -> None:
     )
     state = run_loop(
         engine, lambda pos: batches(loader_cfg, rank, world, pos, stage["loader_workers"]),
-        cfg, state, ckpt_dir, sink, world,
+        cfg, state, ckpt_dir, sink, world, faults.hit,
     )  # fmt: skip
     if rank == 0:
         _save_final(engine.module, plan)
@@ -401,6 +402,7 @@ class _MetricSink:
             handle.writelines(json.dumps(r) + "\n" for r in rows)
         if self.mlflow:
             self.logged = tracking.log_metrics(self.mlflow, self.run_id, rows, self.logged)
+        faults.hit("metrics-push")
 
 
 def _save_final(module: Any, plan: StagePlan) -> None:
@@ -409,6 +411,7 @@ def _save_final(module: Any, plan: StagePlan) -> None:
 
     merge_lora(module)
     module.save(plan.out / "final", tokenizer=load_tokenizer(plan.tokenizer_path))
+    faults.hit("stage-final")
 
 
 # --- driver: run ---------------------------------------------------------------------------------
@@ -437,6 +440,7 @@ def _run_stage_locked(plan: StagePlan) -> dict[str, Any]:
         return done
     plan.out.mkdir(parents=True, exist_ok=True)
     atomic_write_json(plan.out / "plan.json", asdict(plan))
+    check_checkpoints(plan)  # once, here: the ranks only load what this leaves in `latest`
     ensure_ray()
     stage = plan.stage
     use_gpu = bool(stage["resources_per_worker"].get("GPU"))
@@ -456,6 +460,26 @@ def _run_stage_locked(plan: StagePlan) -> dict[str, Any]:
     except ray.train.TrainingFailedError as err:
         raise StageError(f"stage {stage['name']} ({plan.stage_id}) failed: {_root_cause(err)}") from err
     return _finish(plan)
+
+
+def check_checkpoints(plan: StagePlan) -> Any:
+    """Before a resume: move unusable newest checkpoints aside and point ``latest`` at the newest good
+    one (WARNINGs say what and why); returns the ``model.ds_checkpoint.CheckpointRepair``."""
+    from model.ds_checkpoint import CheckpointLayout, repair_checkpoints
+
+    ds = plan.deepspeed
+    layout = CheckpointLayout(
+        world_size=plan.stage["num_workers"],
+        zero_stage=int(ds.get("zero_optimization", {}).get("stage", 0)),
+        bf16=bool(ds.get("bf16", {}).get("enabled", False)),
+    )
+    report = repair_checkpoints(plan.out / "checkpoints", layout)
+    if report.repaired:
+        log.warning(
+            "stage %s: checkpoints repaired before resuming: %s; resuming from %s",
+            plan.stage["name"], report.moved or "latest rewritten", report.resume_tag or "scratch",
+        )  # fmt: skip
+    return report
 
 
 def _root_cause(err: BaseException) -> str:
