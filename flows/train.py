@@ -42,7 +42,7 @@ def plan_stage_task(recipe: Recipe, stage: StageConfig, init: dict, data_root: s
         mlflow, EXPERIMENT, plan.stage_id, f"{recipe.name}/{stage.name}",
         {"mvlm.recipe": recipe.name, "mvlm.stage": stage.name, "mvlm.kind": "stage"}, parent_run_id,
     )  # fmt: skip
-    if created:
+    if created or tracking.unfinished(mlflow, run_id):  # idempotent: a crash may have cut it short
         tracking.log_params(
             mlflow, run_id, {"recipe": recipe.name, "stage": plan.stage, "steps": plan.total_steps}
         )
@@ -89,7 +89,7 @@ def evaluate_task(plan: Any, manifest: dict[str, Any]) -> dict[str, Any]:
     tags = {"mvlm.kind": "evaluation", "mvlm.stage_id": plan.stage_id}
     parent = mlflow.get_run(plan.mlflow_run_id).data.tags.get("mlflow.parentRunId")
     run_id, _ = tracking.run_for(mlflow, EXPERIMENT, f"{plan.stage_id}/eval", name, tags, parent)
-    tracking.log_metrics(mlflow, run_id, [{"step": 0, **result.metrics}])
+    tracking.log_summary(mlflow, run_id, result.metrics)  # exactly once, even if killed before the file
     mlflow.set_terminated(run_id, "FINISHED")
     write_result(result, path)
     return dataclasses.asdict(result)

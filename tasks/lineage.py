@@ -61,8 +61,9 @@ def register(
 ) -> str:
     """Register (once per identity) a model version made by ``run_id``; returns ``name@version``.
 
-    ``link_run_id`` (the retrain run) becomes the version's MLflow run link, so the retrain's page
-    lists every model it produced; the ``mvlm.run_id`` tag keeps the run that made it (lineage).
+    The version's MLflow run link is ``run_id``, the run whose artifacts hold ``source`` (an MLflow
+    server refuses any other run); that run is a child of the retrain run, whose id
+    (``link_run_id``) is kept in the ``mvlm.retrain_run_id`` tag. ``mvlm.run_id`` drives lineage.
     """
     from mlflow.exceptions import MlflowException
 
@@ -74,14 +75,17 @@ def register(
     for version in mlflow.search_model_versions(f"name='{name}'"):
         if version.tags.get(IDENTITY_TAG) == identity:
             return f"{name}@{version.version}"
+    from tasks import faults
+
+    faults.hit("register")
     tags = {
         IDENTITY_TAG: identity,
         "mvlm.run_id": run_id,
         "mvlm.parent_model": parent or "",
         "mvlm.datasets": json.dumps(datasets, sort_keys=True),
+        "mvlm.retrain_run_id": link_run_id or "",
     }
-    link = link_run_id or run_id
-    version = mlflow.create_model_version(name, source, run_id=link, tags=tags, description=description)
+    version = mlflow.create_model_version(name, source, run_id=run_id, tags=tags, description=description)
     return f"{name}@{version.version}"
 
 

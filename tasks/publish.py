@@ -15,19 +15,20 @@ from tasks import tracking
 from tasks.lineage import code_commit, model_name, register
 
 log = logging.getLogger(__name__)
+CHECKPOINT_LOGGED_TAG = "mvlm.checkpoint_logged"
+"""Set (to the weights' sha256) once a stage's checkpoint artifacts are completely uploaded."""
 
 
 def parent_run(mlflow: Any, recipe: str, identity: str) -> str:
     """The retrain's parent run (one per retrain identity)."""
-    run_id, created = tracking.run_for(
+    run_id, _ = tracking.run_for(
         mlflow,
         tracking.EXPERIMENT,
         f"retrain/{identity}",
         f"retrain {recipe}",
         {"mvlm.kind": "retrain", "mvlm.recipe": recipe, "mvlm.code_commit": code_commit()},
     )
-    if created:
-        tracking.log_params(mlflow, run_id, {"recipe": recipe, "retrain_identity": identity})
+    tracking.log_params(mlflow, run_id, {"recipe": recipe, "retrain_identity": identity})  # idempotent
     return run_id
 
 
@@ -41,7 +42,7 @@ def log_build(mlflow: Any, summary: dict[str, Any], parent_run_id: str) -> str:
         {"mvlm.kind": "build", "mvlm.spec": summary["name"]},
         parent_run_id,
     )
-    if created:
+    if created or tracking.unfinished(mlflow, run_id):  # every call below is idempotent
         path = Path(summary["path"])
         tracking.log_params(
             mlflow,
@@ -56,8 +57,7 @@ def log_build(mlflow: Any, summary: dict[str, Any], parent_run_id: str) -> str:
         tracking.log_dataset(
             mlflow, run_id, summary["name"], summary["build_id"], str(path / "shards"), "build"
         )
-        rows = {k: float(v) for k, v in summary["totals"].items()}
-        tracking.log_metrics(mlflow, run_id, [{"step": 0, **rows}])
+        tracking.log_summary(mlflow, run_id, {k: float(v) for k, v in summary["totals"].items()})
         for name in ("tokens.png", "preview.png", "stats.json"):
             if (path / name).is_file():
                 mlflow.log_artifact(run_id, str(path / name))
@@ -75,8 +75,9 @@ def register_stage(
     """Log the stage's final checkpoint on its run and register it; returns ``name@version``."""
     run_id = manifest["mlflow_run_id"]
     run = mlflow.get_run(run_id)
-    if "checkpoint" not in {a.path for a in mlflow.list_artifacts(run_id)}:
+    if run.data.tags.get(CHECKPOINT_LOGGED_TAG) != manifest["final_sha256"]:  # a killed upload is redone
         mlflow.log_artifacts(run_id, manifest["final"], "checkpoint")
+        mlflow.set_tag(run_id, CHECKPOINT_LOGGED_TAG, manifest["final_sha256"])
     mlflow.set_tag(run_id, "mvlm.code_commit", code_commit())
     datasets = {b["spec"]: b["build_id"] for b in manifest["builds"]}
     return register(
@@ -102,7 +103,7 @@ def log_export(mlflow: Any, export: Any, parent_run_id: str, model_version: str)
         {"mvlm.kind": "export", "mvlm.model_version": model_version},
         parent_run_id,
     )
-    if created:
+    if created or tracking.unfinished(mlflow, run_id):  # every call below is idempotent
         tracking.log_params(
             mlflow,
             run_id,
@@ -114,7 +115,7 @@ def log_export(mlflow: Any, export: Any, parent_run_id: str, model_version: str)
         )
         numbers = {k: float(v) for k, v in _flat_numbers(export.checks).items()}
         if numbers:
-            tracking.log_metrics(mlflow, run_id, [{"step": 0, **numbers}])
+            tracking.log_summary(mlflow, run_id, numbers)
         mlflow.set_terminated(run_id, "FINISHED")
     return run_id
 

@@ -93,13 +93,23 @@ def log_dataset(
     )
 
 
-def log_metrics(mlflow: Any, run_id: str, rows: list[dict[str, float]], after_step: int = -1) -> int:
-    """Log metric rows (each with a ``step``) whose step is above ``after_step``; returns the last step."""
+def log_metrics(
+    mlflow: Any,
+    run_id: str,
+    rows: list[dict[str, float]],
+    after_step: int = -1,
+    timestamp_ms: int | None = None,
+) -> int:
+    """Log metric rows (each with a ``step``) whose step is above ``after_step``; returns the last step.
+
+    With a fixed ``timestamp_ms`` a repeated call is a no-op (MLflow drops a metric whose key, step,
+    value and timestamp all exist), which is how one-off summaries stay exactly once across crashes.
+    """
     import time
 
     from mlflow.entities import Metric
 
-    now = int(time.time() * 1000)
+    now = int(time.time() * 1000) if timestamp_ms is None else timestamp_ms
     metrics = [
         Metric(key, float(value), now, int(row["step"]))
         for row in rows
@@ -110,6 +120,17 @@ def log_metrics(mlflow: Any, run_id: str, rows: list[dict[str, float]], after_st
     for i in range(0, len(metrics), 500):
         mlflow.log_batch(run_id, metrics=metrics[i : i + 500])
     return max([after_step, *(int(r["step"]) for r in rows)])
+
+
+def log_summary(mlflow: Any, run_id: str, values: dict[str, float]) -> None:
+    """Step-0 metrics stamped with the run's start time, so logging them again changes nothing."""
+    start = mlflow.get_run(run_id).info.start_time
+    log_metrics(mlflow, run_id, [{"step": 0, **values}], timestamp_ms=start)
+
+
+def unfinished(mlflow: Any, run_id: str) -> bool:
+    """True unless the run is FINISHED (a run a crash left RUNNING still needs its logging)."""
+    return mlflow.get_run(run_id).info.status != "FINISHED"
 
 
 def last_logged_step(mlflow: Any, run_id: str, key: str = "loss") -> int:

@@ -79,3 +79,18 @@ def samples_root(tmp_path_factory) -> Path:
     root = Path(tmp_path_factory.mktemp("data_root"))
     make_samples(root / "samples")
     return root
+
+
+@pytest.fixture(scope="session")
+def tiny_retrain(samples_root: Path, tmp_path_factory, ray_local, prefect_api) -> tuple[Path, dict]:
+    """(work dir, result) of one uninterrupted ``retrain("tiny")`` in this process (SQLite MLflow
+    under the work dir), shared by the pipeline tests and the chaos test that compares with it.
+    MVLM_WORK_DIR is set only while it runs: tests that read its store set it themselves."""
+    from flows.retrain import retrain
+
+    work = tmp_path_factory.mktemp("pipeline")
+    (work / "data").mkdir()
+    (work / "data" / "samples").symlink_to(samples_root / "samples")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("MVLM_WORK_DIR", str(work))
+        return work, retrain("tiny")

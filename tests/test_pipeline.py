@@ -17,21 +17,16 @@ pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("ray_local", "prefect_ap
 
 
 @pytest.fixture(scope="module")
-def env(samples_root: Path, tmp_path_factory):
-    """A work dir with the session's samples; MVLM_WORK_DIR points at it for the module."""
-    work = tmp_path_factory.mktemp("pipeline")
-    (work / "data").mkdir()
-    (work / "data" / "samples").symlink_to(samples_root / "samples")
+def env(tiny_retrain: tuple[Path, dict]):
+    """The session's tiny retrain work dir; MVLM_WORK_DIR points at it for the module."""
     with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("MVLM_WORK_DIR", str(work))
-        yield work
+        mp.setenv("MVLM_WORK_DIR", str(tiny_retrain[0]))
+        yield tiny_retrain[0]
 
 
 @pytest.fixture(scope="module")
-def retrained(env: Path) -> dict:
-    from flows.retrain import retrain
-
-    return retrain("tiny")
+def retrained(env: Path, tiny_retrain: tuple[Path, dict]) -> dict:
+    return tiny_retrain[1]
 
 
 @pytest.fixture(scope="module")
@@ -121,6 +116,8 @@ def test_registered_models_chain_with_their_tags(retrained: dict, mlflow) -> Non
         (v,) = [v for v in mlflow.search_model_versions(f"name='{name}'") if str(v.version) == version]
         parents[ref] = v.tags["mvlm.parent_model"]
         assert mlflow.get_run(v.tags["mvlm.run_id"]).info.status == "FINISHED"
+        assert v.run_id == v.tags["mvlm.run_id"]  # the run holding its files, as an MLflow server requires
+        assert v.tags["mvlm.retrain_run_id"] == retrained["parent_run_id"]
         assert json.loads(v.tags["mvlm.datasets"])
     assert parents["tiny-mobilevlm-aligned@1"] == "tiny-mobilellama-base@1"
     assert parents["tiny-mobilevlm-instruct@1"] == "tiny-mobilevlm-aligned@1"
@@ -273,6 +270,9 @@ def test_mlflow_ui_shows_the_retrain_with_children_datasets_and_models(
     datasets = details.split("Datasets", 1)[1].split("Tags", 1)[0]
     specs = {b["name"] for b in retrained["builds"]}
     assert any(name in datasets for name in specs) and f"+{len(specs) - 1}" in datasets, datasets
-    models = details.split("Registered models", 1)[1][:300]
-    refs = [*retrained["models"], *(q["model_version"] for q in retrained["quants"])]
-    assert any(ref.split("@")[0] in models for ref in refs) and f"+{len(refs) - 1}" in models, models
+    # Each model version links to the child run that holds its files (an MLflow server requires it).
+    name, version = retrained["models"][-1].split("@")
+    stage_run = mlflow.get_model_version(name, version).run_id
+    text = _page_text(f"{mlflow_ui}/#/experiments/{exp}/runs/{stage_run}", tmp_path)
+    models = text.split("About this run", 1)[1].split("Registered models", 1)[1][:300]
+    assert retrained["models"][-1].split("@")[0] in models, models
