@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 import typer
 from rich.table import Table
@@ -29,13 +29,17 @@ def retrain(
     ] = None,
     quant: Annotated[list[str] | None, typer.Option(help="llama.cpp quant type (repeatable).")] = None,
     bench_timeout: Annotated[float, typer.Option(help="Seconds to wait for each device benchmark.")] = 600,
+    until: Annotated[
+        Literal["data", "train", "export", "quantize", "benchmark"] | None,
+        typer.Option(help="Stop after this step (default: run everything); a rerun continues from there."),
+    ] = None,
 ) -> None:
     """Data, training stages, evaluation, export, quantization and device benchmarks, reusing what exists."""
     from flows.retrain import RetrainError
     from flows.retrain import retrain as retrain_flow
 
     try:
-        result = retrain_flow(recipe, from_stage, force, pool, quant, bench_timeout)
+        result = retrain_flow(recipe, from_stage, force, pool, quant, bench_timeout, until=until)
     except (RetrainError, KeyError, ValueError) as err:
         console.print(f"[red]error:[/red] {err.args[0] if err.args else err}", highlight=False)
         raise typer.Exit(1) from err
@@ -69,7 +73,14 @@ def print_summary(result: dict[str, Any]) -> None:
             quants.add_row(q["quant_type"], size, q["model_version"], b["pool"], b["status"], *speeds)
     for table in (data, stages, quants):
         console.print(table)
-    console.print(f"lineage: {result['lineage']}")
+    if result.get("lineage"):
+        console.print(f"lineage: {result['lineage']}")
+    if result.get("stopped_after"):
+        step = result["stopped_after"]
+        console.print(
+            f"stopped after step [bold]{step}[/bold] (--until {step}); run again without --until to continue",
+            highlight=False,
+        )
     uri = get_settings().mlflow_uri
     console.print(
         f"open MLflow on this store: [bold]mlflow ui --backend-store-uri {uri}[/bold]", highlight=False

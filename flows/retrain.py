@@ -9,14 +9,18 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from prefect import flow, task
 from prefect.cache_policies import NONE
 
 log = logging.getLogger(__name__)
-DEFAULT_QUANTS = {"tiny": ("q8_0", "q4_0")}
+DEFAULT_QUANTS = {"tiny": ("q8_0", "q4_0"), "tiny-v2": ("q8_0", "q4_0")}
 PAPER_QUANTS = ("q4_k_s", "q8_0")
+Step = Literal["data", "train", "export", "quantize", "benchmark"]
+STEPS: tuple[str, ...] = ("data", "train", "export", "quantize", "benchmark")
+"""The retrain's steps in order; ``until`` stops after one of them."""
+STOP_TAG = "mvlm.stopped_after"
 
 
 class RetrainError(RuntimeError):
@@ -149,16 +153,46 @@ def retrain(
     bench_timeout_s: float = 600,
     data_root: str | None = None,
     runs_root: str | None = None,
+    until: Step | None = None,
 ) -> dict[str, Any]:
     """Build or reuse data, train, evaluate, export, quantize and benchmark one recipe.
 
     ``from_stage`` retrains that stage and every later one; ``force`` names stages to retrain;
     ``pools`` are device work pools to benchmark on (default host-cpu); ``quant_types`` default to
-    q8_0+q4_0 for tiny models and the paper's q4_k_s+q8_0 otherwise.
+    q8_0+q4_0 for tiny models and the paper's q4_k_s+q8_0 otherwise. ``until`` stops after that step
+    (``data``, ``train``, ``export``, ``quantize``; default: run everything): the summary's
+    ``stopped_after`` says where, and a rerun without it continues from there (reusing what exists).
+
+    One retrain of a recipe runs at a time per runs root (a second one waits for the lock); the
+    flow run that a killed retrain left running in Prefect is marked Crashed by the next one.
     """
+    from tasks.flow_runs import current_flow_run_id, take_over
+    from tasks.locks import exclusive
+    from tasks.settings import get_settings
+
+    runs = Path(runs_root or get_settings().runs_root)
+    runs.mkdir(parents=True, exist_ok=True)
+    with exclusive(runs / f".retrain-{recipe_name}.lock"):
+        take_over(runs / f".retrain-{recipe_name}.flow_run.json", current_flow_run_id())
+        return _retrain(
+            recipe_name, from_stage, force, pools, quant_types, bench_timeout_s, data_root, runs_root, until
+        )
+
+
+def _retrain(
+    recipe_name: str,
+    from_stage: str | None,
+    force: list[str] | None,
+    pools: list[str] | None,
+    quant_types: list[str] | None,
+    bench_timeout_s: float,
+    data_root: str | None,
+    runs_root: str | None,
+    until: Step | None,
+) -> dict[str, Any]:
+    """The steps of ``retrain``, with the recipe's lock held."""
     from flows.data import build_data
     from flows.train import run_stages
-    from tasks import tracking
     from tasks.recipes import get_recipe
     from tasks.settings import get_settings
 
@@ -172,6 +206,8 @@ def retrain(
     builds = [_step(f"data:{spec}", build_data, spec, data_root=data_root) for spec in specs]
     for summary in builds:
         publish_build_task(summary, parent)
+    if until == "data":
+        return _stopped(parent, "data", builds=builds)
     stages = _step("train", run_stages, recipe_name, None, data_root, runs_root, parent, tuple(forced))
     versions: list[str] = []
     for _, manifest, summary in stages:
@@ -180,19 +216,28 @@ def retrain(
                 recipe_name, summary["stage"], manifest, versions[-1] if versions else None, parent
             )
         )
+    if until == "train":
+        return _stopped(parent, "train", builds=builds, stages=[s for _, _, s in stages], models=versions)
     final_manifest = stages[-1][1]
     export = _step("export", export_task, final_manifest["final"], parent, versions[-1])
+    if until == "export":
+        return _stopped(parent, "export", builds=builds, stages=[s for _, _, s in stages], models=versions,
+                        export=str(export.out_dir))  # fmt: skip
     datasets = {b["spec"]: b["build_id"] for b in final_manifest["builds"]}
     types = quant_types or DEFAULT_QUANTS.get(recipe_name, PAPER_QUANTS)
     quants = [
         _step(f"quantize:{t}", quantize_task, recipe_name, export, t, parent, versions[-1], datasets)
         for t in types
     ]
+    if until == "quantize":
+        return _stopped(parent, "quantize", builds=builds, stages=[s for _, _, s in stages], models=versions,
+                        export=str(export.out_dir), quants=quants)  # fmt: skip
     benches = [bench_task(q, pool, bench_timeout_s) for q in quants for pool in (pools or ["host-cpu"])]
     chart = device_chart_task(parent, runs_root)
     lineage = lineage_task(versions[-1], parent, runs_root)
-    tracking.client().set_terminated(parent, "FINISHED")
+    _finished(parent)
     return {
+        "stopped_after": None,
         "parent_run_id": parent,
         "builds": builds,
         "stages": [s for _, _, s in stages],
@@ -203,6 +248,29 @@ def retrain(
         "lineage": lineage,
         "device_chart": chart,
     }
+
+
+def _stopped(parent: str, step: str, **done: Any) -> dict[str, Any]:
+    """Summary of a retrain stopped after ``step`` (``until``); the retrain run is tagged with it."""
+    from tasks import tracking
+
+    mlflow = tracking.client()
+    mlflow.set_tag(parent, STOP_TAG, step)
+    mlflow.set_terminated(parent, "FINISHED")
+    log.info("retrain stopped after step %r (until); rerun without it to continue", step)
+    empty = {"builds": [], "stages": [], "models": [], "export": None, "quants": [], "benchmarks": [],
+             "lineage": None, "device_chart": None}  # fmt: skip
+    return {"stopped_after": step, "parent_run_id": parent, **empty, **done}
+
+
+def _finished(parent: str) -> None:
+    """Mark the retrain run finished (no longer stopped part way)."""
+    from tasks import tracking
+
+    mlflow = tracking.client()
+    if STOP_TAG in mlflow.get_run(parent).data.tags:
+        mlflow.delete_tag(parent, STOP_TAG)
+    mlflow.set_terminated(parent, "FINISHED")
 
 
 def _parent(recipe_name: str, data_root: str) -> str:

@@ -8,6 +8,22 @@ before creating one (the tag is set in the same request that creates the run), r
 with their original timestamps (MLflow drops exact duplicates) and marks the run complete last.
 So a server that dies mid-push and comes back ends with exactly one complete run per identity.
 
+Many pushers at once (several flow runs on one runner sharing its outbox, runners on several
+machines, HTTP retries of a create whose answer was lost) cannot rely on look-up-then-create alone:
+two of them can both find no run and both create one. Two rules make them converge:
+
+* on one machine, a payload is sent under a per-identity ``flock`` in the outbox folder, so
+  processes sharing an outbox never send the same payload at the same time (the second one waits
+  and reports the first one's run);
+* across machines, every pusher tags the runs it creates with its owner (host and outbox) and only
+  ever writes into its own runs. After marking its run complete it looks again: of the complete
+  runs of the identity, the one with the smallest run id is kept, the other complete ones are
+  deleted, and so are its own incomplete runs (orphans of a create whose answer was lost: MLflow's
+  client retries POSTs too). A complete run is only deleted while a complete run with a smaller id
+  exists, and an incomplete one only by its owner, one pusher per owner at a time (the lock), so the
+  smallest complete run is never deleted; the last pusher to look sees every complete copy, so
+  exactly one remains.
+
 Quantized GGUFs travel through MLflow too: ``log_quant`` logs a quant folder's files as
 artifacts of a run tagged with the quant identity and each file's sha256; ``fetch_quant``
 downloads them by run id into a local cache and verifies every sha256 before use.
@@ -15,12 +31,16 @@ downloads them by run id into a local cache and verifies every sha256 before use
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import fcntl
 import json
 import logging
+import os
+import socket
 import time
 import urllib.request
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -40,8 +60,12 @@ log = logging.getLogger(__name__)
 """MLflow experiment of quantized models and their device benchmarks."""
 COMPLETE_TAG = "mvlm.push_complete"
 KIND_TAG = "mvlm.kind"
+OWNER_TAG = "mvlm.pushed_by"
+"""Who created a run (host and outbox): a pusher only writes into runs it created."""
 SHA_TAG_PREFIX = "mvlm.sha256."
 QUANT_ARTIFACT_DIR = "gguf"
+LOCK_WAIT_S = 120.0
+"""How long ``flush`` waits for another process that is sending the same payload."""
 
 
 class MlflowUnavailable(ConnectionError):
@@ -75,7 +99,13 @@ def client(uri: str) -> MlflowClient:
 
 
 def experiment_id(mlflow: MlflowClient, name: str = EXPERIMENT) -> str:
-    """The experiment's id, creating it when missing (local stores keep artifacts beside the database)."""
+    """The experiment's id, creating it when missing (local stores keep artifacts beside the database).
+
+    Two processes may both find it missing; the loser's create fails on the unique name and it reads
+    the winner's experiment instead.
+    """
+    from mlflow.exceptions import MlflowException
+
     found = mlflow.get_experiment_by_name(name)
     if found is not None:
         return found.experiment_id
@@ -83,17 +113,75 @@ def experiment_id(mlflow: MlflowClient, name: str = EXPERIMENT) -> str:
     uri = mlflow.tracking_uri
     if uri.startswith("sqlite:///"):
         location = (Path(uri.removeprefix("sqlite:///")).parent / "mlartifacts").as_uri()
-    return mlflow.create_experiment(name, artifact_location=location)
+    try:
+        return mlflow.create_experiment(name, artifact_location=location)
+    except MlflowException:
+        found = mlflow.get_experiment_by_name(name)
+        if found is None:
+            raise
+        return found.experiment_id
+
+
+def default_owner() -> str:
+    """Owner tag of runs created by ``push`` called directly: this process. Only a pusher that holds a
+    lock for the identity may share an owner across processes (``flush``: the outbox folder under its
+    per-identity lock; ``log_quant``: the host under a lock beside the quant), because a pusher
+    deletes its owner's incomplete runs once a complete one exists."""
+    return f"{socket.gethostname()}:pid{os.getpid()}"
+
+
+def _identity_runs(mlflow: MlflowClient, exp_id: str, identity: str) -> list[Run]:
+    """Active runs tagged with ``identity``, smallest run id first."""
+    runs = mlflow.search_runs([exp_id], filter_string=f"tags.`{IDENTITY_TAG}` = '{identity}'")
+    return sorted(runs, key=lambda r: r.info.run_id)
+
+
+def _is_complete(run: Run) -> bool:
+    return run.data.tags.get(COMPLETE_TAG) == "true"
 
 
 def find_run(mlflow: MlflowClient, exp_id: str, identity: str) -> Run | None:
-    """The run tagged with ``identity`` (the newest if, against the rules, there are several)."""
-    runs = mlflow.search_runs(
-        [exp_id],
-        filter_string=f"tags.`{IDENTITY_TAG}` = '{identity}'",
-        order_by=["attributes.start_time DESC"],
-    )
-    return runs[0] if runs else None
+    """The run of ``identity``: the complete one (the smallest run id if, against the rules, there are
+    several), else the newest incomplete one."""
+    runs = _identity_runs(mlflow, exp_id, identity)
+    complete = [r for r in runs if _is_complete(r)]
+    if complete:
+        return complete[0]
+    return max(runs, key=lambda r: r.info.start_time or 0) if runs else None
+
+
+def _open_run(
+    mlflow: MlflowClient, exp_id: str, identity: str, owner: str, create: Callable[[dict[str, str]], Run]
+) -> tuple[Run, bool]:
+    """(run to write into, whether it is complete already): a complete run of the identity, else one
+    this owner created before (a push that stopped half way), else a new one."""
+    runs = _identity_runs(mlflow, exp_id, identity)
+    complete = [r for r in runs if _is_complete(r)]
+    if complete:
+        return complete[0], True
+    mine = [r for r in runs if r.data.tags.get(OWNER_TAG) == owner]
+    if mine:
+        return mine[0], False
+    return create({IDENTITY_TAG: identity, OWNER_TAG: owner}), False
+
+
+def _converge(mlflow: MlflowClient, exp_id: str, identity: str, owner: str) -> str:
+    """After completing a run: keep the complete run with the smallest id; delete the other complete
+    copies and this owner's incomplete runs; return the kept run's id."""
+    runs = _identity_runs(mlflow, exp_id, identity)
+    complete = [r for r in runs if _is_complete(r)]
+    if not complete:
+        raise RuntimeError(f"no complete MLflow run carries identity {identity} after pushing it")
+    keep = complete[0].info.run_id
+    for run in runs:
+        if run.info.run_id == keep or not (_is_complete(run) or run.data.tags.get(OWNER_TAG) == owner):
+            continue  # another owner's incomplete run: that pusher cleans it up when it looks again
+        log.warning("identity %s: removing duplicate run %s (keeping %s)", identity, run.info.run_id, keep)
+        with contextlib.suppress(Exception):  # a concurrent pusher may have removed it already
+            if run.info.status == "RUNNING":
+                mlflow.set_terminated(run.info.run_id, "KILLED")
+            mlflow.delete_run(run.info.run_id)
+    return keep
 
 
 # --- payloads and the outbox --------------------------------------------------------------------------
@@ -122,25 +210,80 @@ class Payload:
 
 
 class Outbox:
-    """Pending payloads on disk, one atomically written JSON file per identity."""
+    """Pending payloads on disk, one atomically written JSON file per identity.
+
+    Several processes may share one outbox (flow runs of one runner): each payload is sent under an
+    ``flock`` on ``.<identity>.lock`` beside it, removed again once the payload is handled.
+    """
 
     def __init__(self, folder: str | Path | None = None) -> None:
         self.folder = Path(folder) if folder else get_settings().runs_root / "outbox"
+
+    @property
+    def owner(self) -> str:
+        """Owner tag of the runs this outbox's pushes create (host and outbox folder)."""
+        return f"{socket.gethostname()}:{self.folder.absolute()}"
 
     def put(self, payload: Payload) -> Path:
         """Store ``payload`` (replacing a pending one with the same identity)."""
         return atomic_write_json(self.folder / f"{payload.identity}.json", dataclasses.asdict(payload))
 
+    def get(self, identity: str) -> Payload | None:
+        """The pending payload of ``identity`` (None once it was sent)."""
+        try:
+            return Payload(**read_json(self.folder / f"{identity}.json"))
+        except FileNotFoundError:
+            return None
+
     def pending(self) -> list[Payload]:
-        """Every stored payload, oldest first."""
+        """Every stored payload, oldest first (one another process sends meanwhile is skipped)."""
         if not self.folder.is_dir():
             return []
-        files = sorted(self.folder.glob("*.json"), key=lambda p: p.stat().st_mtime)
-        return [Payload(**read_json(p)) for p in files]
+        found = []
+        for path in self.folder.glob("*.json"):
+            with contextlib.suppress(FileNotFoundError):
+                found.append((path.stat().st_mtime_ns, path.name, Payload(**read_json(path))))
+        return [payload for *_, payload in sorted(found, key=lambda entry: entry[:2])]
 
     def remove(self, identity: str) -> None:
         """Forget a payload once MLflow has it."""
         (self.folder / f"{identity}.json").unlink(missing_ok=True)
+
+    @contextlib.contextmanager
+    def claim(self, identity: str, wait_s: float = 0.0) -> Iterator[bool]:
+        """Hold ``identity``'s send lock; yields False when another process held it for ``wait_s``."""
+        path = self.folder / f".{identity}.lock"
+        fd = _lock(path, wait_s)
+        try:
+            yield fd is not None
+        finally:
+            if fd is not None:
+                path.unlink(missing_ok=True)  # while held: a waiter that opened it sees the inode change
+                os.close(fd)
+
+
+def _lock(path: Path, wait_s: float, poll_s: float = 0.05) -> int | None:
+    """An fd holding an exclusive flock on ``path`` (the file at ``path`` now), or None after ``wait_s``."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    deadline = time.monotonic() + wait_s
+    while True:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            if time.monotonic() >= deadline:
+                return None
+            time.sleep(poll_s)
+            continue
+        held = os.fstat(fd)
+        try:
+            now = os.stat(path)
+        except FileNotFoundError:
+            now = None
+        if now is not None and (now.st_ino, now.st_dev) == (held.st_ino, held.st_dev):
+            return fd
+        os.close(fd)  # the previous holder removed the file we locked: lock the current one
 
 
 @dataclass
@@ -154,9 +297,17 @@ class FlushReport:
 
 
 def flush(
-    outbox: Outbox, uri: str | None = None, on_step: Callable[[str], None] | None = None
+    outbox: Outbox,
+    uri: str | None = None,
+    on_step: Callable[[str], None] | None = None,
+    wait_s: float = LOCK_WAIT_S,
 ) -> FlushReport:
-    """Push every pending payload; keep the ones that could not be sent."""
+    """Push every pending payload; keep the ones that could not be sent.
+
+    A payload another process is sending right now is waited for (up to ``wait_s``, after the
+    others) and reported with that process's run. Once a push fails and the server stops answering,
+    the remaining payloads are kept without trying.
+    """
     uri = tracking_uri(uri)
     report = FlushReport()
     pending = outbox.pending()
@@ -164,31 +315,79 @@ def flush(
         log.warning("MLflow at %s is unreachable; %d result(s) stay in %s", uri, len(pending), outbox.folder)
         report.kept = [p.identity for p in pending]
         return report
+    busy: list[Payload] = []
     for payload in pending:
-        try:
-            report.sent[payload.identity] = push(payload, uri, on_step)
-        except Exception as err:
-            log.warning("push of %s failed (%s); kept in %s", payload.identity, err, outbox.folder)
+        if report.kept and not reachable(uri):
             report.kept.append(payload.identity)
-            continue
-        outbox.remove(payload.identity)
+        elif not _flush_one(outbox, payload, uri, on_step, 0.0, report):
+            busy.append(payload)
+    for payload in busy:
+        if not _flush_one(outbox, payload, uri, on_step, wait_s, report):
+            log.warning(
+                "%s is still being sent by another process; kept in %s", payload.identity, outbox.folder
+            )
+            report.kept.append(payload.identity)
     return report
 
 
-def push(payload: Payload, uri: str, on_step: Callable[[str], None] | None = None) -> str:
-    """Record ``payload`` as one complete run (idempotent); return the run id."""
+def _flush_one(
+    outbox: Outbox, seen: Payload, uri: str, on_step: Callable[[str], None] | None, wait_s: float,
+    report: FlushReport,
+) -> bool:  # fmt: skip
+    """Send one payload under its lock; False when another process held the lock for ``wait_s``."""
+    with outbox.claim(seen.identity, wait_s) as held:
+        if not held:
+            return False
+        payload = outbox.get(seen.identity)  # the newest copy, or None: sent meanwhile
+        if payload is None:
+            with contextlib.suppress(Exception):
+                mlflow = client(uri)
+                run = find_run(mlflow, experiment_id(mlflow, seen.experiment), seen.identity)
+                if run is not None and _is_complete(run):
+                    report.sent[seen.identity] = run.info.run_id
+            return True
+        try:
+            run_id = push(payload, uri, on_step, owner=outbox.owner)
+        except Exception as err:
+            log.warning("push of %s failed (%s); kept in %s", payload.identity, err, outbox.folder)
+            report.kept.append(payload.identity)
+            return True
+        outbox.remove(payload.identity)
+        report.sent[payload.identity] = run_id
+        return True
+
+
+def push(
+    payload: Payload, uri: str, on_step: Callable[[str], None] | None = None, owner: str | None = None
+) -> str:
+    """Record ``payload`` as one complete run (idempotent); return the run id.
+
+    ``owner`` names the pusher (``Outbox.owner`` when called by ``flush``): a push that stopped half
+    way continues in the run its owner created.
+    """
     from mlflow.entities import Metric, Param, RunTag
 
-    step = on_step or (lambda name: None)
+    from tasks import faults
+
+    def step(name: str) -> None:
+        faults.hit("mlflow-push")  # chaos testing: a kill between the requests of one push
+        if on_step:
+            on_step(name)
+
+    owner = owner or default_owner()
     mlflow = client(uri)
     exp_id = experiment_id(mlflow, payload.experiment)
-    run = find_run(mlflow, exp_id, payload.identity)
-    if run is not None and run.data.tags.get(COMPLETE_TAG) == "true":
+
+    def create(tags: dict[str, str]) -> Run:
+        tags = {**payload.tags, **tags, "mlflow.runName": payload.run_name}
+        return mlflow.create_run(
+            exp_id, start_time=payload.timestamp_ms, tags=tags, run_name=payload.run_name
+        )
+
+    run, complete = _open_run(mlflow, exp_id, payload.identity, owner, create)
+    if complete:
         log.info("result %s is already in MLflow (run %s)", payload.identity, run.info.run_id)
-        return run.info.run_id
-    if run is None:
-        tags = {**payload.tags, IDENTITY_TAG: payload.identity, "mlflow.runName": payload.run_name}
-        run = mlflow.create_run(exp_id, start_time=payload.timestamp_ms, tags=tags, run_name=payload.run_name)
+        return _converge(mlflow, exp_id, payload.identity, owner)
     run_id = run.info.run_id
     step("created")
     metrics = [Metric(k, float(v), payload.timestamp_ms, 0) for k, v in sorted(payload.metrics.items())]
@@ -200,35 +399,48 @@ def push(payload: Payload, uri: str, on_step: Callable[[str], None] | None = Non
     for name, content in payload.artifacts.items():
         mlflow.log_text(run_id, json.dumps(content, indent=2, sort_keys=True, default=str), name)
     step("artifacts")
-    mlflow.set_tag(run_id, COMPLETE_TAG, "true")
     mlflow.set_terminated(run_id, "FINISHED")
-    log.info("pushed result %s to MLflow run %s", payload.identity, run_id)
-    return run_id
+    mlflow.set_tag(run_id, COMPLETE_TAG, "true")
+    kept = _converge(mlflow, exp_id, payload.identity, owner)
+    log.info("pushed result %s to MLflow run %s", payload.identity, kept)
+    return kept
 
 
 # --- quantized artifacts --------------------------------------------------------------------------
 
 
 def log_quant(result: QuantResult, uri: str | None = None, experiment: str = EXPERIMENT) -> str:
-    """Log a quant folder's GGUFs as artifacts of the run tagged with its identity (idempotent)."""
+    """Log a quant folder's GGUFs as artifacts of the run tagged with its identity (idempotent; two
+    processes of one host logging the same quant take turns)."""
+    from tasks import faults
+    from tasks.locks import exclusive
+
     mlflow = client(tracking_uri(uri))
     exp_id = experiment_id(mlflow, experiment)
-    run = find_run(mlflow, exp_id, result.quant_id)
-    if run is not None and run.data.tags.get(COMPLETE_TAG) == "true":
-        return run.info.run_id
-    manifest = result.manifest
+    owner = socket.gethostname()  # under the lock below: a rerun continues what a killed process left
     tags = _quant_tags(result)
-    if run is None:
-        run = mlflow.create_run(
-            exp_id, tags=tags, run_name=f"quant-{result.quant_type}-{result.quant_id[:8]}"
-        )
-    run_id = run.info.run_id
-    for path in sorted(result.out_dir.iterdir()):
-        if path.is_file():
-            mlflow.log_artifact(run_id, str(path), QUANT_ARTIFACT_DIR)
-    mlflow.log_batch(run_id, metrics=_quant_metrics(manifest))
-    mlflow.set_tag(run_id, COMPLETE_TAG, "true")
-    mlflow.set_terminated(run_id, "FINISHED")
+
+    def create(extra: dict[str, str]) -> Run:
+        name = f"quant-{result.quant_type}-{result.quant_id[:8]}"
+        return mlflow.create_run(exp_id, tags={**tags, **extra}, run_name=name)
+
+    with exclusive(result.out_dir.parent / f".{result.quant_id}.mlflow.lock"):
+        run, complete = _open_run(mlflow, exp_id, result.quant_id, owner, create)
+        if complete:
+            return run.info.run_id
+        run_id = run.info.run_id
+        for path in sorted(result.out_dir.iterdir()):
+            if path.is_file():
+                mlflow.log_artifact(run_id, str(path), QUANT_ARTIFACT_DIR)
+                faults.hit("mlflow-push")
+        logged = set(run.data.metrics)  # a resumed run keeps the metrics it has (exactly once)
+        metrics = [m for m in _quant_metrics(result.manifest) if m.key not in logged]
+        if metrics:
+            mlflow.log_batch(run_id, metrics=metrics)
+        faults.hit("mlflow-push")
+        mlflow.set_terminated(run_id, "FINISHED")
+        mlflow.set_tag(run_id, COMPLETE_TAG, "true")
+        run_id = _converge(mlflow, exp_id, result.quant_id, owner)
     log.info("logged quant %s (%s) to MLflow run %s", result.quant_id, result.quant_type, run_id)
     return run_id
 

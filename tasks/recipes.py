@@ -2,7 +2,7 @@
 
 The real rows carry the paper's hyperparameters (arXiv 2312.16886 and the authors' scripts; see
 ``shared/reference/mobilevlm-facts.md``). ``tiny`` is ours: the same three stages on the tiny specs,
-small enough for a 2-core CPU in a few minutes.
+small enough for a 2-core CPU in a few minutes; ``tiny-v2`` is ``tiny`` with the V2 projector (LDPv2).
 """
 
 from __future__ import annotations
@@ -218,12 +218,26 @@ def _tiny() -> Recipe:
     )
 
 
+def _tiny_v2() -> Recipe:
+    """Ours: ``tiny`` with MobileVLM V2's projector (LDPv2: Linear-GELU-Linear, average pooling to the
+    same 12x12 = 144 visual tokens, a depthwise-conv positional encoding). The datasets and the
+    language-model stages are ``tiny``'s, so the two recipes share their dataset builds and the
+    llm-pretrain stage identity."""
+    tiny = _tiny()
+    stages = tuple(
+        dataclasses.replace(s, model="mobilevlm-v2-tiny-336") if s.name.startswith("vlm-") else s
+        for s in tiny.stages
+    )
+    return Recipe("tiny-v2", "The tiny recipe with the MobileVLM V2 projector (LDPv2)", stages)
+
+
 RECIPES: dict[str, Recipe] = {
     r.name: r
     for r in [
         _paper("1.7b", "mobilellama-1.4b", "mobilevlm-1.7b", 2e-5, 3, 2e-5, 2),
         _paper("3b", "mobilellama-2.7b", "mobilevlm-3b", 3e-5, 2, 4e-5, 3),
         _tiny(),
+        _tiny_v2(),
     ]
 }
 

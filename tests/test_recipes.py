@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 
-from model.config import config_names
+import model
+from model.config import VLMConfig, config_names, get_config
 from tasks.deepspeed_config import deepspeed_config
-from tasks.recipes import RECIPES, get_recipe
+from tasks.recipes import RECIPES, get_recipe, stage_dict
 from tasks.specs import load_all
 
 
@@ -31,6 +34,28 @@ def test_every_recipe_row_is_consistent(name: str) -> None:
     assert recipe.stage("vlm-align").train == ("projector",)
     assert recipe.stage("vlm-instruct").train == ("projector", "llm")
     assert not recipe.stage("llm-sft").enabled
+    for stage in recipe.enabled_stages():  # every stage's model row builds (shapes only)
+        row = get_config(stage.model)
+        module = model.build(stage.model, device="meta")
+        assert sum(p.numel() for p in module.parameters()) > 0
+        if isinstance(row, VLMConfig):
+            assert row.visual_tokens < stage.seq_len  # room for the text after the image
+
+
+def test_tiny_v2_is_tiny_with_the_v2_projector() -> None:
+    """Same data and language-model stages (shared builds and llm-pretrain identity), LDPv2 for the VLM."""
+    tiny, v2 = get_recipe("tiny"), get_recipe("tiny-v2")
+    assert [s.name for s in v2.stages] == [s.name for s in tiny.stages]
+    for a, b in zip(tiny.stages, v2.stages, strict=True):
+        if a.name.startswith("vlm-"):
+            assert (a.model, b.model) == ("mobilevlm-tiny-336", "mobilevlm-v2-tiny-336")
+            assert dataclasses.replace(b, model=a.model) == a
+        else:
+            assert stage_dict(a) == stage_dict(b)  # the stage identity hashes exactly this
+    v1_row, v2_row = get_config("mobilevlm-tiny-336"), get_config("mobilevlm-v2-tiny-336")
+    assert (v1_row.projector, v2_row.projector) == ("ldpnet", "ldpnetv2")
+    assert (v1_row.llm, v1_row.vision) == (v2_row.llm, v2_row.vision)
+    assert v2_row.visual_tokens == v1_row.visual_tokens == 144  # 24x24 patches pooled to 12x12
 
 
 def test_mobilevlm_1_7b_matches_the_paper() -> None:
