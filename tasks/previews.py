@@ -26,7 +26,9 @@ def token_chart(manifest: dict[str, Any], out: Path) -> Path:
     ax.set_title(f"{manifest['name']} ({manifest['build_id']}): {measure} per source")
     ax.tick_params(axis="x", labelrotation=30, labelsize=8)
     fig.tight_layout()
-    tmp = out.with_suffix(".tmp.png")
+    import os
+
+    tmp = out.with_name(f".{out.stem}.{os.getpid()}.tmp.png")  # two processes may draw it at once
     fig.savefig(tmp, metadata={"Software": None})
     plt.close(fig)
     tmp.replace(out)

@@ -221,8 +221,8 @@ def _tiny() -> Recipe:
 def _tiny_v2() -> Recipe:
     """Ours: ``tiny`` with MobileVLM V2's projector (LDPv2: Linear-GELU-Linear, average pooling to the
     same 12x12 = 144 visual tokens, a depthwise-conv positional encoding). The datasets and the
-    language-model stages are ``tiny``'s, so the two recipes share their dataset builds and the
-    llm-pretrain stage identity."""
+    language-model stages are ``tiny``'s, so the two recipes share their dataset builds (stages belong
+    to their recipe: each trains its own llm-pretrain, with equal settings)."""
     tiny = _tiny()
     stages = tuple(
         dataclasses.replace(s, model="mobilevlm-v2-tiny-336") if s.name.startswith("vlm-") else s

@@ -24,11 +24,17 @@ def client(tracking_uri: str | None = None) -> Any:
     from tasks.settings import get_settings
 
     uri = tracking_uri or get_settings().mlflow_uri
-    if uri.startswith("sqlite:///"):
+    mlflow = MlflowClient(tracking_uri=uri)
+    if uri.startswith("sqlite:///"):  # two processes creating one SQLite store race in its migrations
         from pathlib import Path
 
-        Path(uri.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
-    return MlflowClient(tracking_uri=uri)
+        from tasks.locks import exclusive
+
+        db = Path(uri.removeprefix("sqlite:///"))
+        db.parent.mkdir(parents=True, exist_ok=True)
+        with exclusive(db.parent / f".{db.name}.init.lock"):
+            mlflow.search_experiments(max_results=1)  # creates or upgrades the schema, once at a time
+    return mlflow
 
 
 def experiment_id(mlflow: Any, name: str) -> str:
@@ -38,26 +44,49 @@ def experiment_id(mlflow: Any, name: str) -> str:
     found = mlflow.get_experiment_by_name(name)
     if found:
         return found.experiment_id
+    from mlflow.exceptions import MlflowException
+
     settings = get_settings()
     local = settings.mlflow_uri.startswith(("sqlite:", "file:")) or "://" not in settings.mlflow_uri
     location = (settings.work_dir / "mlartifacts" / name).as_uri() if local else None
-    return mlflow.create_experiment(name, artifact_location=location)
+    try:
+        return mlflow.create_experiment(name, artifact_location=location)
+    except MlflowException:  # another process created it in between
+        found = mlflow.get_experiment_by_name(name)
+        if found is None:
+            raise
+        return found.experiment_id
 
 
 def run_for(
     mlflow: Any, experiment: str, identity: str, name: str, tags: dict[str, str] | None = None,
     parent_run_id: str | None = None,
 ) -> tuple[str, bool]:  # fmt: skip
-    """(run id, created) of the run tagged with ``identity`` in ``experiment``; created if none exists."""
+    """(run id, created) of the run tagged with ``identity`` in ``experiment``; created if none exists.
+
+    Two processes may both find nothing and both create a run: after creating, the earliest run of
+    the identity (start time, then id) is the one kept, and a later copy is deleted by its creator,
+    so both callers end with the same run.
+    """
     exp = experiment_id(mlflow, experiment)
-    found = mlflow.search_runs([exp], filter_string=f"tags.`{IDENTITY_TAG}` = '{identity}'", max_results=1)
+    found = _runs_of(mlflow, exp, identity)
     if found:
         return found[0].info.run_id, False
     all_tags = {IDENTITY_TAG: identity, **(tags or {})}
     if parent_run_id:
         all_tags["mlflow.parentRunId"] = parent_run_id
     run = mlflow.create_run(exp, run_name=name, tags=all_tags)
+    keeper = _runs_of(mlflow, exp, identity)[0]
+    if keeper.info.run_id != run.info.run_id:
+        log.info("run %s of %s lost a race to %s; deleting it", run.info.run_id, identity, keeper.info.run_id)
+        mlflow.delete_run(run.info.run_id)
+        return keeper.info.run_id, False
     return run.info.run_id, True
+
+
+def _runs_of(mlflow: Any, exp: str, identity: str) -> list[Any]:
+    runs = mlflow.search_runs([exp], filter_string=f"tags.`{IDENTITY_TAG}` = '{identity}'", max_results=50)
+    return sorted(runs, key=lambda r: (r.info.start_time, r.info.run_id))
 
 
 def flatten(data: dict[str, Any], prefix: str = "") -> dict[str, str]:

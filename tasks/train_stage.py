@@ -236,7 +236,10 @@ def plan_stage(
     if not loader.sources:
         raise StageError(f"stage {stage.name}: the datasets have no train shards")
     steps = total_steps(stage, loader.total_samples)
-    identity = {"stage": stage_dict(stage), "builds": {b.spec: b.build_id for b in builds},
+    # The recipe is part of the identity: a stage's folder, lock and MLflow run (a child of that
+    # recipe's retrain run) belong to one recipe, so equal stages of two recipes never share a run.
+    identity = {"recipe": recipe.name, "stage": stage_dict(stage),
+                "builds": {b.spec: b.build_id for b in builds},
                 "init": init_identity(init), "code": code_version("trainer")}  # fmt: skip
     stage_id = hash_json(identity)
     out = runs_root / recipe.name / stage.name / stage_id

@@ -489,3 +489,40 @@ def test_two_processes_one_stage_identity_train_once(
     (run,) = mlflow.search_runs([exp], f"tags.`mvlm.identity` = '{trained['stage_id']}'")
     assert run.info.run_id == trained["mlflow_run_id"] and run.info.status == "FINISHED"
     assert sorted(m.step for m in mlflow.get_metric_history(run.info.run_id, "loss")) == [1, 2, 3, 4]
+
+
+_RUN_FOR = """
+import json, sys, time
+from tasks import tracking
+mlflow = tracking.client(sys.argv[1])
+tracking.experiment_id(mlflow, "race")
+time.sleep(max(0.0, float(sys.argv[2]) - time.time()))  # both processes start together
+ids = [tracking.run_for(mlflow, "race", f"step-{i}", f"step {i}")[0] for i in range(15)]
+print(json.dumps(ids))
+"""
+
+
+def test_two_processes_opening_the_same_steps_end_with_one_run_each(tmp_path: Path) -> None:
+    """tasks.tracking.run_for: a look-up-then-create race converges on one run per identity."""
+    from tasks import tracking
+
+    server = MlflowServer(tmp_path, free_port())
+    server.start()
+    try:
+        go = str(time.time() + 8)
+        procs = [
+            subprocess.Popen(
+                [sys.executable, "-c", _RUN_FOR, server.url, go], stdout=subprocess.PIPE, text=True
+            )
+            for _ in range(2)
+        ]
+        outs = [json.loads(p.communicate(timeout=120)[0]) for p in procs]
+        assert all(p.returncode == 0 for p in procs)
+        assert outs[0] == outs[1]  # both callers got the same run for every identity
+        mlflow = tracking.client(server.url)
+        runs = mlflow.search_runs([tracking.experiment_id(mlflow, "race")], max_results=100)
+        assert Counter(r.data.tags[tracking.IDENTITY_TAG] for r in runs) == {
+            f"step-{i}": 1 for i in range(15)
+        }
+    finally:
+        server.stop()

@@ -26,9 +26,7 @@ def test_the_next_claimant_crashes_what_a_killed_run_left_running(tmp_path: Path
     claim = tmp_path / ".retrain-x.flow_run.json"
     with get_client(sync_client=True) as client:
         dead = client.create_flow_run(killed, state=Running())
-        task_run = client.create_task_run(
-            _task(), flow_run_id=dead.id, dynamic_key="0", state=Running()
-        )
+        task_run = client.create_task_run(_task(), flow_run_id=dead.id, dynamic_key="0", state=Running())
         child = client.create_flow_run(sub, parent_task_run_id=task_run.id, state=Running())
         finished = client.create_flow_run(killed)
     assert take_over(claim, str(dead.id)) == []  # first claimant: nothing before it
