@@ -24,7 +24,6 @@ from model.mobilevlm import MobileLlamaForCausalLM, MobileVLMConfig
 log = logging.getLogger(__name__)
 
 WEIGHTS_NAME = "model.safetensors"
-CHECKPOINT_FORMAT = "mvlm-checkpoint/1"
 # Buffers that older transformers versions saved and current modules recompute.
 _LEGACY_BUFFERS = ("rotary_emb.inv_freq", "embeddings.position_ids")
 
@@ -40,7 +39,9 @@ def save_checkpoint(model: MobileLlamaForCausalLM, path: str | Path, tokenizer: 
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
     try:
         state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
-        save_file(state, str(tmp / WEIGHTS_NAME), metadata={"format": "pt", "mvlm": CHECKPOINT_FORMAT})
+        # One metadata key only: safetensors writes metadata from a hash map in random order, so a
+        # second key would make equal weights give different file bytes (and stage identities).
+        save_file(state, str(tmp / WEIGHTS_NAME), metadata={"format": "pt"})
         (tmp / "config.json").write_text(
             json.dumps(checkpoint_config(model.config), indent=2, sort_keys=True)
         )

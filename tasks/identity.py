@@ -24,7 +24,7 @@ CODE_VERSIONS: dict[str, str] = {
     "text-builder": "2",
     "image-text-builder": "2",
     "instruct-builder": "3",
-    "trainer": "1",
+    "trainer": "2",
     "exporter": "1",
     "quantizer": "1",
     "bench-protocol": "1",

@@ -132,3 +132,12 @@ def test_authors_config_resolves_the_clip_tower_by_hub_id() -> None:
     )
     with pytest.raises(ValueError, match="not in the vision table"):
         vision_row(MobileVLMConfig(mm_vision_tower="someone/unknown-vit", mm_projector_type="ldpnet"))
+
+
+def test_equal_weights_give_equal_bytes(saved, tmp_path: Path) -> None:
+    """Stage identities hash the previous stage's weights file: saving must be byte-deterministic."""
+    from tasks.identity import sha256_file
+
+    module, _ = saved
+    digests = {sha256_file(module.save(tmp_path / f"copy{i}") / "model.safetensors") for i in range(8)}
+    assert len(digests) == 1
