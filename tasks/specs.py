@@ -390,5 +390,12 @@ def resolve_env(value: str | None) -> str | None:
     if not match:
         return value
     if match.group(1) not in os.environ:
-        raise KeyError(f"environment variable {match.group(1)} is not set (referenced as {value})")
+        import socket
+
+        raise KeyError(
+            f"environment variable {match.group(1)} is not set in process {os.getpid()} on "
+            f"{socket.gethostname()} (referenced as {value}); every process that reads the source "
+            "needs it: on a Ray cluster set it on each node (or in the worker image), not only where "
+            "you start the run"
+        )
     return os.environ[match.group(1)]
