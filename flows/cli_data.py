@@ -115,12 +115,19 @@ def build(
             continue
         t = s["totals"]
         table.add_row(
-            s["name"], s["build_id"], "reused" if s["reused"] else "built", str(t.get("read", 0)),
+            s["name"], s["build_id"], _status(s), str(t.get("read", 0)),
             str(t.get("kept", 0)), str(t.get("rejected", 0)), str(s["shards"]),
         )  # fmt: skip
     console.print(table)
     if failed:
         raise typer.Exit(1)
+
+
+def _status(summary: dict) -> str:
+    """``reused``, ``built`` or ``repaired (N shards)`` for the build table."""
+    if summary.get("repaired"):
+        return f"repaired ({len(summary['repaired'])} shards)"
+    return "reused" if summary["reused"] else "built"
 
 
 @data_app.command("stats")

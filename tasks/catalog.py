@@ -53,16 +53,22 @@ def connect(path: str | Path, read_only: bool = False) -> Iterator[Any]:
         con.close()
 
 
-def _open(duckdb: Any, path: Path, read_only: bool, attempts: int = 50) -> Any:
-    """Open, retrying briefly while another process holds the write lock."""
-    for attempt in range(attempts):
+def _open(duckdb: Any, path: Path, read_only: bool, timeout_s: float = 60.0) -> Any:
+    """Open, retrying while another process holds the file (DuckDB allows one writer process, and a
+    long ``mvlm data sql`` holds it as long as it runs); the error after ``timeout_s`` says so."""
+    deadline = time.monotonic() + timeout_s
+    delay = 0.05
+    while True:
         try:
             return duckdb.connect(str(path), read_only=read_only)
-        except duckdb.IOException:
-            if attempt == attempts - 1:
-                raise
-            time.sleep(0.1)
-    raise AssertionError("unreachable")
+        except duckdb.IOException as err:
+            if time.monotonic() > deadline:
+                raise duckdb.IOException(
+                    f"{path}: still locked by another process after {timeout_s:.0f}s ({err}); "
+                    "wait for the other build or query to finish"
+                ) from err
+            time.sleep(delay)
+            delay = min(delay * 2, 1.0)
 
 
 def record_build(catalog: str | Path, manifest: dict[str, Any], build_path: Path, spec_path: str) -> None:

@@ -52,3 +52,12 @@ def test_model_smoke_trains_and_generates() -> None:
     cli = runner.invoke(app, ["model", "smoke", "--steps", "1"])
     assert cli.exit_code == 0, cli.output
     assert "params.total" in cli.output and "generated" in cli.output
+
+
+def test_build_table_says_when_a_build_was_repaired() -> None:
+    from flows.cli_data import _status
+
+    assert _status({"reused": True, "repaired": []}) == "reused"
+    assert _status({"reused": False}) == "built"
+    two = [{"shard": "a.tar"}, {"shard": "b.tar"}]
+    assert _status({"reused": False, "repaired": two}) == "repaired (2 shards)"

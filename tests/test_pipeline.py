@@ -162,6 +162,22 @@ def test_second_retrain_reuses_everything_in_seconds(retrained: dict) -> None:
     assert again["models"] == retrained["models"]
 
 
+def test_until_stops_after_the_named_step_and_a_full_run_clears_the_mark(retrained: dict, mlflow) -> None:
+    from flows.retrain import STOP_TAG, retrain
+
+    stopped = retrain("tiny", until="export")
+    assert stopped["stopped_after"] == "export" and stopped["export"] == retrained["export"]
+    assert stopped["models"] == retrained["models"]
+    assert stopped["quants"] == [] and stopped["benchmarks"] == []
+    assert mlflow.get_run(retrained["parent_run_id"]).data.tags[STOP_TAG] == "export"
+    full = retrain("tiny")
+    assert full["stopped_after"] is None and [q["model_version"] for q in full["quants"]] == [
+        q["model_version"] for q in retrained["quants"]
+    ]
+    run = mlflow.get_run(retrained["parent_run_id"])
+    assert STOP_TAG not in run.data.tags and run.info.status == "FINISHED"
+
+
 def test_train_flow_reuses_the_finished_stages(retrained: dict) -> None:
     from flows.train import train
 

@@ -96,5 +96,6 @@ def test_an_unset_credential_names_the_variable_and_the_process(monkeypatch: pyt
     from tasks.specs import resolve_env
 
     monkeypatch.delenv("MVLM_TEST_UNSET_TOKEN", raising=False)
-    with pytest.raises(KeyError, match=r"MVLM_TEST_UNSET_TOKEN is not set in process \d+ on .*on a Ray cluster"):
+    expected = r"MVLM_TEST_UNSET_TOKEN is not set in process \d+ on .*on a Ray cluster"
+    with pytest.raises(KeyError, match=expected):
         resolve_env("${MVLM_TEST_UNSET_TOKEN}")
