@@ -8,6 +8,7 @@ resumed step reuses its run instead of creating a second one. The tracking URI c
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 from typing import Any
 
 log = logging.getLogger(__name__)
@@ -64,18 +65,25 @@ def run_for(
 ) -> tuple[str, bool]:  # fmt: skip
     """(run id, created) of the run tagged with ``identity`` in ``experiment``; created if none exists.
 
-    Two processes may both find nothing and both create a run: after creating, the earliest run of
-    the identity (start time, then id) is the one kept, and a later copy is deleted by its creator,
-    so both callers end with the same run.
+    Processes on one machine look up and create under a machine-wide lock per (store, identity), so
+    only one creates. Across machines two may still both create: after creating, the earliest run of
+    the identity (start time, then id) is kept and a later copy is deleted by its creator.
     """
+    import hashlib
+    import tempfile
+
+    from tasks.locks import exclusive
+
     exp = experiment_id(mlflow, experiment)
-    found = _runs_of(mlflow, exp, identity)
-    if found:
-        return found[0].info.run_id, False
-    all_tags = {IDENTITY_TAG: identity, **(tags or {})}
-    if parent_run_id:
-        all_tags["mlflow.parentRunId"] = parent_run_id
-    run = mlflow.create_run(exp, run_name=name, tags=all_tags)
+    key = hashlib.sha256(f"{mlflow.tracking_uri}|{exp}|{identity}".encode()).hexdigest()[:32]
+    with exclusive(Path(tempfile.gettempdir()) / "mvlm-locks" / f"run-{key}.lock", timeout_s=600):
+        found = _runs_of(mlflow, exp, identity)
+        if found:
+            return found[0].info.run_id, False
+        all_tags = {IDENTITY_TAG: identity, **(tags or {})}
+        if parent_run_id:
+            all_tags["mlflow.parentRunId"] = parent_run_id
+        run = mlflow.create_run(exp, run_name=name, tags=all_tags)
     keeper = _runs_of(mlflow, exp, identity)[0]
     if keeper.info.run_id != run.info.run_id:
         log.info("run %s of %s lost a race to %s; deleting it", run.info.run_id, identity, keeper.info.run_id)
