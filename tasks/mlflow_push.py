@@ -47,7 +47,7 @@ from typing import TYPE_CHECKING, Any
 
 from tasks.identity import atomic_write_json, read_json, sha256_file
 from tasks.settings import get_settings
-from tasks.tracking import EXPERIMENT, IDENTITY_TAG
+from tasks.tracking import EXPERIMENT, IDENTITY_TAG, experiment_id
 
 if TYPE_CHECKING:
     from mlflow import MlflowClient
@@ -96,30 +96,6 @@ def client(uri: str) -> MlflowClient:
     from mlflow import MlflowClient
 
     return MlflowClient(tracking_uri=uri)
-
-
-def experiment_id(mlflow: MlflowClient, name: str = EXPERIMENT) -> str:
-    """The experiment's id, creating it when missing (local stores keep artifacts beside the database).
-
-    Two processes may both find it missing; the loser's create fails on the unique name and it reads
-    the winner's experiment instead.
-    """
-    from mlflow.exceptions import MlflowException
-
-    found = mlflow.get_experiment_by_name(name)
-    if found is not None:
-        return found.experiment_id
-    location = None
-    uri = mlflow.tracking_uri
-    if uri.startswith("sqlite:///"):
-        location = (Path(uri.removeprefix("sqlite:///")).parent / "mlartifacts").as_uri()
-    try:
-        return mlflow.create_experiment(name, artifact_location=location)
-    except MlflowException:
-        found = mlflow.get_experiment_by_name(name)
-        if found is None:
-            raise
-        return found.experiment_id
 
 
 def default_owner() -> str:

@@ -27,8 +27,6 @@ def client(tracking_uri: str | None = None) -> Any:
     uri = tracking_uri or get_settings().mlflow_uri
     mlflow = MlflowClient(tracking_uri=uri)
     if uri.startswith("sqlite:///"):  # two processes creating one SQLite store race in its migrations
-        from pathlib import Path
-
         from tasks.locks import exclusive
 
         db = Path(uri.removeprefix("sqlite:///"))
@@ -38,18 +36,19 @@ def client(tracking_uri: str | None = None) -> Any:
     return mlflow
 
 
-def experiment_id(mlflow: Any, name: str) -> str:
-    """The id of experiment ``name``, created if missing (local stores keep artifacts under the work dir)."""
-    from tasks.settings import get_settings
+def experiment_id(mlflow: Any, name: str = EXPERIMENT) -> str:
+    """The id of experiment ``name``, created if missing; a SQLite store keeps its artifacts beside the
+    database (``mlartifacts/<name>``). Two processes may both find it missing: the loser's create
+    fails on the unique name and it reads the winner's experiment instead."""
+    from mlflow.exceptions import MlflowException
 
     found = mlflow.get_experiment_by_name(name)
     if found:
         return found.experiment_id
-    from mlflow.exceptions import MlflowException
-
-    settings = get_settings()
-    local = settings.mlflow_uri.startswith(("sqlite:", "file:")) or "://" not in settings.mlflow_uri
-    location = (settings.work_dir / "mlartifacts" / name).as_uri() if local else None
+    uri = mlflow.tracking_uri
+    location = None
+    if uri.startswith("sqlite:///"):
+        location = (Path(uri.removeprefix("sqlite:///")).parent / "mlartifacts" / name).as_uri()
     try:
         return mlflow.create_experiment(name, artifact_location=location)
     except MlflowException:  # another process created it in between
