@@ -7,6 +7,7 @@ Commands parse, call a task or flow, and print; nothing else. Heavy imports stay
 from __future__ import annotations
 
 import logging
+import os
 from typing import Annotated
 
 import typer
@@ -22,6 +23,8 @@ app = typer.Typer(
 @app.callback()
 def _main(verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Debug logging.")] = False) -> None:
     setup_logging(logging.DEBUG if verbose else logging.INFO)
+    if not os.environ.get("PREFECT_API_URL"):  # our own ephemeral server: offline, no telemetry
+        os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 
 
 for _module in (cli_model, cli_data, cli_train, cli_export, cli_retrain):

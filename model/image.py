@@ -30,13 +30,35 @@ def mean_background(mean: Sequence[float] = CLIP_MEAN) -> tuple[int, int, int]:
     return r, g, b
 
 
+WHITE = (255, 255, 255)
+"""Where images have transparency, they are composited onto this colour (img2dataset's rule)."""
+
+
 def to_rgb(img: Image.Image) -> Image.Image:
-    """Convert any PIL mode (L, RGBA, P, CMYK, ...) to RGB; alpha is dropped, as in LLaVA."""
+    """RGB pixels of any PIL mode, by the one policy every route uses (training data and inference).
+
+    * 16-bit and 32-bit greyscale (``I;16*``, ``I``): scaled to 8 bits (``value >> 8``, clipped to
+      16 bits first); Pillow's own ``convert`` would clip them to white. ``F`` is clipped to 0..255.
+    * Transparency (``RGBA``, ``LA``, ``PA``, ``P`` with a transparent index): composited onto white.
+    * Everything else (``L``, ``1``, ``P``, ``CMYK``, ``YCbCr``, ...): Pillow's conversion.
+    """
     if not isinstance(img, Image.Image):
         raise TypeError(
             f"expected a PIL.Image.Image, got {type(img).__name__}; open files with PIL.Image.open"
         )
-    return img if img.mode == "RGB" else img.convert("RGB")
+    if img.mode == "RGB":
+        return img
+    if img.mode.startswith("I;16") or img.mode == "I":
+        grey = np.clip(np.asarray(img, dtype=np.int64), 0, 0xFFFF) >> 8
+        return Image.fromarray(grey.astype(np.uint8)).convert("RGB")
+    if img.mode == "F":
+        return Image.fromarray(np.clip(np.asarray(img), 0, 255).astype(np.uint8)).convert("RGB")
+    if img.mode in ("RGBA", "LA", "PA", "RGBa", "La") or (img.mode == "P" and "transparency" in img.info):
+        rgba = img.convert("RGBA")
+        canvas = Image.new("RGB", rgba.size, WHITE)
+        canvas.paste(rgba, mask=rgba.getchannel("A"))
+        return canvas
+    return img.convert("RGB")
 
 
 def expand_to_square(img: Image.Image, background: tuple[int, int, int] | None = None) -> Image.Image:

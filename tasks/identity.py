@@ -22,8 +22,8 @@ CHUNK = 1 << 20
 # Bump a component's version when its output bytes change for the same inputs.
 CODE_VERSIONS: dict[str, str] = {
     "text-builder": "2",
-    "image-text-builder": "2",
-    "instruct-builder": "3",
+    "image-text-builder": "3",
+    "instruct-builder": "4",
     "trainer": "2",
     "exporter": "1",
     "quantizer": "1",

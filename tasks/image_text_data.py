@@ -22,6 +22,7 @@ or ports, so a resumed build is byte-identical). ``preview.png`` shows up to 16 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import io
 import json
 import logging
@@ -49,15 +50,12 @@ from tasks.build import (
 )
 from tasks.identity import atomic_write_bytes, sha256_file
 from tasks.image_checks import (
+    ImageRejected,
     caption_problem,
-    decoded_size,
-    encode_jpeg,
-    image_problem,
     normalise_caption,
-    resize_image,
+    normalise_image,
     sample_key,
     split_for,
-    to_rgb,
 )
 from tasks.img2dataset_runner import (
     DownloadOptions,
@@ -468,15 +466,17 @@ def process_url_shard(job: UrlShardJob, ctx: BuildContext) -> UnitResult:
                 if bad := caption_problem(caption, ctx.spec.filters):
                     writer.reject(bad[0], source, where, bad[1], caption)
                     continue
-                jpg = tar.extractfile(index[row["key"]]["jpg"]).read()
+                raw_bytes = tar.extractfile(index[row["key"]]["jpg"]).read()  # as downloaded
                 try:
-                    width, height = decoded_size(jpg)
-                except Exception as err:  # any decoder failure is a reject
-                    writer.reject("decode_error", source, where, f"img2dataset output does not decode: {err}")
-                    continue
-                original = (row.get("original_width") or width, row.get("original_height") or height)
-                if bad := image_problem(*original, ctx.spec.filters):
-                    writer.reject(bad[0], source, where, bad[1])
+                    image = normalise_image(
+                        raw_bytes,
+                        ctx.spec.filters,
+                        int(ctx.spec.image_size or 0),
+                        ctx.spec.resize_mode,
+                        source,
+                    )
+                except ImageRejected as err:
+                    writer.reject(err.reason, source, where, err.detail)
                     continue
                 meta = {
                     "source_key": row["key"],
@@ -484,13 +484,10 @@ def process_url_shard(job: UrlShardJob, ctx: BuildContext) -> UnitResult:
                     "url": source,
                     "row": row["row"],
                     "status": "success",
-                    "width": width,
-                    "height": height,
-                    "original_width": original[0],
-                    "original_height": original[1],
-                    "sha256": row.get("sha256"),
+                    **image.meta(),
+                    "sha256": hashlib.sha256(raw_bytes).hexdigest(),
                 }
-                yield writer.keep(sample_key(job.unit.subset, row["key"]), jpg, caption, meta)
+                yield writer.keep(sample_key(job.unit.subset, row["key"]), image.jpeg, caption, meta)
 
         return writer.finish(samples())
 
@@ -605,31 +602,13 @@ def image_under_root(root: Path, relative: str) -> tuple[Path | None, str, str]:
 
 def load_local_image(path: Path, ctx: BuildContext) -> tuple[bytes | None, dict[str, Any], tuple[str, str]]:
     """(jpeg bytes, size meta, ("", "")) for a good image, else (None, {}, (reason, detail))."""
-    from PIL import Image
-
-    filters = ctx.spec.filters
-    # Pillow's bomb limit is process-wide: the spec's for this decode only (Ray workers are shared).
-    pillow_limit, Image.MAX_IMAGE_PIXELS = Image.MAX_IMAGE_PIXELS, filters.max_image_pixels
     try:
-        with Image.open(path) as image:
-            original = image.size
-            if bad := image_problem(*original, filters):
-                return None, {}, bad
-            image.load()
-            out = resize_image(to_rgb(image), int(ctx.spec.image_size or 0), ctx.spec.resize_mode)
-    except Image.DecompressionBombError as err:  # more than twice max_image_pixels, refused by Pillow
-        return None, {}, ("image_too_large", str(err))
-    except Exception as err:  # any decoder failure is a reject
-        return None, {}, ("decode_error", f"{type(err).__name__}: {err}")
-    finally:
-        Image.MAX_IMAGE_PIXELS = pillow_limit
-    meta = {
-        "width": out.size[0],
-        "height": out.size[1],
-        "original_width": original[0],
-        "original_height": original[1],
-    }
-    return encode_jpeg(out), meta, ("", "")
+        image = normalise_image(
+            path, ctx.spec.filters, int(ctx.spec.image_size or 0), ctx.spec.resize_mode, str(path)
+        )
+    except ImageRejected as err:
+        return None, {}, (err.reason, err.detail)
+    return image.jpeg, image.meta(), ("", "")
 
 
 def process_llava(job: LlavaJob, ctx: BuildContext) -> UnitResult:

@@ -7,8 +7,9 @@ this module finds the executable there, or at ``MVLM_IMG2DATASET``. The run's lo
 ``NNNNN.parquet`` (status and error message of every URL) names each failure.
 
 Output layout of img2dataset (``--output_format webdataset``), per shard id ``NNNNN``:
-``NNNNN.tar`` (``{key}.jpg``, ``{key}.txt``, ``{key}.json`` for the successes), ``NNNNN.parquet``
-(one row per input row: key, status, error_message, sizes, the saved additional columns) and
+``NNNNN.tar`` (``{key}.jpg``, ``{key}.txt``, ``{key}.json`` for the successes; with
+``--disable_all_reencoding`` the ``.jpg`` member holds the bytes as downloaded, whatever their format),
+``NNNNN.parquet`` (one row per input row: key, status, error_message, sizes, the saved additional columns) and
 ``NNNNN_stats.json`` (count, successes, failed_to_download, failed_to_resize, status_dict, timings),
 written last; ``--incremental_mode incremental`` skips the shards whose stats file exists.
 """
@@ -145,6 +146,9 @@ def command(executable: Path, url_list: Path, output: Path, opts: DownloadOption
         "incremental_mode": "incremental",
         "oom_shard_count": OOM_SHARD_COUNT,
         "distributor": "multiprocessing",
+        # img2dataset only downloads: the bytes are kept as sent and every check, conversion and
+        # resize happens in our second pass (tasks.image_checks.normalise_image), as on every route.
+        "disable_all_reencoding": True,
     }
     cmd = [str(executable)]
     for name, value in args.items():

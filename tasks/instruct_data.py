@@ -9,7 +9,6 @@ paths must resolve inside the spec's image root. Bad records are rejected with a
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 import logging
 import os
@@ -29,6 +28,7 @@ from tasks.build import (
     resolve_path,
     save_unit,
 )
+from tasks.image_checks import ImageRejected, normalise_image
 from tasks.parallel import ray_map
 from tasks.rejects import Rejects
 from tasks.shards import finished_shard, write_shard
@@ -107,46 +107,13 @@ def resolve_image(root: str, name: Any) -> Path:
 
 
 def load_image_bytes(path: Path, spec: DatasetSpec) -> bytes:
-    """Decode, check limits and re-encode an image as JPEG (shorter side at most ``image_size``)."""
-    from PIL import Image
-
-    limits = spec.filters
-    # Pillow's limit is process-wide: set it for this decode only (other builders share Ray workers).
-    pillow_limit, Image.MAX_IMAGE_PIXELS = Image.MAX_IMAGE_PIXELS, limits.max_image_pixels
+    """The stored JPEG of an image: the one normalisation of every route (``normalise_image``)."""
     try:
-        with Image.open(path) as img:
-            width, height = img.size
-            if width * height > limits.max_image_pixels:
-                raise SampleError(
-                    "image_too_large", f"{width}x{height} > max_image_pixels {limits.max_image_pixels}"
-                )
-            if min(width, height) < limits.min_image_side:
-                raise SampleError(
-                    "image_too_small", f"{width}x{height} < min_image_side {limits.min_image_side}"
-                )
-            if max(width, height) / min(width, height) > limits.max_aspect_ratio:
-                raise SampleError("bad_aspect_ratio", f"{width}x{height} beyond max_aspect_ratio")
-            img.seek(0)
-            if img.mode.startswith("I;16"):  # 16-bit greyscale: scale to 8 bits (convert() would clip)
-                import numpy as np
-
-                rgb = Image.fromarray((np.asarray(img) >> 8).astype(np.uint8)).convert("RGB")
-            else:
-                rgb = img.convert("RGB")
-    except Image.DecompressionBombError as err:  # more than twice max_image_pixels, refused by Pillow
-        raise SampleError("image_too_large", f"{path.name}: {err}") from None
-    except (OSError, ValueError, SyntaxError) as err:
-        if isinstance(err, SampleError):
-            raise
-        raise SampleError("bad_image", f"cannot decode {path.name}: {err}") from None
-    finally:
-        Image.MAX_IMAGE_PIXELS = pillow_limit
-    scale = spec.image_size / min(rgb.size)
-    if scale < 1:
-        rgb = rgb.resize((max(1, round(rgb.width * scale)), max(1, round(rgb.height * scale))), Image.BICUBIC)
-    out = io.BytesIO()
-    rgb.save(out, format="JPEG", quality=95)
-    return out.getvalue()
+        return normalise_image(
+            path, spec.filters, int(spec.image_size or 0), spec.resize_mode, str(path)
+        ).jpeg
+    except ImageRejected as err:
+        raise SampleError(err.reason, err.detail) from None
 
 
 def stable_fraction(text: str) -> float:

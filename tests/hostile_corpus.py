@@ -298,9 +298,9 @@ def _instruct_cases() -> list[Case]:
         ("symlink_inside_root", "symlink to an image inside the root", KEPT,
          _img("inside_link.jpg", "link"), RED),
         ("nested_path", "image in a sub-folder", KEPT, _img("sub/dir/nested.jpg", "nested"), BLUE),
-        ("truncated_image", "JPEG cut in half", rejected("bad_image"), _img("truncated.jpg", "b1"), None),
-        ("zero_byte_image", "zero-byte file", rejected("bad_image"), _img("zero.jpg", "b2"), None),
-        ("not_an_image", "text bytes named .jpg", rejected("bad_image"), _img("text.jpg", "b3"), None),
+        ("truncated_image", "JPEG cut in half", rejected("decode_error"), _img("truncated.jpg", "b1"), None),
+        ("zero_byte_image", "zero-byte file", rejected("decode_error"), _img("zero.jpg", "b2"), None),
+        ("not_an_image", "text bytes named .jpg", rejected("decode_error"), _img("text.jpg", "b3"), None),
         ("decompression_bomb", "36 Mpx PNG of a few KB (> 2 x max_image_pixels)", rejected("image_too_large"),
          _img("bomb.png", "l1"), None),
         ("over_max_pixels", "1.2 Mpx > max_image_pixels 1 Mpx", rejected("image_too_large"),
@@ -453,8 +453,9 @@ def _url_cases() -> list[Case]:
          None),
         ("url_aspect", "a 21:1 image", rejected("bad_aspect_ratio"), f"{LOCAL}/wide.png\t{ok}".encode(),
          None),
-        ("url_decompression_bomb", "a 36 Mpx PNG of a few KB (OpenCV refuses it before decoding)",
-         rejected("image_too_large"), f"{LOCAL}/bomb.png\t{ok}".encode(), "CV_IO_MAX_IMAGE_PIXELS"),
+        ("url_decompression_bomb", "a 36 Mpx PNG of a few KB (refused from its header, never decoded)",
+         rejected("image_too_large"), f"{LOCAL}/bomb.png\t{ok}".encode(),
+         "6000x6000 > max_image_pixels 1000000"),
         ("url_over_max_pixels", "1.2 Mpx > max_image_pixels 1 Mpx", rejected("image_too_large"),
          f"{LOCAL}/large.png\t{ok}".encode(), None),
         ("url_file_scheme", "file: URL", rejected("url_refused"), b"file:///etc/passwd\tx y",
@@ -609,6 +610,18 @@ def write_images(root: Path) -> None:
     _save(Image.new("RGB", (6, 40), (1, 2, 3)), img / "tiny.png")  # below min_image_side 8
     _save(Image.new("RGB", (420, 20), (9, 9, 9)), img / "wide.png")  # 21:1 > max_aspect_ratio 20
     _save(Image.new("RGB", (10, 300), (9, 9, 9)), img / "tall.png")  # 1:30
+    _save(Image.new("RGB", (8000, 6), (9, 9, 9)), img / "extreme.png")  # img2dataset upscaled it to 85333x64
+    half = Image.new("RGBA", (80, 40), (*BLUE, 0))  # right half transparent (blue under alpha 0)
+    half.paste(Image.new("RGBA", (40, 40), (*RED, 255)), (0, 0))
+    _save(half, img / "alpha.png")
+    palette = Image.new("P", (40, 40), 1)
+    palette.putpalette([*RED, *BLUE] + [0, 0, 0] * 254)
+    _save(palette, img / "palette_alpha.png", transparency=1)  # index 1 (blue) transparent: white
+    turned = Image.new("RGB", (100, 50), RED)
+    turned.paste(Image.new("RGB", (50, 50), BLUE), (50, 0))
+    exif = Image.Exif()
+    exif[0x0112] = 6  # Orientation: rotate 90 degrees clockwise to display (red ends on top)
+    _save(turned, img / "rotated.jpg", quality=95, exif=exif.tobytes())
     _save(Image.new("RGB", (64, 64), (255, 255, 255)), outside / "secret.jpg")
     (img / "escape.jpg").symlink_to(outside / "secret.jpg")
     (img / "inside_link.jpg").symlink_to("good.jpg")
@@ -616,6 +629,45 @@ def write_images(root: Path) -> None:
     _save(Image.new("RGB", (200, 100), RED), loop / "good.jpg", quality=95)
     (loop / "loop_a.jpg").symlink_to("loop_b.jpg")
     (loop / "loop_b.jpg").symlink_to("loop_a.jpg")
+
+
+@dataclass(frozen=True)
+class ImageCase:
+    """One image file of the corpus and the fate it must have on every route (URL, LLaVA json, instruct)."""
+
+    file: str
+    """Path under ``img/``."""
+    fate: Fate
+    """``KEPT`` or ``rejected(reason)``, with the filters of ``IMAGE_FILTERS``."""
+    regions: tuple[tuple[tuple[float, float, float, float], tuple[int, int, int]], ...] = ()
+    """Kept: ``((left, top, right, bottom) as fractions of the stored image, RGB))`` to find there."""
+    portrait: bool | None = None
+    """Kept: whether the stored image is taller than wide (EXIF orientation applied)."""
+
+
+WHOLE = (0.2, 0.2, 0.8, 0.8)
+IMAGE_FILTERS = "{max_caption_chars: 200, max_image_pixels: 1000000}"
+"""The filters of the route specs: min_image_side 8 and max_aspect_ratio 20 are the defaults."""
+IMAGE_CASES = [
+    ImageCase("good.jpg", KEPT, ((WHOLE, RED),), False),
+    ImageCase("sub/dir/nested.jpg", KEPT, ((WHOLE, BLUE),)),
+    ImageCase("cmyk.jpg", KEPT, ((WHOLE, (255, 0, 0)),)),
+    ImageCase("grey16.png", KEPT, ((WHOLE, GREY16),)),
+    ImageCase("anim.gif", KEPT, ((WHOLE, (0, 0, 255)),)),
+    ImageCase("alpha.png", KEPT, (((0.1, 0.2, 0.4, 0.8), RED), ((0.6, 0.2, 0.9, 0.8), (255, 255, 255)))),
+    ImageCase("palette_alpha.png", KEPT, ((WHOLE, (255, 255, 255)),)),
+    ImageCase("rotated.jpg", KEPT, (((0.2, 0.1, 0.8, 0.4), RED), ((0.2, 0.6, 0.8, 0.9), BLUE)), True),
+    ImageCase("truncated.jpg", rejected("decode_error")),
+    ImageCase("zero.jpg", rejected("decode_error")),
+    ImageCase("text.jpg", rejected("decode_error")),
+    ImageCase("bomb.png", rejected("image_too_large")),
+    ImageCase("large.png", rejected("image_too_large")),
+    ImageCase("tiny.png", rejected("image_too_small")),
+    ImageCase("extreme.png", rejected("image_too_small")),
+    ImageCase("wide.png", rejected("bad_aspect_ratio")),
+    ImageCase("tall.png", rejected("bad_aspect_ratio")),
+]
+"""Every image file of the corpus (``write_images``) with its one fate."""
 
 
 # --- the corpus ----------------------------------------------------------------------------------

@@ -122,11 +122,21 @@ def test_grayscale_channels_share_pixel_values() -> None:
     torch.testing.assert_close(pixels[0], pixels[2], atol=1e-5, rtol=0)
 
 
-def test_rgba_alpha_is_dropped() -> None:
+def test_transparency_is_composited_on_white() -> None:
     rgb = random_image(20, 20)
-    rgba = rgb.copy()
-    rgba.putalpha(0)
-    torch.testing.assert_close(preprocess_image(rgba, 20), preprocess_image(rgb, 20))
+    opaque, clear = rgb.copy(), rgb.copy()
+    opaque.putalpha(255)
+    clear.putalpha(0)
+    torch.testing.assert_close(preprocess_image(opaque, 20), preprocess_image(rgb, 20))
+    white = Image.new("RGB", (20, 20), (255, 255, 255))
+    torch.testing.assert_close(preprocess_image(clear, 20), preprocess_image(white, 20))
+
+
+def test_16_bit_grey_is_scaled_not_clipped() -> None:
+    from model.image import to_rgb
+
+    grey16 = Image.fromarray(np.full((8, 8), 40000, dtype=np.uint16))
+    assert np.asarray(to_rgb(grey16)).mean() == 40000 >> 8
 
 
 def test_preprocess_images_batches() -> None:

@@ -95,9 +95,9 @@ INSTRUCT_CASES: list[tuple[str, Any, str]] = [
     ("directory_not_file", _img("sub", "m2"), "missing_image"),
     ("image_field_empty", _img("", "f1"), "bad_image_field"),
     ("image_field_number", _img(7, "f2"), "bad_image_field"),
-    ("truncated_jpeg", _img("truncated.jpg", "b1"), "bad_image"),
-    ("zero_bytes", _img("zero.jpg", "b2"), "bad_image"),
-    ("not_an_image", _img("text.jpg", "b3"), "bad_image"),
+    ("truncated_jpeg", _img("truncated.jpg", "b1"), "decode_error"),
+    ("zero_bytes", _img("zero.jpg", "b2"), "decode_error"),
+    ("not_an_image", _img("text.jpg", "b3"), "decode_error"),
     ("decompression_bomb", _img("bomb.png", "l1"), "image_too_large"),
     ("over_max_pixels", _img("large.png", "l2"), "image_too_large"),
     ("too_small", _img("tiny.png", "s1"), "image_too_small"),
@@ -381,7 +381,7 @@ def test_pixel_limit_is_restored_after_each_image(hostile: tuple[Path, BuildResu
     spec = load_spec(root / "specs" / "hostile-instruct.yaml")
     default = Image.MAX_IMAGE_PIXELS
     assert spec.filters.max_image_pixels != default
-    for name, reason in (("good.jpg", None), ("bomb.png", "image_too_large"), ("zero.jpg", "bad_image")):
+    for name, reason in (("good.jpg", None), ("bomb.png", "image_too_large"), ("zero.jpg", "decode_error")):
         if reason is None:
             assert load_image_bytes(root / "img" / name, spec)[:2] == b"\xff\xd8"
         else:
