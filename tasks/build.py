@@ -38,7 +38,15 @@ from tasks.identity import (
 )
 from tasks.rejects import Rejects
 from tasks.shards import remove_stray_temps, shard_problem
-from tasks.specs import DatasetSpec, FilesSource, HFSource, LlavaSource, UrlListSource, load_spec
+from tasks.specs import (
+    DatasetSpec,
+    FilesSource,
+    HFSource,
+    LlavaSource,
+    RemoteFilesSource,
+    UrlListSource,
+    load_spec,
+)
 
 log = logging.getLogger(__name__)
 
@@ -103,6 +111,9 @@ class BuildContext:
     """Hash of the tokenizer (part of the identity)."""
     verified_units: frozenset[int] = frozenset()
     """Units whose shards the driver verified just before this build (workers do not hash them again)."""
+    source: dict[str, Any] = field(default_factory=dict)
+    """The source fingerprint computed at plan time (part of the identity; remote files are fetched
+    as it describes them, so the data read is the data identified)."""
 
     @property
     def out(self) -> Path:
@@ -192,6 +203,10 @@ def source_fingerprint(spec: DatasetSpec, data_root: str | Path) -> dict[str, An
             out[sub.name] = {"dataset": src.dataset, "revision": src.revision, "config": src.config}
         elif isinstance(src, FilesSource):
             out[sub.name] = [file_fingerprint(f) for f in expand_files(data_root, src.paths)]
+        elif isinstance(src, RemoteFilesSource):
+            from tasks.remote_text import remote_fingerprint
+
+            out[sub.name] = remote_fingerprint(spec, src, data_root)
         elif isinstance(src, UrlListSource):
             out[sub.name] = file_fingerprint(expand_files(data_root, [src.path])[0])
         elif isinstance(src, LlavaSource):
@@ -223,15 +238,18 @@ def make_context(spec_path: str | Path, data_root: str | Path) -> BuildContext:
     """Validate the spec and compute the build identity."""
     spec = load_spec(spec_path)
     tok_path, tok_hash = resolve_tokenizer(spec, data_root)
+    source = source_fingerprint(spec, data_root)
     identity = {
         "spec": spec.model_dump(mode="json"),
-        "source": source_fingerprint(spec, data_root),
+        "source": source,
         "tokenizer": tok_hash,
         "code": code_version(BUILDER_COMPONENT[spec.kind]),
     }
     build_id = hash_json(identity)
     out = Path(data_root) / "builds" / spec.name / build_id
-    return BuildContext(spec, str(spec_path), str(data_root), build_id, str(out), tok_path, tok_hash)
+    return BuildContext(
+        spec, str(spec_path), str(data_root), build_id, str(out), tok_path, tok_hash, source=source
+    )
 
 
 # --- running -------------------------------------------------------------------------------------
@@ -371,7 +389,7 @@ def finalize(
         "build_id": ctx.build_id,
         "code_version": code_version(BUILDER_COMPONENT[ctx.spec.kind]),
         "spec": ctx.spec.model_dump(mode="json"),
-        "source": source_fingerprint(ctx.spec, ctx.data_root),
+        "source": ctx.source or source_fingerprint(ctx.spec, ctx.data_root),
         "tokenizer": {"path": ctx.tokenizer_path, "hash": ctx.tokenizer_hash} if ctx.tokenizer_hash else None,
         "weights": ctx.spec.weights(),
         "stats": stats,

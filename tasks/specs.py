@@ -63,6 +63,41 @@ class FilesSource(_Strict):
     """Field holding the document text."""
 
 
+class RemoteFilesSource(_Strict):
+    """Published files fetched over HTTP(S) (RedPajama v1's jsonl files): a URL list, one build unit per
+    file, downloaded into the data root's cache with resume, retries and the publisher's sha256."""
+
+    type: Literal["remote_files"]
+    """Source kind."""
+    listing: str | None = None
+    """URL (or data-root-relative path) of a text file with one URL a line (``#`` starts a comment),
+    e.g. RedPajama's ``urls.txt``; relative lines resolve against the list's URL."""
+    urls: list[str] = []
+    """The URLs written inline (instead of ``listing``)."""
+    include: str | None = None
+    """Regular expression: only URLs it finds a match in (one subset of a shared list, e.g. ``/arxiv/``)."""
+    checksum: Literal["auto", "required", "none"] = "auto"
+    """The publisher's sha256 from ``<url>.sha256``: ``auto`` checks it when the file exists,
+    ``required`` fails a file without one, ``none`` never looks."""
+    format: Literal["jsonl"] = "jsonl"
+    """Record format; ``.gz`` and ``.zst`` files are decompressed while streaming."""
+    text_field: str = "text"
+    """Field holding the document text."""
+    retries: int = Field(default=5, ge=0, le=20)
+    """Retries per file after a dropped connection or a 5xx answer (exponential backoff from 0.5 s)."""
+
+    @model_validator(mode="after")
+    def _one_list(self) -> RemoteFilesSource:
+        if (self.listing is None) == (not self.urls):
+            raise ValueError("give exactly one of listing (a urls.txt) or urls (inline)")
+        if self.include is not None:
+            try:
+                re.compile(self.include)
+            except re.error as err:
+                raise ValueError(f"include is not a valid regular expression ({err})") from None
+        return self
+
+
 class LocalServer(_Strict):
     """Serve a folder on 127.0.0.1 during the download (tiny profile); URLs use ``{LOCAL_SERVER}``."""
 
@@ -96,7 +131,9 @@ class LlavaSource(_Strict):
     """Folder that ``image`` fields are relative to (required for ``instruct``)."""
 
 
-Source = Annotated[HFSource | FilesSource | UrlListSource | LlavaSource, Field(discriminator="type")]
+Source = Annotated[
+    HFSource | FilesSource | RemoteFilesSource | UrlListSource | LlavaSource, Field(discriminator="type")
+]
 
 
 class Subset(_Strict):
@@ -189,7 +226,7 @@ class DatasetSpec(_Strict):
         if missing:
             raise ValueError(f"kind {self.kind!r} requires field(s) {missing}")
         allowed = {
-            "text": ("hf", "files"),
+            "text": ("hf", "files", "remote_files"),
             "chat": ("llava_json",),
             "image_text": ("url_list", "llava_json"),
             "instruct": ("llava_json",),
@@ -310,7 +347,13 @@ def _has(node: dict | list, part: Any) -> bool:
     return part in node if isinstance(node, dict) else isinstance(part, int) and part < len(node)
 
 
-_SOURCE_MODELS = {"hf": HFSource, "files": FilesSource, "url_list": UrlListSource, "llava_json": LlavaSource}
+_SOURCE_MODELS = {
+    "hf": HFSource,
+    "files": FilesSource,
+    "remote_files": RemoteFilesSource,
+    "url_list": UrlListSource,
+    "llava_json": LlavaSource,
+}
 
 
 def _inner_model(annotation: Any) -> type[BaseModel] | None:

@@ -25,7 +25,7 @@ from tasks.build import BuildContext, BuildError, Unit, UnitResult, expand_files
 from tasks.parallel import ray_map
 from tasks.rejects import Rejects
 from tasks.shards import finished_shard, npy_bytes, write_shard
-from tasks.specs import FilesSource, Filters, HFSource, resolve_env
+from tasks.specs import FilesSource, Filters, HFSource, RemoteFilesSource, resolve_env
 
 log = logging.getLogger(__name__)
 _CONTROL = {c: None for c in range(32) if c not in (9, 10)} | {0x7F: None}
@@ -64,6 +64,9 @@ def plan_units(ctx: BuildContext) -> list[Unit]:
         elif isinstance(src, FilesSource):
             for path in expand_files(ctx.data_root, src.paths):
                 units.append(Unit(len(units), sub.name, path))
+        elif isinstance(src, RemoteFilesSource):  # the files described at plan time, in list order
+            for described in ctx.source[sub.name]["files"]:
+                units.append(Unit(len(units), sub.name, described["url"]))
     return units
 
 
@@ -78,7 +81,12 @@ def read_docs(unit: Unit, ctx: BuildContext) -> Iterator[Doc]:
     sub = next(s for s in ctx.spec.subsets if s.name == unit.subset)
     src = sub.source
     limits = ctx.spec.filters
-    raw_docs = _read_hf(src, unit) if isinstance(src, HFSource) else _read_file(unit.source, src, limits)
+    if isinstance(src, HFSource):
+        raw_docs = _read_hf(src, unit)
+    elif isinstance(src, RemoteFilesSource):
+        raw_docs = _read_remote(unit, ctx, src)
+    else:
+        raw_docs = _read_file(unit.source, src, limits)
     for doc in raw_docs:
         if doc.text is None:
             yield doc
@@ -112,10 +120,30 @@ def _read_file(path: str, src: FilesSource, limits: Filters) -> Iterator[Doc]:
             yield _doc_from_row(f"row {i}", {src.text_field: value}, src.text_field)
 
 
+def _read_remote(unit: Unit, ctx: BuildContext, src: RemoteFilesSource) -> Iterator[Doc]:
+    """The records of one fetched file; a file the server does not have is one ``http_404`` reject."""
+    from tasks.remote_files import FetchError, RemoteMissing
+    from tasks.remote_text import fetch_unit
+
+    try:
+        path = fetch_unit(ctx.spec, ctx.source[unit.subset], unit.source, ctx.data_root, src.retries)
+    except RemoteMissing as err:
+        yield Doc("file", None, "http_404", f"{err}; its documents are missing from this build", unit.source)
+        return
+    except FetchError as err:
+        raise BuildError(f"spec {ctx.spec.name}: subset {unit.subset}: {err}") from None
+    yield from _read_jsonl(
+        str(path), src.text_field, line_limit(ctx.spec.filters, ctx.spec.filters.max_chars)
+    )
+
+
 def _read_jsonl(path: str, field: str, max_line_bytes: int) -> Iterator[Doc]:
-    """Records of a jsonl file; no line is read past ``max_line_bytes`` (longer ones: ``oversized_line``).
-    A UTF-8 BOM on line 1 and CRLF line ends are accepted; blank lines are not records."""
-    with open(path, "rb") as handle:
+    """Records of a jsonl file (``.gz`` and ``.zst`` decompressed while reading); no line is read past
+    ``max_line_bytes`` (longer ones: ``oversized_line``). A UTF-8 BOM on line 1 and CRLF line ends are
+    accepted; blank lines are not records."""
+    from tasks.remote_text import open_records
+
+    with open_records(path) as handle:
         for line in bounded_lines(handle, max_line_bytes):
             where = f"line {line.number}"
             if line.data is None:
