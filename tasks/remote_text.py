@@ -58,7 +58,9 @@ def list_urls(
                     f"spec {spec.name}: cannot read the URL list {src.listing}: {err}"
                 ) from err
             if text is None:
-                raise RemoteSourceError(f"spec {spec.name}: the URL list {src.listing} is not there (HTTP 404)")
+                raise RemoteSourceError(
+                    f"spec {spec.name}: the URL list {src.listing} is not there (HTTP 404)"
+                )
             base = src.listing
         else:
             path = src.listing if os.path.isabs(src.listing) else os.path.join(data_root, src.listing)

@@ -133,7 +133,9 @@ def test_mvlm_data_build_fetches_resumes_and_equals_the_local_build(
     tokenizer = samples_root / "samples" / "tokenizer"
     specs = tmp_path / "specs"
     specs.mkdir()
-    remote = [f"{{type: remote_files, listing: {base}/{RELEASE}/urls.txt, include: /{sub}/}}" for sub in SUBSETS]
+    remote = [
+        f"{{type: remote_files, listing: {base}/{RELEASE}/urls.txt, include: /{sub}/}}" for sub in SUBSETS
+    ]
     (specs / "remote-rp.yaml").write_text(_spec("remote-rp", tokenizer, remote))
     local = []
     for sub in SUBSETS:
