@@ -237,6 +237,10 @@ def resolve_tokenizer(spec: DatasetSpec, data_root: str | Path) -> tuple[str | N
 def make_context(spec_path: str | Path, data_root: str | Path) -> BuildContext:
     """Validate the spec and compute the build identity."""
     spec = load_spec(spec_path)
+    if spec.downloads:  # published files the sources read: fetched (or verified as there) first
+        from tasks.downloads import ensure_downloads
+
+        ensure_downloads(spec, data_root)
     tok_path, tok_hash = resolve_tokenizer(spec, data_root)
     source = source_fingerprint(spec, data_root)
     identity = {

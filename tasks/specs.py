@@ -180,6 +180,20 @@ class Dedup(_Strict):
     """Drop exact duplicates (sha256 of the normalised text); the first occurrence in source order wins."""
 
 
+class Download(_Strict):
+    """A published file fetched before the build (LLaVA's json, image archives): no manual step."""
+
+    url: str
+    """Its URL (a hub file is ``https://huggingface.co/datasets/<id>/resolve/<revision>/<file>``)."""
+    to: str
+    """Where it lands, relative to the data root: the file, or the folder an archive is unpacked into."""
+    unpack: Literal["none", "zip", "tar"] = "none"
+    """``zip`` or ``tar`` (``.tar``, ``.tar.gz``): unpack into ``to`` (members leaving it, links and
+    devices refused); ``none``: the file is put at ``to``."""
+    sha256: str | None = Field(default=None, pattern=r"^[0-9a-f]{64}$")
+    """Expected sha256; without it the publisher's ``<url>.sha256`` is used when there is one."""
+
+
 class DatasetSpec(_Strict):
     """A dataset: what to read, how to filter it, how to shard it."""
 
@@ -216,6 +230,9 @@ class DatasetSpec(_Strict):
     """Fraction of samples (by stable hash) kept out of training for evaluation."""
     max_failure_ratio: float = Field(default=0.05, ge=0.0, le=1.0)
     """The build fails when rejected / read exceeds this ratio."""
+    downloads: list[Download] = []
+    """Files fetched (and unpacked) under the data root before the build, through the same fetcher as
+    ``remote_files`` sources; done once, verified by a marker, redone when the URL or checksum changes."""
     allow_hosts: list[str] = []
     """Hosts or networks (CIDR) that URL lists may reach besides public addresses (tiny: 127.0.0.1)."""
 

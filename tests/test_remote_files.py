@@ -168,3 +168,77 @@ def test_mvlm_data_build_fetches_resumes_and_equals_the_local_build(
     assert reference.manifest["stats"]["totals"]["documents"] == 5 * 30
     shards = {r["path"]: r["sha256"] for r in manifest["shards"]}
     assert shards == {r["path"]: r["sha256"] for r in reference.manifest["shards"]}
+
+
+PRETRAIN_SPEC = """\
+name: {name}
+kind: image_text
+profile: tiny
+license: CC0-1.0
+image_size: 32
+shard_samples: 50
+allow_hosts: [127.0.0.1]
+downloads:
+  - {{url: "{base}/llava/blip_tiny.json", to: sources/LLaVA-Pretrain/blip_tiny.json}}
+  - {{url: "{base}/llava/{archive}", to: sources/LLaVA-Pretrain/images, unpack: {unpack}}}
+subsets:
+  - {{name: blip, source: {{type: llava_json, path: sources/LLaVA-Pretrain/blip_tiny.json,
+                             image_root: sources/LLaVA-Pretrain/images}}}}
+"""
+
+
+def _archives(folder: Path) -> None:
+    """LLaVA-Pretrain's layout in small: a json and images.zip holding 00000/*.jpg; a zip that writes
+    outside its folder and a tar holding a symbolic link."""
+    import io
+    import tarfile
+    import zipfile
+
+    from PIL import Image
+
+    folder.mkdir(parents=True, exist_ok=True)
+    entries = []
+    with zipfile.ZipFile(folder / "images.zip", "w") as zf:
+        for i in range(6):
+            buffer = io.BytesIO()
+            Image.new("RGB", (40, 40), (40 * i, 90, 200)).save(buffer, format="JPEG", quality=95)
+            zf.writestr(f"00000/{i:09d}.jpg", buffer.getvalue())
+            turns = [
+                {"from": "human", "value": "<image>\nDescribe."},
+                {"from": "gpt", "value": f"a tile {i}"},
+            ]
+            entries.append({"id": f"{i:09d}", "image": f"00000/{i:09d}.jpg", "conversations": turns})
+    (folder / "blip_tiny.json").write_text(json.dumps(entries))
+    with zipfile.ZipFile(folder / "evil.zip", "w") as zf:
+        zf.writestr("00000/ok.jpg", b"x")
+        zf.writestr("../../escaped.txt", b"outside")
+    with tarfile.open(folder / "links.tar.gz", "w:gz") as tf:
+        link = tarfile.TarInfo("00000/passwd.jpg")
+        link.type, link.linkname = tarfile.SYMTYPE, "/etc/passwd"
+        tf.addfile(link)
+
+
+def test_spec_downloads_fetch_and_unpack_before_the_build(server, tmp_path: Path, ray_local: None) -> None:
+    from tasks.build import BuildError, build_dataset
+
+    base, state, root = server
+    _archives(root / "llava")
+    specs, data_root = tmp_path / "specs", tmp_path / "data"
+    specs.mkdir()
+    for name, archive, unpack in (("dl-good", "images.zip", "zip"), ("dl-evil", "evil.zip", "zip"),
+                                  ("dl-links", "links.tar.gz", "tar")):  # fmt: skip
+        text = PRETRAIN_SPEC.format(name=name, base=base, archive=archive, unpack=unpack)
+        (specs / f"{name}.yaml").write_text(text)
+    result = build_dataset(specs / "dl-good.yaml", data_root)
+    assert result.manifest["stats"]["totals"]["kept"] == 6
+    assert len(list((data_root / "sources/LLaVA-Pretrain/images/00000").glob("*.jpg"))) == 6
+    before = len(state.requests)
+    assert build_dataset(specs / "dl-good.yaml", data_root).reused
+    assert len(state.requests) == before  # the finished downloads were verified by marker, not fetched
+    with pytest.raises(
+        BuildError, match=r"downloads\[1\].*member '\.\./\.\./escaped\.txt' would be written outside"
+    ):
+        build_dataset(specs / "dl-evil.yaml", tmp_path / "data-evil")
+    assert not list(tmp_path.rglob("escaped.txt"))
+    with pytest.raises(BuildError, match=r"member '00000/passwd\.jpg' is a link or device; archive refused"):
+        build_dataset(specs / "dl-links.yaml", tmp_path / "data-links")
