@@ -200,7 +200,9 @@ def source_fingerprint(spec: DatasetSpec, data_root: str | Path) -> dict[str, An
     for sub in spec.subsets:
         src = sub.source
         if isinstance(src, HFSource):
-            out[sub.name] = {"dataset": src.dataset, "revision": src.revision, "config": src.config}
+            from tasks.hub import hub_fingerprint
+
+            out[sub.name] = hub_fingerprint(spec, src)
         elif isinstance(src, FilesSource):
             out[sub.name] = [file_fingerprint(f) for f in expand_files(data_root, src.paths)]
         elif isinstance(src, RemoteFilesSource):

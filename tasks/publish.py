@@ -6,6 +6,7 @@ rerun (or a resumed crash) points at what exists instead of creating a second co
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 from pathlib import Path
@@ -52,6 +53,7 @@ def log_build(mlflow: Any, summary: dict[str, Any], parent_run_id: str) -> str:
                 "build_id": summary["build_id"],
                 "kind": summary["kind"],
                 "spec_path": summary.get("spec_path", ""),
+                **_source_params(path),
             },
         )
         tracking.log_dataset(
@@ -67,6 +69,23 @@ def log_build(mlflow: Any, summary: dict[str, Any], parent_run_id: str) -> str:
         shards = str(Path(summary["path"]) / "shards")
         tracking.log_dataset(mlflow, parent_run_id, summary["name"], summary["build_id"], shards)
     return run_id
+
+
+def _source_params(build_dir: Path) -> dict[str, str]:
+    """What the sources were, for lineage: the hub commit of every hub subset, the URL list's sha256
+    and file count of every remote-files subset (the manifest holds the whole fingerprint)."""
+    manifest = build_dir / "manifest.json"
+    if not manifest.is_file():
+        return {}
+    params = {}
+    for subset, source in json.loads(manifest.read_text()).get("source", {}).items():
+        if isinstance(source, dict) and source.get("sha"):
+            params[f"source.{subset}.commit"] = f"{source['dataset']}@{source['sha']}"
+        elif isinstance(source, dict) and "files" in source:
+            params[f"source.{subset}.files"] = str(len(source["files"]))
+            if source.get("list_sha256"):
+                params[f"source.{subset}.list_sha256"] = source["list_sha256"]
+    return params
 
 
 def register_stage(

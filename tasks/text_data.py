@@ -22,6 +22,7 @@ import numpy as np
 
 from tasks.bounded_read import bounded_lines, line_limit, load_whole_json, oversized_detail
 from tasks.build import BuildContext, BuildError, Unit, UnitResult, expand_files, finished_unit, save_unit
+from tasks.hub import read_revision
 from tasks.parallel import ray_map
 from tasks.rejects import Rejects
 from tasks.shards import finished_shard, npy_bytes, write_shard
@@ -59,7 +60,7 @@ def plan_units(ctx: BuildContext) -> list[Unit]:
     for sub in ctx.spec.subsets:
         src = sub.source
         if isinstance(src, HFSource):
-            for shard in range(_hf_num_shards(src)):
+            for shard in range(_hf_num_shards(src, read_revision(ctx.source.get(sub.name), src))):
                 units.append(Unit(len(units), sub.name, f"hf:{shard}"))
         elif isinstance(src, FilesSource):
             for path in expand_files(ctx.data_root, src.paths):
@@ -82,7 +83,7 @@ def read_docs(unit: Unit, ctx: BuildContext) -> Iterator[Doc]:
     src = sub.source
     limits = ctx.spec.filters
     if isinstance(src, HFSource):
-        raw_docs = _read_hf(src, unit)
+        raw_docs = _read_hf(src, unit, read_revision(ctx.source.get(unit.subset), src))
     elif isinstance(src, RemoteFilesSource):
         raw_docs = _read_remote(unit, ctx, src)
     else:
@@ -184,21 +185,22 @@ def _doc_from_row(where: str, row: Any, field: str) -> Doc:
     return Doc(where, value)
 
 
-def _hf_dataset(src: HFSource):
+def _hf_dataset(src: HFSource, revision: str | None):
     import datasets
 
     token = resolve_env(src.token)
     return datasets.load_dataset(
-        src.dataset, src.config, split=src.split, revision=src.revision, streaming=True, token=token
+        src.dataset, src.config, split=src.split, revision=revision, streaming=True, token=token
     )
 
 
-def _hf_num_shards(src: HFSource) -> int:
-    return max(1, _hf_dataset(src).num_shards)
+def _hf_num_shards(src: HFSource, revision: str | None) -> int:
+    return max(1, _hf_dataset(src, revision).num_shards)
 
 
-def _read_hf(src: HFSource, unit: Unit) -> Iterator[Doc]:
-    dataset = _hf_dataset(src)
+def _read_hf(src: HFSource, unit: Unit, revision: str | None) -> Iterator[Doc]:
+    """Rows of one shard of a hub dataset, read at ``revision`` (the commit resolved at plan time)."""
+    dataset = _hf_dataset(src, revision)
     shard = int(unit.source.split(":", 1)[1])
     part = dataset.shard(num_shards=dataset.num_shards, index=shard) if dataset.num_shards > 1 else dataset
     for i, row in enumerate(part):

@@ -242,3 +242,28 @@ def test_spec_downloads_fetch_and_unpack_before_the_build(server, tmp_path: Path
     assert not list(tmp_path.rglob("escaped.txt"))
     with pytest.raises(BuildError, match=r"member '00000/passwd\.jpg' is a link or device; archive refused"):
         build_dataset(specs / "dl-links.yaml", tmp_path / "data-links")
+
+
+def test_build_runs_record_source_commits_and_file_lists_for_lineage(tmp_path: Path) -> None:
+    from tasks import tracking
+    from tasks.publish import log_build
+
+    source = {
+        "web": {"dataset": "user/tiny-web", "revision": "main", "config": None, "sha": "b" * 40},
+        "arxiv": {"list_sha256": "c" * 64, "files": [{"url": "u1"}, {"url": "u2"}]},
+    }
+    build = tmp_path / "build"
+    (build / "shards").mkdir(parents=True)
+    (build / "manifest.json").write_text(json.dumps({"source": source}))
+    mlflow = tracking.client(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    parent, _ = tracking.run_for(mlflow, tracking.EXPERIMENT, "retrain/lineage", "retrain lineage")
+    summary = {
+        "name": "mixed",
+        "build_id": "0123abcd",
+        "path": str(build),
+        "kind": "text",
+        "totals": {"read": 1},
+    }
+    params = mlflow.get_run(log_build(mlflow, summary, parent)).data.params
+    assert params["source.web.commit"] == "user/tiny-web@" + "b" * 40
+    assert params["source.arxiv.files"] == "2" and params["source.arxiv.list_sha256"] == "c" * 64
