@@ -267,3 +267,24 @@ def test_build_runs_record_source_commits_and_file_lists_for_lineage(tmp_path: P
     params = mlflow.get_run(log_build(mlflow, summary, parent)).data.params
     assert params["source.web.commit"] == "user/tiny-web@" + "b" * 40
     assert params["source.arxiv.files"] == "2" and params["source.arxiv.list_sha256"] == "c" * 64
+
+
+def test_a_unit_with_a_wrong_checksum_fails_the_build_naming_the_file(
+    server, samples_root: Path, tmp_path: Path, ray_local: None
+) -> None:
+    from tasks.build import BuildError, build_dataset
+
+    base, _, _ = server
+    specs = tmp_path / "specs"
+    specs.mkdir()
+    urls = [f"{base}/{RELEASE}/arxiv/arxiv_0a.jsonl", f"{base}/{RELEASE}/bad/bad.jsonl"]
+    sources = [f"{{type: remote_files, urls: {json.dumps(urls)}}}"]
+    text = _spec("remote-bad", samples_root / "samples" / "tokenizer", sources * 4).replace(
+        "name: book", "name: b2"
+    )
+    (specs / "remote-bad.yaml").write_text(text.split("  - {name: b2")[0])
+    with pytest.raises(BuildError, match=r"subset arxiv: .*bad\.jsonl: the download's sha256 is"):
+        build_dataset(specs / "remote-bad.yaml", tmp_path / "data")
+    cached = [p.name for p in (tmp_path / "data" / "cache").rglob("*") if p.is_file()]
+    assert not [n for n in cached if n.startswith("bad.jsonl")], cached  # nothing kept from the bad file
+    assert not list((tmp_path / "data" / "builds").rglob("manifest.json"))
