@@ -27,7 +27,7 @@ CODE_VERSIONS: dict[str, str] = {
     "trainer": "2",
     "exporter": "1",
     "quantizer": "1",
-    "bench-protocol": "1",
+    "bench-protocol": "2",
 }
 
 

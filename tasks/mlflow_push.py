@@ -92,10 +92,11 @@ def reachable(uri: str, timeout: float = 3.0) -> bool:
 
 
 def client(uri: str) -> MlflowClient:
-    """An MLflow client bound to ``uri`` (nothing global is changed)."""
-    from mlflow import MlflowClient
+    """An MLflow client bound to ``uri`` (nothing global is changed); a SQLite store is created or
+    upgraded under the machine-wide lock of ``tasks.tracking.client``."""
+    from tasks import tracking
 
-    return MlflowClient(tracking_uri=uri)
+    return tracking.client(uri)
 
 
 def default_owner() -> str:

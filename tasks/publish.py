@@ -180,17 +180,26 @@ def register_quant(
 
 def bench_on_pool(quant_run_id: str, pool: str, model_version: str, timeout_s: float) -> dict[str, Any]:
     """Benchmark on ``pool``: through its deployment when a Prefect server is configured (waiting up to
-    ``timeout_s``; no live runner leaves it pending), else in-process for ``host-cpu``."""
+    ``timeout_s``; a missing deployment or no live runner leaves it pending, a run that failed is
+    ``failed``, any other error is raised), else in-process for ``host-cpu``."""
     from flows.device_benchmark import device_benchmark, submit
 
     if os.environ.get("PREFECT_API_URL"):
+        from prefect.exceptions import ObjectNotFound
+
         try:
             flow_run = submit(quant_run_id, pool, wait_s=timeout_s)
-        except Exception as err:  # no deployment for this pool: report it, do not fail the retrain
-            return {"pool": pool, "status": "pending", "reason": f"could not submit: {err}"}
+        except ObjectNotFound:  # no deployment for this pool: report it, do not fail the retrain
+            reason = f"no deployment device-benchmark/{pool} on the Prefect server (deploy prefect.yaml)"
+            return {"pool": pool, "status": "pending", "reason": reason}
         state = getattr(getattr(flow_run, "state", None), "type", None)
-        if state is None or state.value != "COMPLETED":
-            return {"pool": pool, "status": "pending", "reason": f"flow run {flow_run.id} is {state}"}
+        name = getattr(state, "value", "UNKNOWN")
+        if name in ("FAILED", "CRASHED", "CANCELLED"):  # a runner took it and it did not succeed
+            reason = f"flow run {flow_run.id} ended {name}; see its logs in the Prefect UI"
+            return {"pool": pool, "status": "failed", "reason": reason}
+        if name != "COMPLETED":  # nobody picked it up (or it is still running) within timeout_s
+            reason = f"flow run {flow_run.id} is {name} after {timeout_s:.0f} s: no live runner finished it"
+            return {"pool": pool, "status": "pending", "reason": reason}
         result = {"status": "done"}
     elif pool == "host-cpu":
         result = device_benchmark(quant_run_id, pool)

@@ -102,6 +102,36 @@ def test_python_backend_runs_the_paper_protocol(tiny_quant) -> None:
     )
 
 
+def test_python_backend_counts_what_the_generator_returned(
+    tiny_quant, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A generator that stops early (at a quarter, after 0.2 s) is reported as such, not at full speed."""
+    import time
+
+    from tasks.bench.protocol import BenchSettings, PythonBackend
+    from tasks.bench.runtime import LlamaCpp
+
+    real = LlamaCpp.greedy
+
+    def early(self: LlamaCpp, n_tokens: int, stop_at_eos: bool = True) -> list[int]:
+        time.sleep(0.2)
+        return real(self, n_tokens // 4, stop_at_eos)
+
+    monkeypatch.setattr(LlamaCpp, "greedy", early)
+    settings = BenchSettings(**QUICK)
+    m = PythonBackend().run(tiny_quant.llm, tiny_quant.mmproj, settings)
+    assert (
+        m.lm.eval_tokens == QUICK["lm_tokens"] // 4
+        and m.vlm
+        and m.vlm.eval_tokens == QUICK["vlm_tokens"] // 4
+    )
+    assert (
+        m.lm.eval_tps <= (QUICK["lm_tokens"] // 4) / 0.2
+        and m.vlm.eval_tps <= (QUICK["vlm_tokens"] // 4) / 0.2
+    )
+    assert [len(s.samples_tps) for s in m.speeds] == [2, 2]
+
+
 def test_identity_follows_inputs() -> None:
     host, phone = device_class("host-cpu"), device_class("snapdragon-888")
     base = bench_identity("q", host, BenchSettings())

@@ -350,11 +350,10 @@ def test_two_retrains_of_different_recipes_build_shared_data_once(
     for data in (work / "data", serial_root):
         data.mkdir(parents=True)
         (data / "samples").symlink_to(samples_root / "samples")
-    # Known race outside this test's scope (tasks/tracking.py): two processes opening a fresh SQLite
-    # MLflow store at once both run its schema migration and one fails ("table _alembic_tmp_experiments
-    # already exists"), and both may create the experiment. Start from an initialised store.
+    # Cold start: no MLflow store yet. Both processes open it at once; tasks.tracking.client sets the
+    # SQLite store up under a machine-wide lock and experiment creation converges.
     monkeypatch.setenv("MVLM_WORK_DIR", str(work))
-    tracking.experiment_id(tracking.client(), tracking.EXPERIMENT)
+    assert not (work / "mlflow.db").exists()
     env = _session_env(work)
     command = ["-m", "flows.cli", "retrain"]  # `mvlm retrain RECIPE --until data`, both at once
     procs = {
@@ -452,7 +451,7 @@ def test_two_processes_one_stage_identity_train_once(
     (data_root / "samples").symlink_to(samples_root / "samples")
     build_dataset(find_spec("tiny-redpajama")[0], data_root)
     monkeypatch.setenv("MVLM_WORK_DIR", str(work))
-    tracking.experiment_id(tracking.client(), tracking.EXPERIMENT)  # see the retrain test: fresh-store race
+    assert not (work / "mlflow.db").exists()  # cold start, as in the retrain test
     env = _session_env(work)
     args = ["-c", SHORT_STAGE, str(data_root), str(runs_root)]
     first = _start(args, env, tmp_path / "first.log")

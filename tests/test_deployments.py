@@ -139,7 +139,46 @@ def _stop_flow_run_group(api_url: str, flow_run_id) -> None:
 
 
 @pytest.mark.slow
-def test_deploy_all_and_a_worker_runs_a_scheduled_build(tmp_path: Path) -> None:
+def _bench_statuses(api_url: str, jetson_id: object, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A retrain's device step: pending only when no deployment or no live runner; failed when a runner
+    ran it and it failed (here the run is forced to Failed by the API, as a crashed runner reports)."""
+    import threading
+
+    from prefect.client.orchestration import get_client
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+    from prefect.states import Failed
+
+    from tasks.publish import bench_on_pool
+
+    monkeypatch.setenv("PREFECT_API_URL", api_url)
+    with temporary_settings({PREFECT_API_URL: api_url}):
+        missing = bench_on_pool("quant-run", "no-such-pool", "m@1", timeout_s=2)
+        assert (
+            missing["status"] == "pending"
+            and "no deployment device-benchmark/no-such-pool" in missing["reason"]
+        )
+        idle = bench_on_pool("quant-run", "snapdragon-888", "m@1", timeout_s=2)
+        assert idle["status"] == "pending" and "no live runner" in idle["reason"], idle
+
+        def fail_it() -> None:
+            with get_client(sync_client=True) as client:
+                for _ in range(100):
+                    runs = [r for r in client.read_flow_runs() if r.deployment_id == jetson_id]
+                    if runs:
+                        client.set_flow_run_state(runs[0].id, Failed(message="runner crashed"), force=True)
+                        return
+                    time.sleep(0.2)
+
+        thread = threading.Thread(target=fail_it)
+        thread.start()
+        failed = bench_on_pool("quant-run", "jetson-orin", "m@1", timeout_s=60)
+        thread.join()
+        assert failed["status"] == "failed" and "ended FAILED" in failed["reason"], failed
+
+
+def test_deploy_all_and_a_worker_runs_a_scheduled_build(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.objects import StateType
     from prefect.client.schemas.schedules import CronSchedule
@@ -233,6 +272,8 @@ def test_deploy_all_and_a_worker_runs_a_scheduled_build(tmp_path: Path) -> None:
             for run in client.read_flow_runs():
                 if run.deployment_id == big.id:
                     client.delete_flow_run(run.id)
+
+        _bench_statuses(api_url, deployed["device-benchmark/jetson-orin"].id, monkeypatch)
 
         # a scheduled run of build-data, picked up by a real process worker when it is due
         data_root = tmp_path / "data"

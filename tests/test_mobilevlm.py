@@ -101,6 +101,12 @@ def test_greedy_generation_is_deterministic_and_uses_the_image(vlm) -> None:
     first = vlm.generate(input_ids=prompt, images=images(1), max_new_tokens=6, do_sample=False)
     again = vlm.generate(input_ids=prompt, images=images(1), max_new_tokens=6, do_sample=False)
     assert first.shape == (1, 6) and torch.equal(first, again)
+    with torch.no_grad():  # the image reaches the language model: another picture, other logits
+        same = vlm(input_ids=prompt, images=images(1)).logits[0, -1]
+        other = vlm(input_ids=prompt, images=images(1, seed=11)).logits[0, -1]
+        blank = vlm(input_ids=prompt, images=torch.zeros_like(images(1))).logits[0, -1]
+    torch.testing.assert_close(same, vlm(input_ids=prompt, images=images(1)).logits[0, -1].detach())
+    assert (same - other).abs().max() > 1e-4 and (same - blank).abs().max() > 1e-4
 
 
 def test_cached_generation_equals_recomputing_every_step(vlm) -> None:

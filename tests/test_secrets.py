@@ -91,6 +91,19 @@ def test_a_resolved_token_is_in_nothing_the_build_and_its_mlflow_run_write(
     assert scanned > 10 and not leaks, leaks
     assert token not in done.stdout + done.stderr
 
+    # positive controls: the scan finds a planted copy, and the build really needs (so resolved) the token
+    planted = data_root / "planted.txt"
+    planted.write_text(f"token={token}\n")
+    assert token.encode() in planted.read_bytes() and any(
+        token.encode() in p.read_bytes() for p in data_root.rglob("*") if p.is_file() and not p.is_symlink()
+    )
+    planted.unlink()
+    unset = {k: v for k, v in env.items() if k != "MVLM_TEST_HF_TOKEN"}
+    failed = subprocess.run([*cmd, "--force"], env=unset, capture_output=True, text=True, timeout=300)
+    assert failed.returncode != 0 and "MVLM_TEST_HF_TOKEN is not set" in failed.stdout + failed.stderr, (
+        failed.stdout[-2000:] + failed.stderr[-2000:]
+    )
+
 
 def test_an_unset_credential_names_the_variable_and_the_process(monkeypatch: pytest.MonkeyPatch) -> None:
     from tasks.specs import resolve_env

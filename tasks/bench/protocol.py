@@ -38,7 +38,8 @@ class BenchSettings:
     threads: int = 4
     """CPU threads."""
     lm_tokens: int = 400
-    """Output tokens for the language-model prompt (EOS ignored, as llama.cpp's --ignore-eos)."""
+    """Output tokens asked for the language-model prompt (EOS ignored, as llama.cpp's --ignore-eos);
+    results count the tokens the generator actually returned."""
     vlm_tokens: int = 256
     """Output tokens for the VLM prompt."""
     pp_tokens: int = 512
@@ -169,11 +170,12 @@ class PythonBackend:
         with LlamaCpp(llm, settings.runtime()) as runtime:
             prompt = runtime.tokenize(LM_PROMPT)
             prompt_s = _timed(lambda: runtime.decode(prompt))
-            eval_s = _timed(lambda: runtime.greedy(settings.lm_tokens, stop_at_eos=False))
+            out: list[int] = []
+            eval_s = _timed(lambda: out.extend(runtime.greedy(settings.lm_tokens, stop_at_eos=False)))
             load_s = runtime.load_s
         total = time.perf_counter() - start
-        return Phase(load_s, len(prompt), _tps(len(prompt), prompt_s), settings.lm_tokens,
-                     _tps(settings.lm_tokens, eval_s), total)  # fmt: skip
+        return Phase(load_s, len(prompt), _tps(len(prompt), prompt_s), len(out), _tps(len(out), eval_s),
+                     total)  # fmt: skip
 
     def vlm_phase(self, llm: Path, mmproj: Path, settings: BenchSettings) -> Phase:
         """The VLM question about one 336x336 image with ``vlm_tokens`` output tokens."""
@@ -183,12 +185,13 @@ class PythonBackend:
             before = time.perf_counter()
             image = runtime.eval_with_image(prompt, picture)
             prompt_s = time.perf_counter() - before - image.encode_ms / 1000
-            eval_s = _timed(lambda: runtime.greedy(settings.vlm_tokens, stop_at_eos=False))
+            out: list[int] = []
+            eval_s = _timed(lambda: out.extend(runtime.greedy(settings.vlm_tokens, stop_at_eos=False)))
             load_s = runtime.load_s
         total = time.perf_counter() - start
         n_prompt = len(image.text_tokens) + image.image_tokens
-        return Phase(load_s, n_prompt, _tps(n_prompt, prompt_s), settings.vlm_tokens,
-                     _tps(settings.vlm_tokens, eval_s), total, image.encode_ms)  # fmt: skip
+        return Phase(load_s, n_prompt, _tps(n_prompt, prompt_s), len(out), _tps(len(out), eval_s), total,
+                     image.encode_ms)  # fmt: skip
 
     def bench(self, llm: Path, settings: BenchSettings) -> tuple[list[Speed], int]:
         """pp / tg throughput like llama-bench: random tokens, a warm-up, ``repetitions`` timed runs."""
@@ -202,14 +205,12 @@ class PythonBackend:
             pp = [
                 _timed(lambda: (runtime.reset(), runtime.decode(tokens))) for _ in range(settings.repetitions)
             ]
-            tg = [
-                _timed(lambda: _generate(runtime, tokens[: settings.tg_tokens]))
-                for _ in range(settings.repetitions)
-            ]
+            tg_input = rng.integers(3, runtime.n_vocab, settings.tg_tokens).tolist()
+            tg = [_timed(lambda: _generate(runtime, tg_input)) for _ in range(settings.repetitions)]
             n_params = int(runtime.ll.llama_model_n_params(runtime.model))
-        return [
-            speed(f"pp{settings.pp_tokens}", settings.pp_tokens, pp),
-            speed(f"tg{settings.tg_tokens}", settings.tg_tokens, tg),
+        return [  # the counts are the lengths of what was decoded
+            speed(f"pp{settings.pp_tokens}", len(tokens), pp),
+            speed(f"tg{settings.tg_tokens}", len(tg_input), tg),
         ], n_params
 
 
