@@ -141,3 +141,32 @@ def test_equal_weights_give_equal_bytes(saved, tmp_path: Path) -> None:
     module, _ = saved
     digests = {sha256_file(module.save(tmp_path / f"copy{i}") / "model.safetensors") for i in range(8)}
     assert len(digests) == 1
+
+
+def test_authors_bin_shards_load_and_a_malicious_pickle_is_refused(tmp_path: Path) -> None:
+    """The authors' ``pytorch_model*.bin`` shards are read with ``weights_only=True``: tensors load, a
+    pickle that would run code on load is refused (and does not run)."""
+    import pickle
+
+    from model.checkpoint import read_state_dict
+
+    good = tmp_path / "good"
+    good.mkdir()
+    tensors = {"model.embed_tokens.weight": torch.arange(12.0).view(3, 4), "lm_head.weight": torch.ones(2, 4)}
+    torch.save(dict(list(tensors.items())[:1]), good / "pytorch_model-00001-of-00002.bin")
+    torch.save(dict(list(tensors.items())[1:]), good / "pytorch_model-00002-of-00002.bin")
+    loaded = read_state_dict(good)
+    assert set(loaded) == set(tensors) and all(torch.equal(loaded[k], v) for k, v in tensors.items())
+
+    marker = tmp_path / "pwned"
+
+    class Exploit:
+        def __reduce__(self):
+            return (open, (str(marker), "w"))
+
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    torch.save({"w": torch.zeros(1), "payload": Exploit()}, bad / "pytorch_model.bin", pickle_module=pickle)
+    with pytest.raises(pickle.UnpicklingError):
+        read_state_dict(bad)
+    assert not marker.exists()

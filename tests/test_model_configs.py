@@ -28,6 +28,8 @@ def test_every_row_builds_on_meta(name: str) -> None:
         ("mobilevlm-1.7b", 1_364_297_728, 303_507_456, 18_936_832),
         ("mobilevlm-3b", 2_701_560_320, 303_507_456, 28_913_920),
         ("mobilevlm-v2-1.7b", 1_364_297_728, 303_507_456, 6_316_032),
+        # LDPv2 at width 2560: 1024x2560+2560 + 2560x2560+2560 (MLP) + 2560x9+2560 (PEG depthwise conv)
+        ("mobilevlm-v2-3b", 2_701_560_320, 303_507_456, 9_205_760),
     ],
 )
 def test_published_parameter_counts(name: str, llm: int, vision: int, projector: int) -> None:
