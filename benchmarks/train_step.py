@@ -1,11 +1,16 @@
 """Stage-1 tokens/s of our training path vs a plain PyTorch loop, same model, batch and data.
 
-Ours: the real loader (webdataset shards of a tiny-redpajama build, mixture, collate) feeding the
-DeepSpeed engine (ZeRO-1, CPU, one process, world size 1) through ``model.train.run_loop``.
-Plain: the same model and optimizer, the same batches already in memory, a bare
-forward/backward/step loop. Printed last: ours/plain tokens/s and our data-wait fraction.
+Ours: the real loader (webdataset shards of a tiny-redpajama build made at the benchmark's sequence
+length, mixture, collate) feeding the DeepSpeed engine built from the stage's own config (ZeRO-1,
+CPU, one process, world size 1) through ``model.train.run_loop``. Plain: the same model and
+optimizer, the same batches already in memory, a bare forward/backward/clip/step loop. Both count
+the tokens of the batches they trained on (``attention_mask`` sums).
 
-    python benchmarks/train_step.py [--steps 40] [--micro-batch 8] [--seq-len 128]
+Two sizes: ``tiny`` (tiny-llama, 8 x 128 tokens: framework overhead is visible) and ``compute``
+(width 512, 8 layers, 8 x 512 tokens: the matrix work dominates). Printed last: the lower of the two
+ours/plain ratios.
+
+    python benchmarks/train_step.py [--sizes tiny,compute] [--steps 30]
 """
 
 from __future__ import annotations
@@ -16,27 +21,55 @@ import socket
 import statistics
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
 os.environ.setdefault("MVLM_NO_PROGRESS", "1")
 
+REPO = Path(__file__).resolve().parent.parent
 
-def build_data(root: Path) -> Path:
-    """Samples + tiny-redpajama build; returns the tokenizer folder."""
+
+@dataclass(frozen=True)
+class Size:
+    """One benchmark size."""
+
+    micro_batch: int
+    """Sequences per step."""
+    seq_len: int
+    """Tokens per sequence (the data are built at this length)."""
+    overrides: dict[str, int]
+    """Shape changes to the ``tiny-llama`` row."""
+
+
+SIZES = {
+    "tiny": Size(8, 128, {}),
+    "compute": Size(8, 512, {"n_layer": 8, "hidden": 512, "n_head": 8, "intermediate": 1408}),
+}
+
+
+def build_data(root: Path, seq_len: int) -> Path:
+    """Samples + a tiny-redpajama build at ``seq_len``; returns the spec folder."""
     from tasks.build import build_dataset
     from tasks.samples import make_samples
 
-    make_samples(root / "samples")
-    spec = Path(__file__).resolve().parent.parent / "data_specs" / "tiny-redpajama.yaml"
-    build_dataset(spec, root)
-    return root / "samples" / "tokenizer"
+    if not (root / "samples").is_dir():
+        make_samples(root / "samples")
+    specs = root / f"specs-{seq_len}"
+    specs.mkdir(exist_ok=True)
+    text = (REPO / "data_specs" / "tiny-redpajama.yaml").read_text()
+    (specs / "tiny-redpajama.yaml").write_text(text.replace("seq_len: 128", f"seq_len: {seq_len}"))
+    build_dataset(specs / "tiny-redpajama.yaml", root)
+    return specs
 
 
 def single_process_group() -> None:
     """A one-rank gloo process group, as Ray Train would set up."""
     import torch.distributed as dist
 
+    if dist.is_initialized():
+        return
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
@@ -46,38 +79,40 @@ def single_process_group() -> None:
     dist.init_process_group("gloo", rank=0, world_size=1)
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--steps", type=int, default=40)
-    parser.add_argument("--micro-batch", type=int, default=8)
-    parser.add_argument("--seq-len", type=int, default=128)
-    args = parser.parse_args()
+def tokens_of(batch: dict[str, Any]) -> int:
+    """Tokens trained on, counted as ``run_loop`` counts them."""
+    mask = batch.get("attention_mask")
+    return int(mask.sum()) if mask is not None else batch["input_ids"].numel()
 
+
+def measure(root: Path, size: Size, steps: int) -> tuple[float, float, float]:
+    """(ours tok/s, plain tok/s, our data-wait fraction), medians over the steady steps."""
     import deepspeed
     import torch
 
     import model as mvlm
     from model.train import LoopConfig, LoopState, make_optimizer, run_loop
+    from tasks.deepspeed_config import deepspeed_config
+    from tasks.loader import batches
     from tasks.recipes import get_recipe
     from tasks.train_stage import loader_config, resolve_builds
 
-    root = Path(tempfile.mkdtemp(prefix="mvlm-bench-"))
-    tokenizer = build_data(root)
-    stage = get_recipe("tiny", **{"llm-pretrain": {"num_workers": 1, "micro_batch": args.micro_batch,
-                                                   "global_batch": args.micro_batch, "seq_len": args.seq_len}}
-                       ).stage("llm-pretrain")  # fmt: skip
-    loader = loader_config(stage, resolve_builds(stage, root), "train", str(tokenizer))
+    specs = build_data(root, size.seq_len)
+    stage_over = {"num_workers": 1, "micro_batch": size.micro_batch, "global_batch": size.micro_batch,
+                  "seq_len": size.seq_len}  # fmt: skip
+    stage = get_recipe("tiny", **{"llm-pretrain": stage_over}).stage("llm-pretrain")
+    tokenizer = str(root / "samples" / "tokenizer")
+    loader = loader_config(stage, resolve_builds(stage, root, str(specs)), "train", tokenizer)
     single_process_group()
-    from tasks.loader import batches
-
-    cfg = LoopConfig(args.steps, 1, 10**9, 1e-3, 1e-4, 0, 0.0, (0.9, 0.95))
+    cfg = LoopConfig(steps, 1, 10**9, 1e-3, 1e-4, 0, 0.0, (0.9, 0.95))
 
     torch.manual_seed(0)
-    model = mvlm.build("tiny-llama")
-    optimizer, scheduler = make_optimizer(model, cfg)
-    ds = {"train_micro_batch_size_per_gpu": args.micro_batch, "gradient_accumulation_steps": 1,
-          "zero_optimization": {"stage": 1}, "gradient_clipping": 1.0, "steps_per_print": 10**9}  # fmt: skip
-    engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds)
+    ours = mvlm.build("tiny-llama", **size.overrides)
+    optimizer, scheduler = make_optimizer(ours, cfg)
+    engine, *_ = deepspeed.initialize(
+        model=ours, optimizer=optimizer, lr_scheduler=scheduler, config=deepspeed_config(stage, False),
+        dist_init_required=False,
+    )  # fmt: skip
     rows: list[dict] = []
     run_loop(engine, lambda pos: batches(loader, 0, 1, pos), cfg, LoopState(), root / "ckpt", rows.extend)
     steady = rows[5:]
@@ -85,29 +120,39 @@ def main() -> None:
     wait = statistics.mean(r["data_wait_fraction"] for r in steady)
 
     torch.manual_seed(0)
-    plain = mvlm.build("tiny-llama")
+    plain = mvlm.build("tiny-llama", **size.overrides)
     opt = torch.optim.AdamW(plain.parameters(), lr=1e-3, betas=(0.9, 0.95))
     stream = batches(loader, 0, 1, {})
-    data = [next(stream)[0] for _ in range(args.steps)]
+    data = [next(stream)[0] for _ in range(steps)]
+    rates = []
     for batch in data:
         batch.pop("skipped_samples", None)
-    times = []
-    for batch in data:
         start = time.perf_counter()
         plain(**batch).loss.backward()
         torch.nn.utils.clip_grad_norm_(plain.parameters(), 1.0)
         opt.step()
         opt.zero_grad(set_to_none=True)
-        times.append(time.perf_counter() - start)
-    tokens = args.micro_batch * args.seq_len
-    plain_tok_s = tokens / statistics.median(times[5:])
-    print(
-        f"tiny-llama, micro batch {args.micro_batch} x {args.seq_len} tokens, {args.steps} steps, 1 process"
-    )
-    print(f"ours  (shards -> loader -> DeepSpeed ZeRO-1 step): {ours_tok_s:10.0f} tok/s (median)")
-    print(f"plain (in-memory batches -> torch AdamW step):     {plain_tok_s:10.0f} tok/s (median)")
-    print(f"data-wait fraction (ours): {wait:.3f}")
-    print(f"ratio ours/plain tokens/s: {ours_tok_s / plain_tok_s:.3f}")
+        rates.append(tokens_of(batch) / (time.perf_counter() - start))
+    return ours_tok_s, statistics.median(rates[5:]), wait
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--sizes", default="tiny,compute", help=f"comma-separated, of {sorted(SIZES)}")
+    parser.add_argument("--steps", type=int, default=30)
+    args = parser.parse_args()
+    root = Path(tempfile.mkdtemp(prefix="mvlm-bench-"))
+    ratios = []
+    for name in args.sizes.split(","):
+        size = SIZES[name]
+        ours, plain, wait = measure(root, size, args.steps)
+        ratios.append(ours / plain)
+        shape = ", ".join(f"{k} {v}" for k, v in size.overrides.items()) or "tiny-llama"
+        print(f"[{name}] {shape}; micro batch {size.micro_batch} x {size.seq_len} tokens, {args.steps} steps")
+        print(f"  ours  (shards -> loader -> DeepSpeed ZeRO-1 step): {ours:10.0f} tok/s (median)")
+        print(f"  plain (in-memory batches -> torch AdamW step):     {plain:10.0f} tok/s (median)")
+        print(f"  data-wait fraction (ours): {wait:.3f}; ratio ours/plain {ours / plain:.3f}")
+    print(f"ratio ours/plain tokens/s (lowest of {args.sizes}): {min(ratios):.3f}")
 
 
 if __name__ == "__main__":

@@ -199,8 +199,7 @@ def _retrain(
     settings = get_settings()
     data_root, runs_root = data_root or str(settings.data_root), runs_root or str(settings.runs_root)
     recipe = get_recipe(recipe_name)
-    names = [s.name for s in recipe.enabled_stages()]
-    forced = set(force or ()) | (set(names[names.index(from_stage) :]) if from_stage else set())
+    forced = recipe.stages_to_retrain(from_stage, force or ())
     parent = _step("parent-run", _parent, recipe_name, data_root)
     specs = sorted({d.spec for s in recipe.enabled_stages() for d in s.datasets})
     builds = [_step(f"data:{spec}", build_data, spec, data_root=data_root) for spec in specs]
@@ -208,7 +207,7 @@ def _retrain(
         publish_build_task(summary, parent)
     if until == "data":
         return _stopped(parent, "data", builds=builds)
-    stages = _step("train", run_stages, recipe_name, None, data_root, runs_root, parent, tuple(forced))
+    stages = _step("train", run_stages, recipe_name, None, data_root, runs_root, parent, forced)
     versions: list[str] = []
     for _, manifest, summary in stages:
         versions.append(

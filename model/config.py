@@ -166,6 +166,8 @@ LLM_CONFIGS: dict[str, LLMConfig] = {
         LLMConfig("mobilellama-2.7b", 32, 2560, 32, 6912, hub_id="mtgv/MobileLLaMA-2.7B-Base"),
         # Ours: CPU tests and the tiny profile.
         LLMConfig("tiny-llama", 2, 64, 4, 176, vocab_size=1024, context=1024),
+        # Ours: widths that are multiples of 256, so llama.cpp's K-quants (q4_k_s) quantize real blocks.
+        LLMConfig("tiny-llama-256", 2, 256, 4, 512, vocab_size=1024, context=1024),
     ]
 }
 
@@ -212,6 +214,7 @@ VLM_CONFIGS: dict[str, VLMConfig] = {
         VLMConfig(
             "mobilevlm-v2-tiny-336", LLM_CONFIGS["tiny-llama"], VISION_CONFIGS["tiny-vit-336"], "ldpnetv2"
         ),
+        VLMConfig("mobilevlm-tiny-256-336", LLM_CONFIGS["tiny-llama-256"], VISION_CONFIGS["tiny-vit-336"]),
     ]
 }
 

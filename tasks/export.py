@@ -308,7 +308,9 @@ class EmbeddingCheck:
     n_tokens: int
     """Visual tokens per image."""
     max_abs_diff: float
-    """Largest difference to our model (CLS first, as CLIP)."""
+    """Largest difference to our model (CLS first, as CLIP): the true PyTorch-vs-llama.cpp gap."""
+    mean_abs_diff: float
+    """Mean difference to our model over all visual tokens and channels."""
     max_abs_diff_cls_last: float
     """Largest difference to our model run in llama.cpp's CLS-last token order (``cls_last_features``)."""
     scale: float
@@ -356,6 +358,7 @@ def check_image_embeddings(checkpoint: Path, llm: Path, mmproj: Path, colour: st
     return EmbeddingCheck(
         n_tokens=int(theirs.shape[0]),
         max_abs_diff=float(np.abs(ours - theirs).max()),
+        mean_abs_diff=float(np.abs(ours - theirs).mean()),
         max_abs_diff_cls_last=float(np.abs(emulated - theirs).max()),
         scale=float(np.abs(ours).max()),
     )

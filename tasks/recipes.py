@@ -8,6 +8,7 @@ small enough for a 2-core CPU in a few minutes; ``tiny-v2`` is ``tiny`` with the
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -152,6 +153,21 @@ class Recipe:
     def enabled_stages(self) -> list[StageConfig]:
         """Stages that run, in order."""
         return [s for s in self.stages if s.enabled]
+
+    def stages_to_retrain(self, from_stage: str | None, force: Sequence[str] = ()) -> tuple[str, ...]:
+        """Enabled stages to retrain even when finished: ``from_stage`` and every later one, plus ``force``.
+
+        A name that is not an enabled stage of this recipe is refused (a typo must not retrain nothing).
+        """
+        names = [s.name for s in self.enabled_stages()]
+        for flag, name in [("--from", from_stage), *(("--force", f) for f in force)]:
+            if name is not None and name not in names:
+                raise ValueError(
+                    f"{flag} {name!r}: recipe {self.name} has no enabled stage of that name; "
+                    f"its stages are {names} (`mvlm recipes` lists them)"
+                )
+        start = names.index(from_stage) if from_stage is not None else len(names)
+        return tuple(n for i, n in enumerate(names) if i >= start or n in force)
 
 
 def _paper(

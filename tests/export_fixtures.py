@@ -45,7 +45,9 @@ def _samples(tokenizer) -> tuple[list[dict[str, list[int]]], list[str]]:
     return samples, colours
 
 
-def train_tiny_vlm(tokenizer, out: Path, name: str = "mobilevlm-tiny-336", steps: int = TRAIN_STEPS) -> Path:
+def train_tiny_vlm(
+    tokenizer, out: Path, name: str = "mobilevlm-tiny-336", steps: int = TRAIN_STEPS, lr: float = 3e-3
+) -> Path:
     """Train ``name`` to answer colour questions about generated squares; save it with the tokenizer."""
     import model
 
@@ -53,12 +55,12 @@ def train_tiny_vlm(tokenizer, out: Path, name: str = "mobilevlm-tiny-336", steps
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # tiny matrices: one thread is fastest and immune to busy neighbours
     try:
-        return _train(model.build(name, vocab_size=len(tokenizer)), tokenizer, out, steps)
+        return _train(model.build(name, vocab_size=len(tokenizer)), tokenizer, out, steps, lr)
     finally:
         torch.set_num_threads(threads)
 
 
-def _train(vlm, tokenizer, out: Path, steps: int) -> Path:
+def _train(vlm, tokenizer, out: Path, steps: int, lr: float) -> Path:
     from model.image import preprocess_images
     from tasks.export import generated_image
 
@@ -66,7 +68,7 @@ def _train(vlm, tokenizer, out: Path, steps: int) -> Path:
     samples, colours = _samples(tokenizer)
     batch = collate([{**s, "image": None} for s in samples], pad_id=0)
     images = preprocess_images([generated_image(c, size) for c in colours], size, "pad")
-    optimizer = torch.optim.AdamW([p for p in vlm.parameters() if p.requires_grad], lr=3e-3)
+    optimizer = torch.optim.AdamW([p for p in vlm.parameters() if p.requires_grad], lr=lr)
     vlm.train()
     for _ in range(steps):
         loss = vlm(**batch, images=images).loss

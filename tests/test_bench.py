@@ -119,7 +119,7 @@ def test_python_backend_counts_what_the_generator_returned(
 
     monkeypatch.setattr(LlamaCpp, "greedy", early)
     settings = BenchSettings(**QUICK)
-    m = PythonBackend().run(tiny_quant.llm, tiny_quant.mmproj, settings)
+    m = PythonBackend(isolated=False).run(tiny_quant.llm, tiny_quant.mmproj, settings)
     assert (
         m.lm.eval_tokens == QUICK["lm_tokens"] // 4
         and m.vlm
@@ -130,6 +130,36 @@ def test_python_backend_counts_what_the_generator_returned(
         and m.vlm.eval_tps <= (QUICK["vlm_tokens"] // 4) / 0.2
     )
     assert [len(s.samples_tps) for s in m.speeds] == [2, 2]
+
+
+@pytest.mark.slow
+def test_peak_rss_is_the_benchmarks_own_and_grows_with_the_model(
+    tmp_path: Path, tiny_tokenizer, tiny_quant
+) -> None:
+    """The runner's process has already peaked far higher (a retrain trains in it): the benchmark
+    reports the peak of its own process, which grows with the model it ran."""
+    import numpy as np
+
+    import model
+    from tasks.bench.protocol import PythonBackend, peak_rss_mb
+    from tasks.export import ExportConfig, export_checkpoint
+
+    ballast = np.ones(800 << 20, dtype=np.uint8)  # 800 MB written in the runner's process
+    runner_peak = peak_rss_mb()
+    del ballast
+    shape = {"n_layer": 8, "hidden": 512, "n_head": 8, "intermediate": 1408}
+    big = model.build("mobilevlm-tiny-256-336", vocab_size=len(tiny_tokenizer), **shape)
+    big.save(tmp_path / "ckpt", tokenizer=tiny_tokenizer)
+    export = export_checkpoint(tmp_path / "ckpt", tmp_path / "out", ExportConfig("f32", "f32"))
+    settings = BenchSettings(**QUICK)
+    small = PythonBackend().run(tiny_quant.llm, None, settings).peak_rss_mb
+    large = PythonBackend().run(export.llm, None, settings).peak_rss_mb
+    grown = (export.llm.stat().st_size - tiny_quant.llm.stat().st_size) / 2**20
+    print(f"runner peak {runner_peak:.0f} MB; bench peak {small:.0f} MB (tiny q4_0), {large:.0f} MB "
+          f"(+{grown:.0f} MB of f32 weights)")  # fmt: skip
+    assert small is not None and large is not None
+    assert small < runner_peak - 600
+    assert large - small > 0.8 * grown
 
 
 def test_identity_follows_inputs() -> None:

@@ -160,12 +160,15 @@ def _bench_statuses(api_url: str, jetson_id: object, monkeypatch: pytest.MonkeyP
         idle = bench_on_pool("quant-run", "snapdragon-888", "m@1", timeout_s=2)
         assert idle["status"] == "pending" and "no live runner" in idle["reason"], idle
 
-        def fail_it() -> None:
-            with get_client(sync_client=True) as client:
-                for _ in range(100):
+        forced: list[object] = []
+
+        def fail_it() -> None:  # settings are per context: this thread names the server itself
+            with temporary_settings({PREFECT_API_URL: api_url}), get_client(sync_client=True) as client:
+                for _ in range(200):
                     runs = [r for r in client.read_flow_runs() if r.deployment_id == jetson_id]
                     if runs:
                         client.set_flow_run_state(runs[0].id, Failed(message="runner crashed"), force=True)
+                        forced.append(runs[0].id)
                         return
                     time.sleep(0.2)
 
@@ -173,6 +176,7 @@ def _bench_statuses(api_url: str, jetson_id: object, monkeypatch: pytest.MonkeyP
         thread.start()
         failed = bench_on_pool("quant-run", "jetson-orin", "m@1", timeout_s=60)
         thread.join()
+        assert forced, "the helper thread never saw the device-benchmark run on the server"
         assert failed["status"] == "failed" and "ended FAILED" in failed["reason"], failed
 
 

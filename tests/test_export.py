@@ -17,6 +17,7 @@ from tasks.export import (
     check_logits,
     check_multimodal_agreement,
     export_checkpoint,
+    run_checks,
 )
 
 pytest_plugins = ("export_fixtures",)
@@ -76,20 +77,33 @@ def test_mmproj_keys_and_tensor_names(f32_export) -> None:
 
 
 def test_mmproj_embeddings_match_llamacpp_graph(trained_vlm: Path, f32_export) -> None:
+    """Our mmproj tensors reproduce our tower run in llama.cpp's CLS-last order (the emulation); the
+    true gap to PyTorch is bounded on both sides: above, so that a regression shows; below, so that an
+    upstream fix of the token order (llama.cpp #25814) fails here and gets the bounds tightened."""
     check = check_image_embeddings(trained_vlm, f32_export.llm, f32_export.mmproj)
     print(
-        f"mmproj: {check.n_tokens} tokens; max |diff| vs ours {check.max_abs_diff:.3f}, "
-        f"vs ours with llama.cpp's CLS-last order {check.max_abs_diff_cls_last:.4f} (scale {check.scale:.2f})"
+        f"mmproj: {check.n_tokens} tokens; vs PyTorch max |diff| {check.max_abs_diff:.3f}, mean "
+        f"{check.mean_abs_diff:.4f}; vs ours with llama.cpp's CLS-last order "
+        f"{check.max_abs_diff_cls_last:.4f} (scale {check.scale:.2f})"
     )
     assert check.n_tokens == 144
     assert check.max_abs_diff_cls_last < 0.01 * check.scale
+    # measured with llama-cpp-python 0.3.36: max 1.23 x scale, mean 0.022 x scale
+    assert check.max_abs_diff < 2.0 * check.scale and check.mean_abs_diff < 0.08 * check.scale, check
+    assert check.max_abs_diff > 0.1 * check.scale, (
+        f"llama.cpp now matches PyTorch ({check}): the CLS-order defect looks fixed upstream; tighten "
+        "these bounds to the new gap and retire tasks.export.cls_last_features"
+    )
 
 
 def test_llamacpp_multimodal_agrees_with_pytorch(trained_vlm: Path, f32_export) -> None:
     check = check_multimodal_agreement(trained_vlm, f32_export.llm, f32_export.mmproj)
     print(f"llama.cpp vs PyTorch greedy answers: {check.agreement_rate:.0%} of {check.n}")
     assert check.n == 16
-    assert check.agreement_rate >= 0.75
+    assert check.agreement_rate >= 0.75  # 16 of 16 measured; the CLS-order defect may cost a few
+    run = run_checks(trained_vlm, f32_export)  # and the export records both gaps for MLflow
+    assert run["image_embeddings"]["max_abs_diff"] > run["image_embeddings"]["max_abs_diff_cls_last"]
+    assert run["multimodal_agreement"]["agreement_rate"] == check.agreement_rate
 
 
 def test_ldpv2_mmproj_runs_in_llamacpp(tmp_path: Path, tiny_tokenizer) -> None:

@@ -292,3 +292,77 @@ def test_mlflow_ui_shows_the_retrain_with_children_datasets_and_models(
     text = _page_text(f"{mlflow_ui}/#/experiments/{exp}/runs/{stage_run}", tmp_path)
     models = text.split("About this run", 1)[1].split("Registered models", 1)[1][:300]
     assert retrained["models"][-1].split("@")[0] in models, models
+
+
+# --- README claims: --force / --from / --stage (last: they retrain stages of the shared run) -----------
+
+
+def _stage_rows(output: str) -> dict[str, str]:
+    """stage -> status column of the retrain summary table."""
+    names = ("llm-pretrain", "vlm-align", "vlm-instruct")
+    rows = {}
+    for line in output.splitlines():
+        cells = [c.strip() for c in line.replace("┃", "│").split("│") if c.strip()]
+        if len(cells) > 1 and cells[0] in names and cells[1] in ("reused", "trained"):
+            rows[cells[0]] = cells[1]
+    return rows
+
+
+def test_force_and_from_retrain_the_named_stages_and_only_those(retrained: dict, mlflow) -> None:
+    """`mvlm retrain tiny --force vlm-align` retrains that stage alone, `--from vlm-instruct` the last.
+    Training is deterministic, so a retrained stage gets the same losses and weights, and the stage after
+    it (whose identity hashes its init weights) stays reused; the registered models do not change."""
+    from typer.testing import CliRunner
+
+    from flows.cli import app
+
+    before = {s["stage"]: s for s in retrained["stages"]}
+    weights = Path(before["vlm-align"]["final"]) / "model.safetensors"
+    old_bytes = weights.read_bytes()
+    forced = CliRunner().invoke(
+        app, ["retrain", "tiny", "--force", "vlm-align", "--until", "train"], env={"COLUMNS": "250"}
+    )
+    assert forced.exit_code == 0, forced.output
+    assert _stage_rows(forced.output) == {
+        "llm-pretrain": "reused", "vlm-align": "trained", "vlm-instruct": "reused"
+    }, forced.output  # fmt: skip
+    assert weights.read_bytes() == old_bytes  # retrained, same bits
+    final = CliRunner().invoke(
+        app, ["retrain", "tiny", "--from", "vlm-instruct", "--until", "train"], env={"COLUMNS": "250"}
+    )
+    assert final.exit_code == 0, final.output
+    assert _stage_rows(final.output) == {
+        "llm-pretrain": "reused", "vlm-align": "reused", "vlm-instruct": "trained"
+    }, final.output  # fmt: skip
+    losses = f"{before['vlm-instruct']['first_loss']:.3f}"
+    assert losses in final.output
+    typo = CliRunner().invoke(app, ["retrain", "tiny", "--force", "vlm_align"])
+    assert typo.exit_code == 1 and "--force 'vlm_align': recipe tiny has no enabled stage" in typo.output
+    full = CliRunner().invoke(app, ["retrain", "tiny"], env={"COLUMNS": "250"})  # clears the until mark
+    assert full.exit_code == 0, full.output
+    assert set(_stage_rows(full.output).values()) == {"reused"}
+    versions = [v.version for v in mlflow.search_model_versions("name='tiny-mobilevlm-instruct'")]
+    assert versions == ["1"]
+
+
+def test_train_stage_runs_one_stage_after_finished_predecessors(
+    retrained: dict, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`mvlm train tiny --stage vlm-instruct` runs that stage alone; in a runs root where its
+    predecessors never ran it refuses, naming the first missing one and the command that trains it."""
+    from typer.testing import CliRunner
+
+    from flows.cli import app
+
+    one = CliRunner().invoke(app, ["train", "tiny", "--stage", "vlm-instruct"], env={"COLUMNS": "250"})
+    assert one.exit_code == 0, one.output
+    instruct = next(s for s in retrained["stages"] if s["stage"] == "vlm-instruct")
+    table = one.output[one.output.index("recipe tiny") :]
+    assert instruct["stage_id"] in table and "vlm-instruct" in table
+    assert not any(s["stage_id"] in table for s in retrained["stages"] if s is not instruct)
+    monkeypatch.setenv("MVLM_RUNS_ROOT", str(tmp_path / "runs"))
+    missing = CliRunner().invoke(app, ["train", "tiny", "--stage", "vlm-instruct"], env={"COLUMNS": "250"})
+    assert missing.exit_code == 1, missing.output
+    assert "stage llm-pretrain must finish before vlm-instruct" in missing.output
+    assert "mvlm train tiny --stage llm-pretrain" in missing.output
+    assert not (tmp_path / "runs" / "tiny" / "vlm-instruct").exists()

@@ -53,3 +53,23 @@ def test_quantize_errors(tmp_path: Path, f16_export) -> None:
     with pytest.raises(QuantizeError, match="not a GGUF"):
         quantize(tmp_path / "fake.gguf", "q8_0")
     assert ftype_of("Q4_K_S") == 14 and ftype_of("q8_0") == 7
+
+
+def test_q4_k_s_quantizes_real_k_quant_blocks(tmp_path: Path, tiny_tokenizer) -> None:
+    """The paper's type on a row whose widths are multiples of 256 (``mobilevlm-tiny-256-336``): the
+    matrices become Q4_K (no fallback), and perplexity stays close to f16."""
+    from export_fixtures import train_tiny_vlm
+
+    from tasks.export import export_checkpoint
+
+    checkpoint = train_tiny_vlm(tiny_tokenizer, tmp_path / "ckpt", name="mobilevlm-tiny-256-336", lr=5e-4)
+    export = export_checkpoint(checkpoint, tmp_path / "export")
+    result = quantize(export.llm, "q4_k_s", tmp_path / "q4_k_s", eval_text=HELD_OUT)
+    checks = result.manifest["checks"]
+    types = [t.tensor_type.name for t in gguf.GGUFReader(str(result.llm)).tensors]
+    print(f"q4_k_s at width 256: {checks}; tensor types {sorted(set(types))}")
+    assert checks["tensor_types"]["k_quant_fallbacks"] == 0
+    assert types.count("Q4_K") >= 2 * 6  # q, k, v, o, gate, up of both blocks at least (down may be Q5_K)
+    ppl = checks["perplexity"]
+    assert ppl["reference_perplexity"] < 1000  # the model learned (vocab 512): the delta means something
+    assert abs(ppl["ratio"] - 1) < 0.1, ppl

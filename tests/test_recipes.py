@@ -119,3 +119,18 @@ def test_old_checkpoints_are_pruned(tmp_path) -> None:
     deleted = prune_checkpoints(tmp_path, keep=2)
     assert sorted(p.name for p in deleted) == ["step-2", "step-4", "step-6"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["latest", "step-10", "step-8"]
+
+
+def test_stages_to_retrain_follow_from_and_force_and_refuse_unknown_names() -> None:
+    """``mvlm retrain --from S`` is S and every later stage; ``--force S`` is S alone; a typo is refused."""
+    recipe = get_recipe("tiny")
+    assert [s.name for s in recipe.enabled_stages()] == ["llm-pretrain", "vlm-align", "vlm-instruct"]
+    assert recipe.stages_to_retrain(None) == ()
+    assert recipe.stages_to_retrain("vlm-align") == ("vlm-align", "vlm-instruct")
+    assert recipe.stages_to_retrain("llm-pretrain") == ("llm-pretrain", "vlm-align", "vlm-instruct")
+    assert recipe.stages_to_retrain(None, ["vlm-align"]) == ("vlm-align",)
+    assert recipe.stages_to_retrain("vlm-instruct", ["llm-pretrain"]) == ("llm-pretrain", "vlm-instruct")
+    with pytest.raises(ValueError, match=r"--from 'vlm_align': recipe tiny has no enabled stage"):
+        recipe.stages_to_retrain("vlm_align")
+    with pytest.raises(ValueError, match=r"--force 'pretrain'.*'llm-pretrain', 'vlm-align'"):
+        recipe.stages_to_retrain(None, ["vlm-align", "pretrain"])

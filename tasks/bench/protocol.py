@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from tasks.bench.runtime import LlamaCpp, RuntimeOptions, llama_cpp_build
+from tasks.bench.runtime import LlamaCpp, LlamaCppError, RuntimeOptions, llama_cpp_build
 
 if TYPE_CHECKING:
     from PIL import Image
@@ -147,18 +147,50 @@ def speed(test: str, tokens: int, seconds: Sequence[float]) -> Speed:
 
 
 def peak_rss_mb() -> float:
-    """Peak resident set size of this process in MB (Linux reports kB, macOS bytes)."""
+    """Peak resident set size of this process's memory image in MB.
+
+    On Linux the high-water mark of the current image (``VmHWM``): ``ru_maxrss`` would also count the
+    parent's memory that a freshly spawned child had before its exec. Elsewhere ``ru_maxrss`` (macOS
+    reports bytes)."""
+    status = Path("/proc/self/status")
+    if status.is_file():
+        for line in status.read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
     value = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return value / (1 << 20) if platform.system() == "Darwin" else value / 1024
 
 
+@dataclass
 class PythonBackend:
-    """The protocol through llama-cpp-python in this process (host-cpu runners, CUDA builds on boards)."""
+    """The protocol through llama-cpp-python (host-cpu runners, CUDA builds on boards)."""
 
-    name = "llama-cpp-python"
+    isolated: bool = True
+    """Run the protocol in a fresh child process, so that ``peak_rss_mb`` is the benchmark's own peak and
+    not the runner's lifetime peak (a retrain's training stages run in the runner's process); False
+    measures in this process (tests that patch the runtime)."""
+    name: str = "llama-cpp-python"
+    """Backend name in results."""
 
     def run(self, llm: Path, mmproj: Path | None, settings: BenchSettings) -> Measurement:
         """Measure ``llm`` (and the VLM prompt when ``mmproj`` is given)."""
+        if not self.isolated:
+            return self.measure(llm, mmproj, settings)
+        import multiprocessing
+        from concurrent.futures import ProcessPoolExecutor
+        from concurrent.futures.process import BrokenProcessPool
+
+        with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
+            try:
+                return pool.submit(_measure_alone, llm, mmproj, settings).result()
+            except BrokenProcessPool as err:
+                raise LlamaCppError(
+                    f"the benchmark process for {llm.name} died (killed for memory, or llama.cpp crashed); "
+                    "llama.cpp's own output is on this runner's stderr"
+                ) from err
+
+    def measure(self, llm: Path, mmproj: Path | None, settings: BenchSettings) -> Measurement:
+        """The protocol in this process; peak RSS is this process's lifetime peak."""
         lm = self.lm_phase(llm, settings)
         vlm = self.vlm_phase(llm, mmproj, settings) if mmproj else None
         speeds, n_params = self.bench(llm, settings)
@@ -212,6 +244,11 @@ class PythonBackend:
             speed(f"pp{settings.pp_tokens}", len(tokens), pp),
             speed(f"tg{settings.tg_tokens}", len(tg_input), tg),
         ], n_params
+
+
+def _measure_alone(llm: Path, mmproj: Path | None, settings: BenchSettings) -> Measurement:
+    """Entry point of the benchmark's child process."""
+    return PythonBackend(isolated=False).measure(llm, mmproj, settings)
 
 
 def _timed(action: Any) -> float:

@@ -5,7 +5,6 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
-import resource
 import socket
 from dataclasses import dataclass
 from pathlib import Path
@@ -91,8 +90,6 @@ def run_benchmark(
     log.info("benchmarking %s (%s) on %s with %s", llm.name, quant_type, device.name, backend.name)
     measurement = backend.run(llm, mmproj, settings)
     transport = backend.transport if isinstance(backend, BinaryBackend) else LocalTransport()
-    if measurement.peak_rss_mb is None and isinstance(transport, LocalTransport):
-        measurement.peak_rss_mb = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
     return BenchResult(
         identity=bench_identity(quant_id, device, settings, nonce),
         device=device.name, soc=device.soc, backend=backend.name, transport=device.transport,
