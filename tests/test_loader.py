@@ -134,3 +134,45 @@ def test_group_by_modality_keeps_batches_single_modality(tmp_path: Path, tiny_to
         batch = next(stream)[0]
         with_image = (batch["input_ids"] == -200).any(dim=1)
         assert with_image.all() or not with_image.any()
+
+
+def test_prefetching_keeps_the_order_raises_where_it_failed_and_stops(tmp_path: Path) -> None:
+    """Without loader workers the batches are read ahead by a thread: the same batches and positions
+    as reading inline; a producer error surfaces at its item; closing the stream ends the thread."""
+    import threading
+    import time
+
+    from tasks.loader import prefetched
+
+    cfg = _cfg((_text_source(tmp_path, "a", shards=4, per_shard=20),))
+    inline, ahead = batches(cfg, 0, 1, {}, prefetch=0), batches(cfg, 0, 1, {}, prefetch=3)
+    for _ in range(30):  # crosses the epoch boundary (80 samples / 4 = 20 batches)
+        (a, pos_a), (b, pos_b) = next(inline), next(ahead)
+        assert _ids(a) == _ids(b) and pos_a == pos_b
+    ahead.close()
+
+    def failing():
+        yield 1
+        yield 2
+        raise OSError("shard vanished")
+
+    stream = prefetched(failing(), 2)
+    assert [next(stream), next(stream)] == [1, 2]
+    with pytest.raises(OSError, match="shard vanished"):
+        next(stream)
+
+    produced: list[int] = []
+
+    def endless():
+        while True:
+            produced.append(len(produced))
+            yield produced[-1]
+
+    stream = prefetched(endless(), 2)
+    assert next(stream) == 0
+    stream.close()
+    time.sleep(0.5)
+    count = len(produced)
+    time.sleep(0.3)
+    assert len(produced) == count <= 5  # stopped: at most depth + the items in hand
+    assert not any(t.name == "loader-prefetch" and t.is_alive() for t in threading.enumerate())
