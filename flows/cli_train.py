@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Annotated
 
 import typer
@@ -9,11 +10,13 @@ from rich.table import Table
 
 from flows.logs import console
 
+recipes_app = typer.Typer(help="Training recipes: list them, validate recipe files.")
+
 
 def register(app: typer.Typer) -> None:
     """Attach the training commands to the root app."""
     app.command("train")(train)
-    app.command("recipes")(recipes)
+    app.add_typer(recipes_app, name="recipes")
 
 
 def train(
@@ -41,14 +44,53 @@ def train(
     console.print(table)
 
 
-def recipes() -> None:
-    """List recipes and their stages."""
-    from tasks.recipes import RECIPES
+@recipes_app.callback(invoke_without_command=True)
+def recipes(ctx: typer.Context) -> None:
+    """List recipes and their stages (``recipes/*.yaml``, and ``MVLM_RECIPE_DIR``'s folders first)."""
+    if ctx.invoked_subcommand is not None:
+        return
+    from tasks.recipes import RecipeError, load_recipes
 
+    try:
+        found = load_recipes()
+    except RecipeError as err:
+        _print_problems(err.problems)
+        raise typer.Exit(1) from err
     table = Table("recipe", "stage", "model", "datasets", "train", "lr", "global batch", "ZeRO", "enabled")
-    for recipe in RECIPES.values():
+    for recipe in found.values():
         for s in recipe.stages:
             datasets = ", ".join(f"{d.spec}x{d.weight:g}" for d in s.datasets)
             table.add_row(recipe.name, s.name, s.model, datasets, "+".join(s.train), f"{s.optim.lr:g}",
                           str(s.global_batch), str(s.zero_stage), "yes" if s.enabled else "no")  # fmt: skip
     console.print(table)
+
+
+@recipes_app.command("validate")
+def validate(
+    files: Annotated[
+        list[Path] | None, typer.Argument(help="Recipe files (default: every recipe found).")
+    ] = None,
+) -> None:
+    """Validate recipe files with their bases; every error names file, line and field."""
+    from tasks.recipe_files import load_recipe
+    from tasks.recipes import RecipeError, recipe_files
+
+    known = recipe_files()
+    targets = files or list(known.values())
+    problems: list[str] = []
+    for file in targets:
+        try:
+            recipe = load_recipe(file.stem, {**known, file.stem: file})
+            stages = ", ".join(s.name for s in recipe.enabled_stages())
+            console.print(f"[green]ok[/green] {file} ({recipe.name}: {stages})", highlight=False)
+        except (RecipeError, KeyError) as err:
+            problems.extend(err.problems if isinstance(err, RecipeError) else [f"{file}: {err.args[0]}"])
+    _print_problems(problems)
+    if problems:
+        raise typer.Exit(1)
+    console.print(f"{len(targets)} recipe(s) valid")
+
+
+def _print_problems(problems: list[str]) -> None:
+    for problem in problems:
+        console.print(f"[red]error[/red] {problem}", highlight=False)

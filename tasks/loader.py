@@ -12,13 +12,11 @@ from __future__ import annotations
 import io
 import json
 import logging
-import queue
 import random
-import threading
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import Any
 
 import numpy as np
 import torch
@@ -26,7 +24,6 @@ import torch
 from tasks.shards import read_tar_samples
 
 log = logging.getLogger(__name__)
-T = TypeVar("T")
 SHARDS_PER_STREAM = 4
 """Streams split by whole shards only when each gets at least this many; otherwise by sample."""
 
@@ -245,21 +242,12 @@ class EpochDataset(torch.utils.data.IterableDataset):
 
 
 def batches(
-    cfg: LoaderConfig, rank: int, world: int, position: dict[str, int], workers: int = 0, prefetch: int = 2
+    cfg: LoaderConfig, rank: int, world: int, position: dict[str, int], workers: int = 0
 ) -> Iterator[tuple[dict[str, torch.Tensor], dict[str, int]]]:
     """``(batch, position_after)`` forever, epoch after epoch, starting at ``position``.
 
-    An epoch is ``total_samples // (world x micro_batch)`` batches per rank. Without loader worker
-    processes, a background thread reads and collates ``prefetch`` batches ahead (shard reads and
-    torch's kernels release the GIL, so loading overlaps the training step); the order is unchanged.
+    An epoch is ``total_samples // (world x micro_batch)`` batches per rank.
     """
-    stream = _batches(cfg, rank, world, position, workers)
-    return prefetched(stream, prefetch) if workers == 0 and prefetch > 0 else stream
-
-
-def _batches(
-    cfg: LoaderConfig, rank: int, world: int, position: dict[str, int], workers: int
-) -> Iterator[tuple[dict[str, torch.Tensor], dict[str, int]]]:
     epoch, done = position.get("epoch", 0), position.get("batches", 0)
     per_epoch = max(1, cfg.total_samples // (world * cfg.micro_batch))
     while True:
@@ -268,45 +256,3 @@ def _batches(
         for index, batch in enumerate(loader, start=done):
             yield batch, {"epoch": epoch, "batches": index + 1}
         epoch, done = epoch + 1, 0
-
-
-_END = object()
-
-
-def prefetched(items: Iterator[T], depth: int) -> Iterator[T]:
-    """``items`` in order, produced up to ``depth`` ahead by a background thread. An exception in the
-    producer is raised here, where its item would have come; closing this iterator stops the thread."""
-    ready: queue.Queue = queue.Queue(depth)
-    stop = threading.Event()
-
-    def put(entry: tuple[bool, Any]) -> bool:
-        while not stop.is_set():
-            try:
-                ready.put(entry, timeout=0.1)
-                return True
-            except queue.Full:
-                continue
-        return False
-
-    def produce() -> None:
-        try:
-            for item in items:
-                if not put((True, item)):
-                    return
-        except BaseException as err:  # handed to the consumer, raised there
-            put((False, err))
-            return
-        put((False, _END))
-
-    threading.Thread(target=produce, name="loader-prefetch", daemon=True).start()
-    try:
-        while True:
-            ok, item = ready.get()
-            if ok:
-                yield item
-            elif item is _END:
-                return
-            else:
-                raise item
-    finally:
-        stop.set()

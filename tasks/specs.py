@@ -13,8 +13,9 @@ import re
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from tasks.yaml_lines import explain, has, inner_model, line_of, parse_yaml
 
 SPEC_DIR = Path(__file__).resolve().parent.parent / "data_specs"
 ENV_REF = re.compile(r"^\$\{([A-Z_][A-Z0-9_]*)\}$")
@@ -276,55 +277,11 @@ class SpecError(ValueError):
 # --- loading with line numbers ---------------------------------------------------------------------
 
 
-class _LineLoader(yaml.SafeLoader):
-    """Safe loader that records the line of every mapping key and refuses duplicate keys."""
-
-
-def _construct_mapping(loader: _LineLoader, node: yaml.MappingNode, deep: bool = False) -> dict:
-    mapping: dict = {}
-    lines: dict = {}
-    for key_node, value_node in node.value:
-        key = loader.construct_object(key_node, deep=deep)
-        if key in mapping:
-            raise yaml.constructor.ConstructorError(
-                None, None, f"duplicate key {key!r} (first at line {lines[key]})", key_node.start_mark
-            )
-        mapping[key] = loader.construct_object(value_node, deep=deep)
-        lines[key] = key_node.start_mark.line + 1
-    loader.line_map[id(mapping)] = (node.start_mark.line + 1, lines)
-    return mapping
-
-
-_LineLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _construct_mapping)
-
-
 def _parse_yaml(text: str, file: str) -> tuple[Any, dict]:
-    loader = _LineLoader(text)
-    loader.line_map = {}
     try:
-        data = loader.get_single_data()
-    except yaml.YAMLError as err:
-        mark = getattr(err, "problem_mark", None) or getattr(err, "context_mark", None)
-        line = f":{mark.line + 1}" if mark else ""
-        problem = getattr(err, "problem", None) or str(err)
-        raise SpecError([f"{file}{line}: invalid YAML: {problem}"]) from err
-    finally:
-        loader.dispose()
-    return data, loader.line_map
-
-
-def _line_of(data: Any, line_map: dict, loc: tuple) -> int:
-    """Best line for a pydantic error location: the deepest mapping key on the path."""
-    line, node = 1, data
-    for part in loc:
-        if isinstance(node, dict) and id(node) in line_map:
-            start, keys = line_map[id(node)]
-            line = keys.get(part, start)
-        if isinstance(node, dict | list) and _has(node, part):
-            node = node[part]
-        else:
-            break
-    return line
+        return parse_yaml(text, file)
+    except ValueError as err:
+        raise SpecError([str(err)]) from None
 
 
 def _without_tags(loc: tuple) -> tuple:
@@ -332,23 +289,12 @@ def _without_tags(loc: tuple) -> tuple:
     return tuple(p for i, p in enumerate(loc) if not (i and loc[i - 1] == "source" and p in _SOURCE_MODELS))
 
 
-def _explain(error: dict, loc: tuple, data: Any) -> str:
-    kind, msg = error["type"], error["msg"]
-    if kind == "extra_forbidden":
-        model = _model_at(loc[:-1], data)
-        allowed = ", ".join(model.model_fields) if model else "see the schema"
-        return f"unknown key; allowed keys here: {allowed}"
-    if kind == "missing":
-        return "required field is missing"
-    return msg
-
-
 def _model_at(loc: tuple, data: Any) -> type[BaseModel] | None:
     """The schema model at a location (for listing allowed keys); sources by their ``type``."""
     model: type[BaseModel] | None = DatasetSpec
     node = data
     for part in loc:
-        node = node[part] if isinstance(node, dict | list) and _has(node, part) else None
+        node = node[part] if isinstance(node, dict | list) and has(node, part) else None
         if isinstance(part, int):
             continue
         if model is None or part not in model.model_fields:
@@ -356,12 +302,8 @@ def _model_at(loc: tuple, data: Any) -> type[BaseModel] | None:
         if part == "source":
             model = _SOURCE_MODELS.get(node.get("type")) if isinstance(node, dict) else None
             continue
-        model = _inner_model(model.model_fields[part].annotation)
+        model = inner_model(model.model_fields[part].annotation)
     return model
-
-
-def _has(node: dict | list, part: Any) -> bool:
-    return part in node if isinstance(node, dict) else isinstance(part, int) and part < len(node)
 
 
 _SOURCE_MODELS = {
@@ -371,16 +313,6 @@ _SOURCE_MODELS = {
     "url_list": UrlListSource,
     "llava_json": LlavaSource,
 }
-
-
-def _inner_model(annotation: Any) -> type[BaseModel] | None:
-    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
-        return annotation
-    for arg in getattr(annotation, "__args__", ()):
-        found = _inner_model(arg)
-        if found is not None:
-            return found
-    return None
 
 
 def parse_spec(text: str, file: str = "<spec>") -> DatasetSpec:
@@ -395,7 +327,8 @@ def parse_spec(text: str, file: str = "<spec>") -> DatasetSpec:
         for error in err.errors():
             loc = _without_tags(tuple(error["loc"]))
             path = ".".join(str(p) for p in loc) or "(spec)"
-            problems.append(f"{file}:{_line_of(data, line_map, loc)}: {path}: {_explain(error, loc, data)}")
+            why = explain(error, _model_at(loc[:-1], data))
+            problems.append(f"{file}:{line_of(data, line_map, loc)}: {path}: {why}")
         raise SpecError(problems) from None
 
 

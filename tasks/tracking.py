@@ -25,14 +25,19 @@ def client(tracking_uri: str | None = None) -> Any:
     from tasks.settings import get_settings
 
     uri = tracking_uri or get_settings().mlflow_uri
-    mlflow = MlflowClient(tracking_uri=uri)
-    if uri.startswith("sqlite:///"):  # two processes creating one SQLite store race in its migrations
-        from tasks.locks import exclusive
+    if not uri.startswith("sqlite:///"):
+        return MlflowClient(tracking_uri=uri)
+    # Two processes creating one SQLite store race in its migrations: the client (whose construction
+    # may already open the store) and its first query, which creates or upgrades the schema, are made
+    # under one lock per database.
+    from tasks.locks import exclusive
 
-        db = Path(uri.removeprefix("sqlite:///"))
-        db.parent.mkdir(parents=True, exist_ok=True)
-        with exclusive(db.parent / f".{db.name}.init.lock"):
-            mlflow.search_experiments(max_results=1)  # creates or upgrades the schema, once at a time
+    db = Path(uri.removeprefix("sqlite:///"))
+    db.parent.mkdir(parents=True, exist_ok=True)
+    with exclusive(db.parent / f".{db.name}.init.lock"):
+        mlflow = MlflowClient(tracking_uri=uri)
+        mlflow.search_experiments(max_results=1)
+        mlflow.search_registered_models(max_results=1)  # the registry's store, on the same database
     return mlflow
 
 

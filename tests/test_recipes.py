@@ -9,13 +9,13 @@ import pytest
 import model
 from model.config import VLMConfig, config_names, get_config
 from tasks.deepspeed_config import deepspeed_config
-from tasks.recipes import RECIPES, get_recipe, stage_dict
+from tasks.recipes import get_recipe, load_recipes, stage_dict
 from tasks.specs import load_all
 
 
-@pytest.mark.parametrize("name", list(RECIPES))
+@pytest.mark.parametrize("name", sorted(load_recipes()))
 def test_every_recipe_row_is_consistent(name: str) -> None:
-    recipe = RECIPES[name]
+    recipe = get_recipe(name)
     specs = load_all()
     assert [s.name for s in recipe.stages] == ["llm-pretrain", "llm-sft", "vlm-align", "vlm-instruct"]
     for stage in recipe.stages:
