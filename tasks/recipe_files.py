@@ -1,5 +1,5 @@
 """Recipe files: ``recipes/NAME.yaml``, one recipe each, validated against the typed schema in
-``tasks.recipes`` (whose dataclasses keep the defaults).
+``tasks.recipe_schema`` (whose dataclasses keep the defaults).
 
 A file names its stages in order; a recipe may extend another (``base: tiny``) and give only what
 differs: a stage of the same name takes the base stage's fields and overrides those the file sets
@@ -22,8 +22,8 @@ from typing import Any, get_args, get_origin
 
 from pydantic import BaseModel, ConfigDict, ValidationError, create_model
 
-from tasks.recipe_schema import OptimConfig, Recipe, StageConfig
-from tasks.yaml_lines import explain, has, inner_model, line_of, parse_yaml
+from tasks.recipe_schema import Recipe, StageConfig
+from tasks.yaml_lines import has, inner_model, line_of, parse_yaml, problems_of
 
 log = logging.getLogger(__name__)
 RECIPE_DIR = Path(__file__).resolve().parent.parent / "recipes"
@@ -129,13 +129,7 @@ def read_recipe_file(path: Path) -> dict[str, Any]:
     try:
         entry = _file_model().model_validate(data)
     except ValidationError as err:
-        problems = []
-        for error in err.errors():
-            loc = tuple(error["loc"])
-            where = ".".join(str(p) for p in loc) or "(recipe)"
-            why = explain(error, _model_at(loc[:-1]))
-            problems.append(f"{path}:{line_of(data, line_map, loc)}: {where}: {why}")
-        raise RecipeError(problems) from None
+        raise RecipeError(problems_of(err, str(path), data, line_map, _model_at, top="(recipe)")) from None
     if entry.name != path.stem:
         problem = f"recipe name {entry.name!r} must equal the file name {path.stem!r}"
         raise RecipeError([f"{path}:1: name: {problem}"])
@@ -185,37 +179,46 @@ def _stage(entry: dict[str, Any]) -> StageConfig:
     where = entry.pop("__where__", "recipe")
     try:
         return _build(StageConfig, entry)
-    except TypeError as err:
-        required = [f.name for f in dataclasses.fields(StageConfig) if f.default is dataclasses.MISSING
-                    and f.default_factory is dataclasses.MISSING]  # fmt: skip
-        missing = [f for f in required if f not in entry]
+    except _Missing as err:
+        missing = ", ".join(err.args[0])
         raise RecipeError(
-            [f"{where}: missing {', '.join(missing) or err}: set it in this file or in its base recipe"]
+            [f"{where}: missing {missing}: set it in this file or in its base recipe"]
         ) from None
 
 
-def _build(cls: type, data: dict[str, Any]) -> Any:
+class _Missing(TypeError):
+    """Required fields (dotted paths) that neither a file nor its bases set."""
+
+
+def _build(cls: type, data: dict[str, Any], prefix: str = "") -> Any:
+    """``cls`` from file fields; nested dataclasses are built from their mappings."""
+    required = (f.name for f in dataclasses.fields(cls)
+                if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING)  # fmt: skip
+    missing = [f"{prefix}{name}" for name in required if name not in data]
     hints = typing.get_type_hints(cls)
     kwargs = {}
     for key, value in data.items():
-        kwargs[key] = _value(hints[key], value)
-    if cls is OptimConfig and "lr" not in kwargs:
-        raise TypeError("optim.lr")
+        try:
+            kwargs[key] = _value(hints[key], value, f"{prefix}{key}.")
+        except _Missing as err:
+            missing += err.args[0]
+    if missing:
+        raise _Missing(missing)
     return cls(**kwargs)
 
 
-def _value(annotation: Any, value: Any) -> Any:
+def _value(annotation: Any, value: Any, prefix: str) -> Any:
     if value is None:
         return None
     if dataclasses.is_dataclass(annotation):
-        return _build(annotation, value)
+        return _build(annotation, value, prefix)
     origin, args = get_origin(annotation), get_args(annotation)
     if origin in (types.UnionType, typing.Union):
         inner = [a for a in args if a is not type(None)]
-        return _value(inner[0], value) if len(inner) == 1 else value
+        return _value(inner[0], value, prefix) if len(inner) == 1 else value
     if origin is tuple:
         items = args[:1] * len(value) if len(args) == 2 and args[1] is Ellipsis else args
-        return tuple(_value(a, v) for a, v in zip(items, value, strict=True))
+        return tuple(_value(a, v, prefix) for a, v in zip(items, value, strict=True))
     return value
 
 

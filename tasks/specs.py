@@ -15,7 +15,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from tasks.yaml_lines import explain, has, inner_model, line_of, parse_yaml
+from tasks.yaml_lines import has, inner_model, parse_yaml, problems_of
 
 SPEC_DIR = Path(__file__).resolve().parent.parent / "data_specs"
 ENV_REF = re.compile(r"^\$\{([A-Z_][A-Z0-9_]*)\}$")
@@ -323,13 +323,8 @@ def parse_spec(text: str, file: str = "<spec>") -> DatasetSpec:
     try:
         return DatasetSpec.model_validate(data)
     except ValidationError as err:
-        problems = []
-        for error in err.errors():
-            loc = _without_tags(tuple(error["loc"]))
-            path = ".".join(str(p) for p in loc) or "(spec)"
-            why = explain(error, _model_at(loc[:-1], data))
-            problems.append(f"{file}:{line_of(data, line_map, loc)}: {path}: {why}")
-        raise SpecError(problems) from None
+        model_at = lambda loc: _model_at(loc, data)  # noqa: E731
+        raise SpecError(problems_of(err, file, data, line_map, model_at, _without_tags, "(spec)")) from None
 
 
 def load_spec(path: str | Path) -> DatasetSpec:

@@ -6,10 +6,11 @@ pydantic error location and explains the common errors in our words.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import yaml
-from pydantic import BaseModel
+from pydantic import BaseModel, ValidationError
 
 
 class _LineLoader(yaml.SafeLoader):
@@ -89,3 +90,18 @@ def explain(error: dict, model: type[BaseModel] | None) -> str:
     if kind == "missing":
         return "required field is missing"
     return msg
+
+
+def problems_of(
+    err: ValidationError, file: str, data: Any, line_map: dict,
+    model_at: Callable[[tuple], type[BaseModel] | None], clean: Callable[[tuple], tuple] = tuple,
+    top: str = "(file)",
+) -> list[str]:  # fmt: skip
+    """Each pydantic error as ``file:line: field.path: message``. ``model_at(loc)`` is the schema at a
+    location (to list allowed keys); ``clean`` rewrites a location (dropping discriminator tags)."""
+    out = []
+    for error in err.errors():
+        loc = clean(tuple(error["loc"]))
+        where = ".".join(str(p) for p in loc) or top
+        out.append(f"{file}:{line_of(data, line_map, loc)}: {where}: {explain(error, model_at(loc[:-1]))}")
+    return out
