@@ -3,7 +3,7 @@
 Builds (once, cached in ``--work``) an f16 GGUF with MobileLLaMA-1.4B's shapes (24 layers, width
 2048, 16 heads, SwiGLU 5632, vocab 32000) and random weights, quantizes it to q4_0 and q4_k_s
 through our quantize step, then on the same file in the same process measures prompt processing
-(pp) and generation (tg) tokens/s twice: through our runner (``tasks.bench.PythonBackend.bench``)
+(pp) and generation (tg) tokens/s twice: through our runner (``tasks.ship.bench.PythonBackend.bench``)
 and through a bare loop over llama-cpp-python's ``llama_decode`` with ``llama_batch_get_one``.
 The ratio printed last is the runner's overhead (bare tok/s over ours; 1.00 = none).
 
@@ -25,8 +25,8 @@ from model.config import get_config
 from model.gguf_export import write_llm_gguf
 from model.mobilevlm import hf_config
 from model.tokenizer import train_tokenizer
-from tasks.bench import BenchSettings, LlamaCpp, PythonBackend, RuntimeOptions
-from tasks.quantize import quantize
+from tasks.ship.bench import BenchSettings, LlamaCpp, PythonBackend, RuntimeOptions
+from tasks.ship.quantize import quantize
 
 CORPUS = ["Building a website can be done in 10 simple steps.", "Step 1: choose a domain name."] * 20
 

@@ -93,8 +93,8 @@ def main() -> None:
 
     import ray
 
-    from tasks.build import build_dataset
-    from tasks.parallel import ensure_ray
+    from tasks.core.parallel import ensure_ray
+    from tasks.data.build import build_dataset
 
     root = Path(tempfile.mkdtemp(prefix="mvlm-img-bench-"))
     paths = make_images(root, args.images, args.size)

@@ -1,4 +1,4 @@
-"""Packing one long document: ``tasks.text_data.Packer`` vs the packer it replaced (quadratic).
+"""Packing one long document: ``tasks.data.text.Packer`` vs the packer it replaced (quadratic).
 
 The old packer re-sliced its whole buffer for every full sequence, so one document of N tokens cost
 O(N^2 / seq_len); ours moves an offset and compacts once per document. Both pack the same
@@ -16,7 +16,7 @@ import statistics
 import time
 from collections.abc import Iterator
 
-from tasks.text_data import Packer
+from tasks.data.text import Packer
 
 
 class QuadraticPacker:

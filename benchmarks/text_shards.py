@@ -1,6 +1,6 @@
 """Tokens/s per core of the whole text build path vs ``tokenizers``' own ``Tokenizer.encode_batch``.
 
-Ours is ``tasks.build.build_dataset`` on a generated corpus of jsonl files in a fresh temporary data
+Ours is ``tasks.data.build.build_dataset`` on a generated corpus of jsonl files in a fresh temporary data
 root each repeat (identity, source hashing, scan + exact dedup, tokenize, pack, shard writing,
 manifest) on real Ray, after a warm-up build so worker start-up is not counted. The reference is the
 same tokenizer's Rust ``encode_batch`` on the same documents in this process, with nothing else
@@ -94,8 +94,8 @@ def main() -> None:
     from tokenizers import Tokenizer
 
     from model.tokenizer import train_tokenizer
-    from tasks.build import build_dataset
-    from tasks.parallel import ensure_ray
+    from tasks.core.parallel import ensure_ray
+    from tasks.data.build import build_dataset
 
     docs = make_documents(args.mb)
     work = Path(tempfile.mkdtemp(prefix="bench-text-shards-"))

@@ -53,8 +53,8 @@ SIZES = {
 
 def build_data(root: Path, seq_len: int) -> Path:
     """Samples + a tiny-redpajama build at ``seq_len``; returns the spec folder."""
-    from tasks.build import build_dataset
-    from tasks.samples import make_samples
+    from tasks.data.build import build_dataset
+    from tasks.testkit.samples import make_samples
 
     if not (root / "samples").is_dir():
         make_samples(root / "samples")
@@ -95,10 +95,10 @@ def measure(root: Path, size: Size, steps: int) -> tuple[float, float, float]:
 
     import model as mvlm
     from model.train import LoopConfig, LoopState, make_optimizer, run_loop
-    from tasks.deepspeed_config import deepspeed_config
-    from tasks.loader import batches
-    from tasks.recipes import get_recipe
-    from tasks.train_stage import loader_config, resolve_builds
+    from tasks.train.deepspeed_config import deepspeed_config
+    from tasks.train.loader import batches
+    from tasks.train.recipes import get_recipe
+    from tasks.train.stage import loader_config, resolve_builds
 
     specs = build_data(root, size.seq_len)
     stage_over = {"num_workers": 1, "micro_batch": size.micro_batch, "global_batch": size.micro_batch,

@@ -19,7 +19,7 @@ def register(app: typer.Typer) -> None:
 
 
 def _data_root(data_root: Path | None) -> Path:
-    from tasks.settings import get_settings
+    from tasks.core.settings import get_settings
 
     return data_root or get_settings().data_root
 
@@ -34,7 +34,7 @@ def validate(
     files: Annotated[list[Path] | None, typer.Argument(help="Spec files (default: all).")] = None,
 ) -> None:
     """Validate spec files; every error names file, line, field and the allowed values."""
-    from tasks.specs import SpecError, load_spec, spec_files
+    from tasks.data.specs import SpecError, load_spec, spec_files
 
     problems: list[str] = []
     targets = files or spec_files()
@@ -54,8 +54,8 @@ def validate(
 @data_app.command("list")
 def list_specs(data_root: DataRoot = None) -> None:
     """Specs with their kind, profile and latest build."""
-    from tasks.catalog import latest_build
-    from tasks.specs import load_all
+    from tasks.data.catalog import latest_build
+    from tasks.data.specs import load_all
 
     catalog = _data_root(data_root) / "catalog.duckdb"
     table = Table("name", "kind", "profile", "subsets", "latest build", "samples", "tokens", "rejected")
@@ -76,7 +76,7 @@ def make_samples_cmd(
     data_root: DataRoot = None,
 ) -> None:
     """Generate the tiny profile's sample data and tokenizer (deterministic for a seed)."""
-    from tasks.samples import SampleConfig, make_samples
+    from tasks.testkit.samples import SampleConfig, make_samples
 
     target = out_dir or _data_root(data_root) / "samples"
     summary = make_samples(target, SampleConfig(seed=seed))
@@ -96,7 +96,7 @@ def build(
 ) -> None:
     """Build dataset specs into verified webdataset shards (one Prefect flow run per spec)."""
     from flows.data import build_data, specs_for
-    from tasks.build import BuildError
+    from tasks.data.build import BuildError
 
     root = _data_root(data_root)
     try:
@@ -133,7 +133,7 @@ def _status(summary: dict) -> str:
 @data_app.command("stats")
 def stats(name: str, data_root: DataRoot = None) -> None:
     """Per-source counts, rejects by reason and shards of a dataset's latest build."""
-    from tasks.catalog import latest_build, query
+    from tasks.data.catalog import latest_build, query
 
     catalog = _data_root(data_root) / "catalog.duckdb"
     build = latest_build(catalog, name)
@@ -157,7 +157,7 @@ def sql(
     query_text: Annotated[str, typer.Argument(help="A read-only SQL query.")], data_root: DataRoot = None
 ) -> None:
     """Run a read-only SQL query against the catalog."""
-    from tasks.catalog import query
+    from tasks.data.catalog import query
 
     try:
         columns, rows = query(_data_root(data_root) / "catalog.duckdb", query_text)

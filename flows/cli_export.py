@@ -65,7 +65,7 @@ def export_command(
 ) -> None:
     """Export a checkpoint as a LLaMA GGUF (with tokenizer) and, for a VLM, an mmproj GGUF for llama.cpp."""
     from model.gguf_export import GGUFExportError
-    from tasks.export import ExportConfig, ExportError, export_checkpoint
+    from tasks.ship.export import ExportConfig, ExportError, export_checkpoint
 
     try:
         result = export_checkpoint(checkpoint, out, ExportConfig(dtype, mmproj_dtype), check=check)
@@ -97,7 +97,7 @@ def quantize_command(
     ] = True,
 ) -> None:
     """Quantize a GGUF with llama.cpp, check it (tensor types, perplexity vs its source), log it to MLflow."""
-    from tasks.quantize import QuantizeError, quantize
+    from tasks.ship.quantize import QuantizeError, quantize
 
     text = eval_text.read_text() if eval_text else None
     try:
@@ -122,7 +122,7 @@ def quantize_command(
             f"ratio {ppl['ratio']:.4f}",
         )
     if mlflow:
-        from tasks.mlflow_push import tracking_uri
+        from tasks.lineage.push import tracking_uri
 
         table.add_row("MLflow run", f"{_log_quant(result)} at {tracking_uri()}")
     console.print(table)
@@ -130,7 +130,7 @@ def quantize_command(
 
 def _log_quant(result: Any) -> str:
     """Log a quant to MLflow, or fail with what to do when the server is down."""
-    from tasks.mlflow_push import log_quant, reachable, tracking_uri
+    from tasks.lineage.push import log_quant, reachable, tracking_uri
 
     uri = tracking_uri()
     if not reachable(uri):
@@ -146,7 +146,7 @@ def _log_quant(result: Any) -> str:
 
 def _setting_overrides(pairs: list[str]) -> dict[str, Any]:
     """``key=value`` pairs typed after BenchSettings' fields."""
-    from tasks.bench import BenchSettings
+    from tasks.ship.bench import BenchSettings
 
     types = {f.name: f.type for f in dataclasses.fields(BenchSettings)}
     out: dict[str, Any] = {}
@@ -175,8 +175,8 @@ def _quant_run_id(model: str) -> str:
         raise _fail(
             f"{model} is neither an MLflow run id nor a quant folder with manifest.json (see `mvlm quantize`)"
         )
-    from tasks.identity import read_json
-    from tasks.quantize import QuantResult
+    from tasks.core.identity import read_json
+    from tasks.ship.quantize import QuantResult
 
     manifest = read_json(folder / "manifest.json")
     if manifest.get("kind") != "quant":
@@ -213,7 +213,7 @@ def bench_submit(
     ] = None,
 ) -> None:
     """Benchmark a quantized model on a device pool; results go to MLflow as a run linked to the model."""
-    from tasks.bench import device_class
+    from tasks.ship.bench import device_class
 
     try:
         device_class(pool)
@@ -250,7 +250,8 @@ def bench_report(
     ),
 ) -> None:
     """A table per device and quant type (ours beside the paper's numbers) and a bar chart."""
-    from tasks.bench import REPORT_COLUMNS, report_groups, report_rows, write_chart
+    from tasks.lineage.bench_runs import report_rows
+    from tasks.ship.bench import REPORT_COLUMNS, report_groups, write_chart
 
     rows = report_rows()
     for (device, quant_type), group in report_groups(rows).items():
@@ -292,7 +293,7 @@ def bench_deploy(
 @bench_app.command("flush")
 def bench_flush() -> None:
     """Send results waiting in the outbox (kept there while MLflow was unreachable)."""
-    from tasks.mlflow_push import Outbox, flush
+    from tasks.lineage.push import Outbox, flush
 
     report = flush(Outbox())
     console.print(f"sent {len(report.sent)}, still waiting {len(report.kept)}")
@@ -301,7 +302,7 @@ def bench_flush() -> None:
 @bench_app.command("pools")
 def bench_pools() -> None:
     """The device classes (work pools) and how each runs the model."""
-    from tasks.bench import load_pools
+    from tasks.ship.bench import load_pools
 
     pools = load_pools()
     table = Table(Column("pool", no_wrap=True), "soc", "backend", "transport", "threads")

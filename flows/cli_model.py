@@ -69,7 +69,7 @@ def model_smoke(
 ) -> None:
     """Build a tiny MobileVLM, run training steps and a greedy generation on a generated image."""
     import model
-    from tasks.smoke import run_smoke
+    from tasks.testkit.smoke import run_smoke
 
     result = run_smoke(name, steps=steps)
     console.print(info_table(model.info(name, **result.overrides)))

@@ -48,7 +48,7 @@ def retrain(
 
 def print_summary(result: dict[str, Any]) -> None:
     """Tables of what the retrain produced, and how to open MLflow on it."""
-    from tasks.settings import get_settings
+    from tasks.core.settings import get_settings
 
     data = Table("dataset", "build", "status", "kept", "rejected", title="data")
     for b in result["builds"]:
@@ -95,8 +95,8 @@ def lineage(
     model: Annotated[str, typer.Argument(help="Registered model name, optionally @VERSION.")],
 ) -> None:
     """Print what made a model version (datasets, stages, recipe, code) and what was made from it."""
-    from tasks import tracking
-    from tasks.lineage import downstream, render_text, upstream
+    from tasks.lineage import tracking
+    from tasks.lineage.graph import downstream, render_text, upstream
 
     mlflow = tracking.client()
     try:

@@ -27,8 +27,8 @@ def train(
 ) -> None:
     """Train a recipe's stages with DeepSpeed on Ray Train (one Prefect flow run)."""
     from flows.train import train as train_flow
-    from tasks.build import BuildError
-    from tasks.train_stage import StageError
+    from tasks.data.build import BuildError
+    from tasks.train.stage import StageError
 
     try:
         summaries = train_flow(recipe, stage)
@@ -49,7 +49,7 @@ def recipes(ctx: typer.Context) -> None:
     """List recipes and their stages (``recipes/*.yaml``, and ``MVLM_RECIPE_DIR``'s folders first)."""
     if ctx.invoked_subcommand is not None:
         return
-    from tasks.recipes import RecipeError, load_recipes
+    from tasks.train.recipes import RecipeError, load_recipes
 
     try:
         found = load_recipes()
@@ -72,8 +72,8 @@ def validate(
     ] = None,
 ) -> None:
     """Validate recipe files with their bases; every error names file, line and field."""
-    from tasks.recipe_files import load_recipe
-    from tasks.recipes import RecipeError, recipe_files
+    from tasks.train.recipe_files import load_recipe
+    from tasks.train.recipes import RecipeError, recipe_files
 
     known = recipe_files()
     targets = files or list(known.values())

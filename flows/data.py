@@ -14,13 +14,13 @@ from typing import Any
 from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NONE
 
-from tasks.specs import DatasetSpec
+from tasks.data.specs import DatasetSpec
 
 
 @task(name="validate-spec", cache_policy=NONE)
 def validate_spec(name: str, spec_dir: str | None) -> str:
     """Path of the spec called ``name`` (every spec in the folder must validate)."""
-    from tasks.specs import find_spec
+    from tasks.data.specs import find_spec
 
     return str(find_spec(name, spec_dir)[0])
 
@@ -28,8 +28,8 @@ def validate_spec(name: str, spec_dir: str | None) -> str:
 @task(name="build-dataset", cache_policy=NONE)
 def build_dataset_task(spec_path: str, data_root: str, force: bool) -> dict[str, Any]:
     """Build or reuse the dataset; returns a summary (name, build_id, path, reused, totals)."""
-    from tasks.build import build_dataset
-    from tasks.previews import token_chart
+    from tasks.data.build import build_dataset
+    from tasks.data.previews import token_chart
 
     result = build_dataset(spec_path, data_root, force=force)
     logger = get_run_logger()
@@ -58,7 +58,7 @@ def build_dataset_task(spec_path: str, data_root: str, force: bool) -> dict[str,
 @task(name="check-catalog", cache_policy=NONE)
 def check_catalog(name: str, catalog: str) -> list[dict[str, Any]]:
     """Catalog rows of ``name`` whose shard file is missing or has another size (WARNING each)."""
-    from tasks.catalog import missing_shards
+    from tasks.data.catalog import missing_shards
 
     problems = missing_shards(catalog, name)
     logger = get_run_logger()
@@ -73,8 +73,8 @@ def catalog_build(
 ) -> None:
     """Record the build's manifest in the DuckDB catalog (replacing its rows); drop the rows of
     ``stale`` builds (other builds of the dataset whose shard files are gone)."""
-    from tasks.catalog import forget_build, record_build
-    from tasks.identity import read_json
+    from tasks.core.identity import read_json
+    from tasks.data.catalog import forget_build, record_build
 
     path = Path(summary["path"])
     record_build(catalog, read_json(path / "manifest.json"), path, spec_path)
@@ -88,7 +88,7 @@ def build_data(
     name: str, force: bool = False, data_root: str | None = None, spec_dir: str | None = None
 ) -> dict:
     """Build one dataset spec by name (``mvlm data build NAME``); reruns reuse verified builds."""
-    from tasks.settings import get_settings
+    from tasks.core.settings import get_settings
 
     settings = get_settings()
     root = data_root or str(settings.data_root)
@@ -107,7 +107,7 @@ def build_data(
 
 def specs_for(names: list[str], profile: str | None, spec_dir: str | None = None) -> list[str]:
     """Spec names to build: the given names, or every spec of ``profile``."""
-    from tasks.specs import load_all
+    from tasks.data.specs import load_all
 
     specs: dict[str, tuple[Path, DatasetSpec]] = load_all(spec_dir)
     if names:

@@ -10,11 +10,14 @@ run of the quant run through the on-disk outbox, so an unreachable server loses 
 from __future__ import annotations
 
 import logging
+import os
 import time
 from pathlib import Path
 from typing import Any
 
 from prefect import flow, task
+
+from tasks.lineage import tags as tag
 
 log = logging.getLogger(__name__)
 
@@ -26,7 +29,7 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 @task(name="fetch-quant", retries=2, retry_delay_seconds=10)
 def fetch_quant_task(quant_run_id: str, uri: str | None) -> Any:
     """Download the quant run's GGUFs (or reuse the verified cache)."""
-    from tasks.mlflow_push import fetch_quant
+    from tasks.lineage.push import fetch_quant
 
     return fetch_quant(quant_run_id, uri=uri)
 
@@ -34,7 +37,7 @@ def fetch_quant_task(quant_run_id: str, uri: str | None) -> Any:
 @task(name="run-benchmark")
 def run_benchmark_task(fetched: Any, pool: str, settings: dict[str, Any] | None, nonce: str) -> Any:
     """The protocol on the pool's device."""
-    from tasks.bench import device_class, run_benchmark, settings_for
+    from tasks.ship.bench import device_class, run_benchmark, settings_for
 
     device = device_class(pool)
     protocol = settings_for(device, settings)
@@ -46,7 +49,7 @@ def run_benchmark_task(fetched: Any, pool: str, settings: dict[str, Any] | None,
 @task(name="push-results")
 def push_results_task(payload: Any, uri: str | None) -> dict[str, Any]:
     """Store the payload in the outbox, then send everything pending."""
-    from tasks.mlflow_push import Outbox, flush
+    from tasks.lineage.push import Outbox, flush
 
     outbox = Outbox()
     outbox.put(payload)
@@ -56,14 +59,14 @@ def push_results_task(payload: Any, uri: str | None) -> dict[str, Any]:
 
 def existing_result(identity: str, uri: str | None) -> str | None:
     """Run id of a complete result with ``identity`` when MLflow is reachable and has one."""
-    from tasks.mlflow_push import COMPLETE_TAG, client, experiment_id, find_run, reachable, tracking_uri
+    from tasks.lineage.push import client, experiment_id, find_run, reachable, tracking_uri
 
     uri = tracking_uri(uri)
     if not reachable(uri):
         return None
     mlflow = client(uri)
     run = find_run(mlflow, experiment_id(mlflow), identity)
-    return run.info.run_id if run is not None and run.data.tags.get(COMPLETE_TAG) == "true" else None
+    return run.info.run_id if run is not None and run.data.tags.get(tag.COMPLETE) == "true" else None
 
 
 @flow(name=FLOW_NAME)
@@ -75,7 +78,8 @@ def device_benchmark(
     tracking_uri: str | None = None,
 ) -> dict[str, Any]:
     """Benchmark the quantized model of MLflow run ``quant_run_id`` on ``pool``'s device; push the result."""
-    from tasks.bench import bench_identity, bench_payload, device_class, settings_for
+    from tasks.lineage.bench_runs import bench_payload
+    from tasks.ship.bench import bench_identity, device_class, settings_for
 
     fetched = fetch_quant_task(quant_run_id, tracking_uri)
     device = device_class(pool)
@@ -122,7 +126,7 @@ def deploy(
     """
     import asyncio
 
-    from tasks.bench import load_pools
+    from tasks.ship.bench import load_pools
 
     devices = load_pools()
     names = pools or sorted(devices)
@@ -159,3 +163,53 @@ def submit(
     if settings:
         parameters["settings"] = settings
     return run_deployment(f"{FLOW_NAME}/{pool}", parameters=parameters, timeout=wait_s or 0)
+
+
+def bench_on_pool(quant_run_id: str, pool: str, model_version: str, timeout_s: float) -> dict[str, Any]:
+    """Benchmark on ``pool``: through its deployment when a Prefect server is configured (waiting up to
+    ``timeout_s``; a missing deployment or no live runner leaves it pending, a run that failed is
+    ``failed``, any other error is raised), else in-process for ``host-cpu``."""
+    if os.environ.get("PREFECT_API_URL"):
+        from prefect.exceptions import ObjectNotFound
+
+        try:
+            flow_run = submit(quant_run_id, pool, wait_s=timeout_s)
+        except ObjectNotFound:  # no deployment for this pool: report it, do not fail the retrain
+            reason = f"no deployment device-benchmark/{pool} on the Prefect server (deploy prefect.yaml)"
+            return {"pool": pool, "status": "pending", "reason": reason}
+        state = getattr(getattr(flow_run, "state", None), "type", None)
+        name = getattr(state, "value", "UNKNOWN")
+        if name in ("FAILED", "CRASHED", "CANCELLED"):  # a runner took it and it did not succeed
+            reason = f"flow run {flow_run.id} ended {name}; see its logs in the Prefect UI"
+            return {"pool": pool, "status": "failed", "reason": reason}
+        if name != "COMPLETED":  # nobody picked it up (or it is still running) within timeout_s
+            reason = f"flow run {flow_run.id} is {name} after {timeout_s:.0f} s: no live runner finished it"
+            return {"pool": pool, "status": "pending", "reason": reason}
+        result = {"status": "done"}
+    elif pool == "host-cpu":
+        result = device_benchmark(quant_run_id, pool)
+    else:
+        return {
+            "pool": pool,
+            "status": "pending",
+            "reason": "no Prefect server (PREFECT_API_URL) to reach its runner",
+        }
+    run_id = result.get("run_id") or _bench_run_for(quant_run_id, pool)
+    if not run_id:
+        return {"pool": pool, "status": "pending", "reason": "no result in MLflow yet"}
+    from tasks.lineage import tracking
+
+    mlflow = tracking.client()
+    mlflow.set_tag(run_id, tag.MODEL_VERSION, model_version)
+    metrics = result.get("metrics") or mlflow.get_run(run_id).data.metrics
+    status = "reused" if result.get("status") == "exists" else "done"
+    return {"pool": pool, "status": status, "run_id": run_id, "metrics": metrics}
+
+
+def _bench_run_for(quant_run_id: str, pool: str) -> str | None:
+    from tasks.lineage import tracking
+
+    mlflow = tracking.client()
+    exp = tracking.experiment_id(mlflow, tracking.EXPERIMENT)
+    runs = mlflow.search_runs([exp], filter_string=tag.search(tag.QUANT_RUN_ID, quant_run_id))
+    return runs[0].info.run_id if runs else None

@@ -14,13 +14,14 @@ from typing import Any, Literal
 from prefect import flow, task
 from prefect.cache_policies import NONE
 
+from tasks.lineage import tags as tag
+
 log = logging.getLogger(__name__)
 DEFAULT_QUANTS = {"tiny": ("q8_0", "q4_0"), "tiny-v2": ("q8_0", "q4_0")}
 PAPER_QUANTS = ("q4_k_s", "q8_0")
 Step = Literal["data", "train", "export", "quantize", "benchmark"]
 STEPS: tuple[str, ...] = ("data", "train", "export", "quantize", "benchmark")
 """The retrain's steps in order; ``until`` stops after one of them."""
-STOP_TAG = "mvlm.stopped_after"
 
 
 class RetrainError(RuntimeError):
@@ -29,10 +30,10 @@ class RetrainError(RuntimeError):
 
 def retrain_identity(recipe_name: str, data_root: str) -> str:
     """Hash of the recipe rows, the current dataset build ids and the code versions."""
-    from tasks.build import make_context
-    from tasks.identity import CODE_VERSIONS, hash_json
-    from tasks.recipes import get_recipe, stage_dict
-    from tasks.specs import find_spec
+    from tasks.core.identity import CODE_VERSIONS, hash_json
+    from tasks.data.build import make_context
+    from tasks.data.specs import find_spec
+    from tasks.train.recipes import get_recipe, stage_dict
 
     recipe = get_recipe(recipe_name)
     specs = sorted({d.spec for s in recipe.enabled_stages() for d in s.datasets})
@@ -45,8 +46,8 @@ def retrain_identity(recipe_name: str, data_root: str) -> str:
 @task(name="publish-build", cache_policy=NONE)
 def publish_build_task(summary: dict, parent_run_id: str) -> str:
     """The build's MLflow child run."""
-    from tasks import tracking
-    from tasks.publish import log_build
+    from tasks.lineage import tracking
+    from tasks.lineage.publish import log_build
 
     return log_build(tracking.client(), summary, parent_run_id)
 
@@ -56,8 +57,8 @@ def register_stage_task(
     recipe: str, stage: str, manifest: dict, parent_model: str | None, retrain_run: str
 ) -> str:
     """Registered model version of a stage output."""
-    from tasks import tracking
-    from tasks.publish import register_stage
+    from tasks.lineage import tracking
+    from tasks.lineage.publish import register_stage
 
     return register_stage(tracking.client(), recipe, stage, manifest, parent_model, retrain_run)
 
@@ -65,9 +66,9 @@ def register_stage_task(
 @task(name="export", cache_policy=NONE)
 def export_task(final: str, parent_run_id: str, model_version: str) -> Any:
     """GGUF export (LLM + mmproj) with its checks, as an MLflow child run."""
-    from tasks import tracking
-    from tasks.export import export_checkpoint
-    from tasks.publish import log_export
+    from tasks.lineage import tracking
+    from tasks.lineage.publish import log_export
+    from tasks.ship.export import export_checkpoint
 
     export = export_checkpoint(final, check=True)
     log_export(tracking.client(), export, parent_run_id, model_version)
@@ -79,10 +80,10 @@ def quantize_task(
     recipe: str, export: Any, quant_type: str, parent_run_id: str, parent_model: str, datasets: dict[str, str]
 ) -> dict[str, Any]:
     """llama.cpp quantization logged to MLflow and registered as a model version."""
-    from tasks import tracking
-    from tasks.mlflow_push import log_quant
-    from tasks.publish import register_quant
-    from tasks.quantize import quantize
+    from tasks.lineage import tracking
+    from tasks.lineage.publish import register_quant
+    from tasks.lineage.push import log_quant
+    from tasks.ship.quantize import quantize
 
     quant = quantize(export.llm, quant_type)
     run_id = log_quant(quant)
@@ -97,7 +98,7 @@ def _size(folder: Path) -> int:
 @task(name="device-benchmark", cache_policy=NONE)
 def bench_task(quant: dict[str, Any], pool: str, timeout_s: float) -> dict[str, Any]:
     """Benchmark one quantization on one pool (pending, not failed, when no runner answers)."""
-    from tasks.publish import bench_on_pool
+    from flows.device_benchmark import bench_on_pool
 
     return {
         "quant_type": quant["quant_type"],
@@ -108,8 +109,9 @@ def bench_task(quant: dict[str, Any], pool: str, timeout_s: float) -> dict[str, 
 @task(name="device-chart", cache_policy=NONE)
 def device_chart_task(parent_run_id: str, runs_root: str) -> str:
     """Bar chart of our device results beside the paper's, logged on the retrain run."""
-    from tasks import tracking
-    from tasks.bench import report_rows, write_chart
+    from tasks.lineage import tracking
+    from tasks.lineage.bench_runs import report_rows
+    from tasks.ship.bench import write_chart
 
     path = write_chart(
         report_rows(), Path(runs_root) / "reports" / f"device-benchmarks-{parent_run_id[:8]}.png"
@@ -121,9 +123,9 @@ def device_chart_task(parent_run_id: str, runs_root: str) -> str:
 @task(name="lineage", cache_policy=NONE)
 def lineage_task(model_version: str, parent_run_id: str, runs_root: str) -> str:
     """The lineage graph of the final model as an HTML artifact of the retrain run."""
-    from tasks import tracking
-    from tasks.identity import atomic_write_text
-    from tasks.lineage import downstream, render_html, upstream
+    from tasks.core.identity import atomic_write_text
+    from tasks.lineage import tracking
+    from tasks.lineage.graph import downstream, render_html, upstream
 
     mlflow = tracking.client()
     page = render_html(
@@ -166,9 +168,9 @@ def retrain(
     One retrain of a recipe runs at a time per runs root (a second one waits for the lock); the
     flow run that a killed retrain left running in Prefect is marked Crashed by the next one.
     """
-    from tasks.flow_runs import current_flow_run_id, take_over
-    from tasks.locks import exclusive
-    from tasks.settings import get_settings
+    from flows.flow_runs import current_flow_run_id, take_over
+    from tasks.core.locks import exclusive
+    from tasks.core.settings import get_settings
 
     runs = Path(runs_root or get_settings().runs_root)
     runs.mkdir(parents=True, exist_ok=True)
@@ -193,8 +195,8 @@ def _retrain(
     """The steps of ``retrain``, with the recipe's lock held."""
     from flows.data import build_data
     from flows.train import run_stages
-    from tasks.recipes import get_recipe
-    from tasks.settings import get_settings
+    from tasks.core.settings import get_settings
+    from tasks.train.recipes import get_recipe
 
     settings = get_settings()
     data_root, runs_root = data_root or str(settings.data_root), runs_root or str(settings.runs_root)
@@ -251,10 +253,10 @@ def _retrain(
 
 def _stopped(parent: str, step: str, **done: Any) -> dict[str, Any]:
     """Summary of a retrain stopped after ``step`` (``until``); the retrain run is tagged with it."""
-    from tasks import tracking
+    from tasks.lineage import tracking
 
     mlflow = tracking.client()
-    mlflow.set_tag(parent, STOP_TAG, step)
+    mlflow.set_tag(parent, tag.STOPPED_AFTER, step)
     mlflow.set_terminated(parent, "FINISHED")
     log.info("retrain stopped after step %r (until); rerun without it to continue", step)
     empty = {"builds": [], "stages": [], "models": [], "export": None, "quants": [], "benchmarks": [],
@@ -264,16 +266,16 @@ def _stopped(parent: str, step: str, **done: Any) -> dict[str, Any]:
 
 def _finished(parent: str) -> None:
     """Mark the retrain run finished (no longer stopped part way)."""
-    from tasks import tracking
+    from tasks.lineage import tracking
 
     mlflow = tracking.client()
-    if STOP_TAG in mlflow.get_run(parent).data.tags:
-        mlflow.delete_tag(parent, STOP_TAG)
+    if tag.STOPPED_AFTER in mlflow.get_run(parent).data.tags:
+        mlflow.delete_tag(parent, tag.STOPPED_AFTER)
     mlflow.set_terminated(parent, "FINISHED")
 
 
 def _parent(recipe_name: str, data_root: str) -> str:
-    from tasks import tracking
-    from tasks.publish import parent_run
+    from tasks.lineage import tracking
+    from tasks.lineage.publish import parent_run
 
     return parent_run(tracking.client(), recipe_name, retrain_identity(recipe_name, data_root))

@@ -10,7 +10,8 @@ from typing import Any
 from prefect import flow, task
 from prefect.cache_policies import NONE
 
-from tasks.recipes import Recipe, StageConfig
+from tasks.lineage import tags as tag
+from tasks.train.recipes import Recipe, StageConfig
 
 log = logging.getLogger(__name__)
 
@@ -30,17 +31,17 @@ def stage_init(stage: StageConfig, previous_final: str | None) -> dict[str, str]
 def plan_stage_task(recipe: Recipe, stage: StageConfig, init: dict, data_root: str, runs_root: str,
                     tokenizer: str | None, parent_run_id: str | None = None) -> Any:  # fmt: skip
     """Check inputs, compute the stage identity, open (or find) its MLflow run."""
-    from tasks import tracking
-    from tasks.settings import get_settings
-    from tasks.tracking import EXPERIMENT
-    from tasks.train_stage import plan_stage
+    from tasks.core.settings import get_settings
+    from tasks.lineage import tracking
+    from tasks.lineage.tracking import EXPERIMENT
+    from tasks.train.stage import plan_stage
 
     plan, builds = plan_stage(recipe, stage, init, Path(data_root), Path(runs_root), tokenizer)
     uri = get_settings().mlflow_uri
     mlflow = tracking.client(uri)
     run_id, created = tracking.run_for(
         mlflow, EXPERIMENT, plan.stage_id, f"{recipe.name}/{stage.name}",
-        {"mvlm.recipe": recipe.name, "mvlm.stage": stage.name, "mvlm.kind": "stage"}, parent_run_id,
+        {tag.RECIPE: recipe.name, tag.STAGE: stage.name, tag.KIND: "stage"}, parent_run_id,
     )  # fmt: skip
     if created or tracking.unfinished(mlflow, run_id):  # idempotent: a crash may have cut it short
         tracking.log_params(
@@ -54,8 +55,8 @@ def plan_stage_task(recipe: Recipe, stage: StageConfig, init: dict, data_root: s
 @task(name="run-stage", cache_policy=NONE)
 def run_stage_task(plan: Any) -> dict[str, Any]:
     """Train (or reuse) the stage; marks its MLflow run finished or failed."""
-    from tasks import tracking
-    from tasks.train_stage import run_stage
+    from tasks.lineage import tracking
+    from tasks.train.stage import run_stage
 
     mlflow = tracking.client(plan.mlflow_uri)
     try:
@@ -70,23 +71,28 @@ def run_stage_task(plan: Any) -> dict[str, Any]:
 @task(name="evaluate-stage", cache_policy=NONE)
 def evaluate_task(plan: Any, manifest: dict[str, Any]) -> dict[str, Any]:
     """Held-out perplexity (text stages) or exact-match accuracy (instruction stages), logged to MLflow."""
-    from tasks import tracking
-    from tasks.evaluate import evaluate_checkpoint, write_result
-    from tasks.identity import read_json
-    from tasks.tracking import EXPERIMENT
-    from tasks.train_stage import BuildRef, sources
+    from tasks.core.identity import read_json
+    from tasks.lineage import tracking
+    from tasks.lineage.tracking import EXPERIMENT
+    from tasks.testkit.samples import classify_question
+    from tasks.train.evaluate import evaluate_checkpoint, write_result
+    from tasks.train.stage import BuildRef, sources
 
     path = plan.out / "evaluation.json"
     if path.is_file():
         return read_json(path)
     builds = [BuildRef(**b) for b in plan.builds]
     kind = "text" if all(b.kind == "text" for b in builds) else "instruct"
-    result = evaluate_checkpoint(
-        Path(manifest["final"]), sources(builds, "heldout"), kind, plan.stage["eval_samples"]
+    result = evaluate_checkpoint(  # per-type accuracies where questions are the sample world's types
+        Path(manifest["final"]),
+        sources(builds, "heldout"),
+        kind,
+        plan.stage["eval_samples"],
+        classify_question,
     )
     mlflow = tracking.client(plan.mlflow_uri)
     name = f"{plan.recipe}/{plan.stage['name']}/eval"
-    tags = {"mvlm.kind": "evaluation", "mvlm.stage_id": plan.stage_id}
+    tags = {tag.KIND: "evaluation", tag.STAGE_ID: plan.stage_id}
     parent = mlflow.get_run(plan.mlflow_run_id).data.tags.get("mlflow.parentRunId")
     run_id, _ = tracking.run_for(mlflow, EXPERIMENT, f"{plan.stage_id}/eval", name, tags, parent)
     tracking.log_summary(mlflow, run_id, result.metrics)  # exactly once, even if killed before the file
@@ -106,8 +112,8 @@ def run_stages(
     """
     import shutil
 
-    from tasks.recipes import get_recipe
-    from tasks.train_stage import StageError, finished_stage
+    from tasks.train.recipes import get_recipe
+    from tasks.train.stage import StageError, finished_stage
 
     recipe = get_recipe(recipe_name)
     stages = recipe.enabled_stages()
@@ -153,7 +159,7 @@ def train(
     recipe_name: str, stage: str | None = None, data_root: str | None = None, runs_root: str | None = None
 ) -> list[dict[str, Any]]:
     """Run the recipe's enabled stages in order (``stage``: only that one, after finished predecessors)."""
-    from tasks.settings import get_settings
+    from tasks.core.settings import get_settings
 
     settings = get_settings()
     data_root = data_root or str(settings.data_root)

@@ -1,6 +1,6 @@
 """MobileVLM in PyTorch: named configurations, modules, checkpoints.
 
-Public entry points: ``build(name, **overrides)``, ``load(path)``, ``info(name)`` and
+Public entry points: ``build(name, **overrides)``, ``save(module, path)``, ``load(path)``, ``info(name)`` and
 ``config_names()``. Heavy imports happen inside the functions so ``import model`` stays cheap.
 """
 
@@ -15,7 +15,7 @@ if TYPE_CHECKING:
     import torch
     from torch import nn
 
-__all__ = ["build", "config_names", "get_config", "info", "load"]
+__all__ = ["build", "config_names", "get_config", "info", "load", "save"]
 
 
 def build(
@@ -43,8 +43,15 @@ def _module_for(row: AnyConfig) -> nn.Module:
     return MobileLlamaForCausalLM(hf_config(row))
 
 
+def save(module: nn.Module, path: str | Path, tokenizer: Any | None = None) -> Path:
+    """Write ``module`` (and its tokenizer) as a checkpoint directory (config.json + safetensors)."""
+    from model.checkpoint import save_checkpoint
+
+    return save_checkpoint(module, path, tokenizer=tokenizer)
+
+
 def load(path: str | Path, device: str = "cpu", dtype: torch.dtype | None = None) -> nn.Module:
-    """Load a checkpoint directory written by ``module.save(path)`` (or the authors' layout)."""
+    """Load a checkpoint directory written by ``save(module, path)`` (or the authors' layout)."""
     from model.checkpoint import load_checkpoint
 
     return load_checkpoint(path, device=device, dtype=dtype)

@@ -12,7 +12,7 @@ from typing import Literal
 
 import numpy as np
 import torch
-from PIL import Image
+from PIL import Image, ImageDraw
 
 logger = logging.getLogger(__name__)
 
@@ -20,6 +20,8 @@ CLIP_MEAN: tuple[float, float, float] = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD: tuple[float, float, float] = (0.26862954, 0.26130258, 0.27577711)
 PreprocessMode = Literal["pad", "resize_crop"]
 PREPROCESS_MODES: tuple[str, ...] = ("pad", "resize_crop")
+COLOURS = {"red": (220, 30, 30), "green": (30, 180, 60), "blue": (40, 70, 220), "yellow": (240, 210, 40)}
+"""Colours of the generated test images (``square_image``)."""
 
 
 def mean_background(mean: Sequence[float] = CLIP_MEAN) -> tuple[int, int, int]:
@@ -141,3 +143,12 @@ def preprocess_images(
     if len(images) == 0:
         return torch.empty((0, 3, size, size), dtype=torch.float32)
     return torch.stack([preprocess_image(img, size, mode, mean, std) for img in images])
+
+
+def square_image(colour: str, size: int = 56) -> Image.Image:
+    """A generated test image: a square of ``colour`` (a ``COLOURS`` key) centred on white."""
+    image = Image.new("RGB", (size, size), (255, 255, 255))
+    ImageDraw.Draw(image).rectangle(
+        [size // 4, size // 4, 3 * size // 4, 3 * size // 4], fill=COLOURS[colour]
+    )
+    return image

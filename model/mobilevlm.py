@@ -8,7 +8,6 @@ tower it is exactly MobileLLaMA (a LLaMA with untied embeddings).
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -238,14 +237,6 @@ class MobileLlamaForCausalLM(LlamaForCausalLM):
             return super().generate(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
         embeds, mask, _, _ = self.splice_images(input_ids, attention_mask, None, images, padding_side="left")
         return super().generate(inputs_embeds=embeds, attention_mask=mask, **kwargs)
-
-    # --- persistence ----------------------------------------------------------------------------
-
-    def save(self, path: str | Path, tokenizer: Any | None = None) -> Path:
-        """Write a checkpoint directory (config.json + safetensors; never pickle)."""
-        from model.checkpoint import save_checkpoint
-
-        return save_checkpoint(self, path, tokenizer=tokenizer)
 
 
 def _image_offsets(input_ids: torch.Tensor, mask: torch.Tensor) -> list[int]:

@@ -202,7 +202,7 @@ def run_loop(
     ``batches(position)`` yields ``(batch, position_after)`` from a loader position. Metrics are
     buffered and handed to ``on_metrics`` just before each checkpoint; the sink drops rows past the
     checkpoint it resumes from, so every step is reported exactly once. A non-finite loss raises
-    NonFiniteLossError before anything is saved. ``fault`` (chaos testing, ``tasks.faults.hit``) is
+    NonFiniteLossError before anything is saved. ``fault`` (chaos testing, ``tasks.core.faults.hit``) is
     called with ``"train-step"`` inside every optimizer step and passed on to ``save_checkpoint``.
     """
     stream = batches(state.loader)

@@ -23,7 +23,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tasks.loader import collate
+from tasks.train.loader import collate
 
 TRAIN_QUESTIONS = ("What colour is this?", "Which color do you see?", "Name the color of the shape.")
 COLOURS = ("red", "green", "blue", "yellow")
@@ -62,7 +62,7 @@ def train_tiny_vlm(
 
 def _train(vlm, tokenizer, out: Path, steps: int, lr: float) -> Path:
     from model.image import preprocess_images
-    from tasks.export import generated_image
+    from tasks.ship.export import generated_image
 
     size = vlm.config.vision_config["image_size"]
     samples, colours = _samples(tokenizer)
@@ -76,7 +76,9 @@ def _train(vlm, tokenizer, out: Path, steps: int, lr: float) -> Path:
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
     vlm.eval()
-    vlm.save(out, tokenizer=tokenizer)
+    from model.checkpoint import save_checkpoint
+
+    save_checkpoint(vlm, out, tokenizer=tokenizer)
     return out
 
 
@@ -89,7 +91,7 @@ def trained_vlm(tmp_path_factory: pytest.TempPathFactory, tiny_tokenizer) -> Pat
 @pytest.fixture(scope="session")
 def f32_export(tmp_path_factory: pytest.TempPathFactory, trained_vlm: Path):
     """f32 language model + f32 mmproj export of ``trained_vlm``."""
-    from tasks.export import ExportConfig, export_checkpoint
+    from tasks.ship.export import ExportConfig, export_checkpoint
 
     return export_checkpoint(
         trained_vlm, tmp_path_factory.mktemp("export") / "f32", ExportConfig("f32", "f32")
@@ -99,7 +101,7 @@ def f32_export(tmp_path_factory: pytest.TempPathFactory, trained_vlm: Path):
 @pytest.fixture(scope="session")
 def f16_export(tmp_path_factory: pytest.TempPathFactory, trained_vlm: Path):
     """Default (f16) export of ``trained_vlm``."""
-    from tasks.export import export_checkpoint
+    from tasks.ship.export import export_checkpoint
 
     return export_checkpoint(trained_vlm, tmp_path_factory.mktemp("export") / "f16")
 
@@ -172,7 +174,7 @@ def mlflow_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[MlflowSe
 @pytest.fixture(scope="session")
 def tiny_quant(tmp_path_factory: pytest.TempPathFactory, f16_export):
     """q4_0 quantization of the f16 export (with its mmproj copied beside it)."""
-    from tasks.quantize import quantize
+    from tasks.ship.quantize import quantize
 
     return quantize(f16_export.llm, "q4_0", tmp_path_factory.mktemp("quant") / "q4_0")
 
@@ -258,7 +260,7 @@ def ssh_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SshServer]:
 @pytest.fixture
 def one_torch_thread() -> Iterator[None]:
     """Tiny models: one torch thread is fastest and does not stall when the machine is busy."""
-    from tasks.export import torch_threads
+    from tasks.ship.export import torch_threads
 
     with torch_threads(1):
         yield

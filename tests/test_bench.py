@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from tasks.bench import (
+from tasks.ship.bench import (
     AdbTransport,
     BenchSettings,
     BinaryBackend,
@@ -108,8 +108,8 @@ def test_python_backend_counts_what_the_generator_returned(
     """A generator that stops early (at a quarter, after 0.2 s) is reported as such, not at full speed."""
     import time
 
-    from tasks.bench.protocol import BenchSettings, PythonBackend
-    from tasks.bench.runtime import LlamaCpp
+    from tasks.ship.bench.protocol import BenchSettings, PythonBackend
+    from tasks.ship.llama_cpp import LlamaCpp
 
     real = LlamaCpp.greedy
 
@@ -141,15 +141,15 @@ def test_peak_rss_is_the_benchmarks_own_and_grows_with_the_model(
     import numpy as np
 
     import model
-    from tasks.bench.protocol import PythonBackend, peak_rss_mb
-    from tasks.export import ExportConfig, export_checkpoint
+    from tasks.ship.bench.protocol import PythonBackend, peak_rss_mb
+    from tasks.ship.export import ExportConfig, export_checkpoint
 
     ballast = np.ones(800 << 20, dtype=np.uint8)  # 800 MB written in the runner's process
     runner_peak = peak_rss_mb()
     del ballast
     shape = {"n_layer": 8, "hidden": 512, "n_head": 8, "intermediate": 1408}
     big = model.build("mobilevlm-tiny-256-336", vocab_size=len(tiny_tokenizer), **shape)
-    big.save(tmp_path / "ckpt", tokenizer=tiny_tokenizer)
+    model.save(big, tmp_path / "ckpt", tokenizer=tiny_tokenizer)
     export = export_checkpoint(tmp_path / "ckpt", tmp_path / "out", ExportConfig("f32", "f32"))
     settings = BenchSettings(**QUICK)
     small = PythonBackend().run(tiny_quant.llm, None, settings).peak_rss_mb

@@ -1,7 +1,7 @@
 """Crash anywhere: the tiny retrain SIGKILLed at K >= 10 seeded moments, restarted each time.
 
 The killed run is ``mvlm retrain tiny`` in a subprocess, pushing to a real ``mlflow server``; the
-harness (``tasks.chaos``) kills its whole process tree (driver, Ray, Prefect's temporary server,
+harness (``tasks.testkit.chaos``) kills its whole process tree (driver, Ray, Prefect's temporary server,
 data-loader workers) at fault points during shard writes, inside training steps, between the files
 of a checkpoint save, after metrics reach MLflow, during outbox pushes and registrations, and at
 seeded times. After the last restart completes, everything is compared with the session's
@@ -26,6 +26,8 @@ from pathlib import Path
 import pytest
 from export_fixtures import MlflowServer, free_port
 
+from tasks.lineage import tags as tag
+
 pytestmark = pytest.mark.slow
 
 KILLS = 13
@@ -36,7 +38,7 @@ REPORT = "chaos-report.json"
 @pytest.fixture(scope="module")
 def chaos(tiny_retrain: tuple[Path, dict], tmp_path_factory) -> dict:
     """Run the chaos retrain; returns paths, the attempts and the planted secret."""
-    from tasks.chaos import chaos_run, plan_kills
+    from tasks.testkit.chaos import chaos_run, plan_kills
 
     root = tmp_path_factory.mktemp("chaos")
     work = root / "work"
@@ -88,7 +90,7 @@ def chaos(tiny_retrain: tuple[Path, dict], tmp_path_factory) -> dict:
 @pytest.fixture(scope="module")
 def stores(tiny_retrain: tuple[Path, dict], chaos: dict):
     """(reference client, chaos client)."""
-    from tasks import tracking
+    from tasks.lineage import tracking
 
     return tracking.client(f"sqlite:///{tiny_retrain[0] / 'mlflow.db'}"), tracking.client(chaos["server"].url)
 
@@ -106,7 +108,7 @@ def test_at_least_ten_kills_landed_and_every_process_died(chaos: dict) -> None:
 def test_shards_and_catalog_rows_equal_the_uninterrupted_run(
     tiny_retrain: tuple[Path, dict], chaos: dict
 ) -> None:
-    from tasks.catalog import query
+    from tasks.data.catalog import query
 
     def builds(work: Path) -> dict:
         out = {}
@@ -137,7 +139,7 @@ def test_shards_and_catalog_rows_equal_the_uninterrupted_run(
 
 
 def _runs(mlflow) -> list:
-    from tasks import tracking
+    from tasks.lineage import tracking
 
     exp = tracking.experiment_id(mlflow, tracking.EXPERIMENT)
     return mlflow.search_runs([exp], max_results=5000)
@@ -170,24 +172,23 @@ def test_training_losses_and_evaluations_equal_the_uninterrupted_run(stores) -> 
 
 
 def test_one_finished_run_per_step_and_the_same_model_versions(stores) -> None:
-    from tasks.tracking import IDENTITY_TAG
 
     summaries = []
     for mlflow in stores:
         runs = _runs(mlflow)
-        identities = Counter(r.data.tags.get(IDENTITY_TAG, f"untagged:{r.info.run_id}") for r in runs)
+        identities = Counter(r.data.tags.get(tag.IDENTITY, f"untagged:{r.info.run_id}") for r in runs)
         duplicated = {k: n for k, n in identities.items() if n > 1}
         assert not duplicated, duplicated
         unfinished = [(r.info.run_name, r.info.status) for r in runs if r.info.status != "FINISHED"]
         assert not unfinished, unfinished
         kinds = Counter(r.data.tags.get("mvlm.kind", "?") for r in runs)
         versions = {
-            (v.name, int(v.version), v.tags.get(IDENTITY_TAG))
+            (v.name, int(v.version), v.tags.get(tag.IDENTITY))
             for m in mlflow.search_registered_models()
             for v in mlflow.search_model_versions(f"name='{m.name}'")
         }
         stable = sorted(
-            r.data.tags.get(IDENTITY_TAG, "") for r in runs if r.data.tags.get("mvlm.kind") != "bench"
+            r.data.tags.get(tag.IDENTITY, "") for r in runs if r.data.tags.get("mvlm.kind") != "bench"
         )
         summaries.append((kinds, versions, stable))  # bench identities hold a per-measurement nonce
     (ref_kinds, ref_versions, ref_ids), (kinds, versions, ids) = summaries
@@ -231,7 +232,7 @@ def test_no_prefect_run_left_running(chaos: dict) -> None:
     """Each killed retrain's flow run, subflows and task runs end Crashed (found by the next run)."""
     import sqlite3
 
-    from tasks.flow_runs import ACTIVE
+    from flows.flow_runs import ACTIVE
 
     con = sqlite3.connect(chaos["root"] / "prefect" / "prefect.db")
     try:

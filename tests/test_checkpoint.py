@@ -22,7 +22,7 @@ def saved(tmp_path_factory) -> tuple[torch.nn.Module, Path]:
     torch.manual_seed(0)
     vlm = model.build("mobilevlm-tiny").eval()
     path = tmp_path_factory.mktemp("ck") / "tiny"
-    vlm.save(path)
+    model.save(vlm, path)
     return vlm, path
 
 
@@ -73,7 +73,7 @@ def test_transformers_llama_loads_the_language_part(saved) -> None:
 
 def test_language_model_checkpoint_is_plain_llama(tmp_path: Path) -> None:
     llm = model.build("tiny-llama")
-    llm.save(tmp_path / "llm")
+    model.save(llm, tmp_path / "llm")
     config = json.loads((tmp_path / "llm" / "config.json").read_text())
     assert config["model_type"] == "llama" and config["architectures"] == ["LlamaForCausalLM"]
     assert not any(k.startswith("mm_") for k in config)
@@ -136,10 +136,10 @@ def test_authors_config_resolves_the_clip_tower_by_hub_id() -> None:
 
 def test_equal_weights_give_equal_bytes(saved, tmp_path: Path) -> None:
     """Stage identities hash the previous stage's weights file: saving must be byte-deterministic."""
-    from tasks.identity import sha256_file
+    from tasks.core.identity import sha256_file
 
     module, _ = saved
-    digests = {sha256_file(module.save(tmp_path / f"copy{i}") / "model.safetensors") for i in range(8)}
+    digests = {sha256_file(model.save(module, tmp_path / f"copy{i}") / "model.safetensors") for i in range(8)}
     assert len(digests) == 1
 
 

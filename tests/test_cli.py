@@ -43,7 +43,7 @@ def test_unknown_model_exits_2_naming_known_ones() -> None:
 
 
 def test_model_smoke_trains_and_generates() -> None:
-    from tasks.smoke import run_smoke
+    from tasks.testkit.smoke import run_smoke
 
     result = run_smoke(steps=4)
     assert result.trainable < result.params  # the vision tower stays frozen

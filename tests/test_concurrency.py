@@ -4,7 +4,7 @@
   delivering two of the results again) push benchmark results to one real ``mlflow server``
   (SQLite) through the production outbox; the server is SIGKILLed while pushes are in flight and
   restarted on the same port and store; ``mvlm bench flush`` sends what was kept. Every result ends
-  as exactly one complete run. Two small tests pin the cross-host rules of ``tasks.mlflow_push``.
+  as exactly one complete run. Two small tests pin the cross-host rules of ``tasks.lineage.push``.
 * two retrains of different recipes (``tiny`` and ``tiny-v2``) run at the same time up to the data
   step: every shared dataset build is built once, byte-identical to a serial build, catalogued once.
 * two processes run the same training stage identity at once: one trains, the other waits and reuses.
@@ -25,7 +25,8 @@ from pathlib import Path
 import pytest
 from export_fixtures import MlflowServer, free_port
 
-from tasks.mlflow_push import Payload
+from tasks.lineage import tags as tag
+from tasks.lineage.push import Payload
 
 REPO = Path(__file__).resolve().parents[1]
 N_RUNNERS = 20
@@ -57,10 +58,11 @@ RUNNER = """
 import dataclasses, json, os, sys, time
 from pathlib import Path
 
-from tasks.bench.devices import DeviceClass
-from tasks.bench.protocol import BenchSettings, Measurement, Phase, Speed
-from tasks.bench.results import BenchResult, bench_identity, bench_payload
-from tasks.mlflow_push import Outbox, flush
+from tasks.ship.bench.devices import DeviceClass
+from tasks.ship.bench.protocol import BenchSettings, Measurement, Phase, Speed
+from tasks.lineage.bench_runs import bench_payload
+from tasks.ship.bench.results import BenchResult, bench_identity
+from tasks.lineage.push import Outbox, flush
 import mlflow  # loaded before the go signal, as in a long-lived runner
 
 i, go, progress, t0 = int(sys.argv[1]), Path(sys.argv[2]), Path(sys.argv[3]), int(sys.argv[4])
@@ -121,7 +123,7 @@ def test_twenty_runners_push_exactly_once_through_a_server_kill(tmp_path: Path) 
     from mlflow import MlflowClient
     from mlflow.entities import ViewType
 
-    from tasks.mlflow_push import COMPLETE_TAG, IDENTITY_TAG, experiment_id
+    from tasks.lineage.push import experiment_id
 
     root = tmp_path / "mlflow"
     root.mkdir()
@@ -181,11 +183,11 @@ def test_twenty_runners_push_exactly_once_through_a_server_kill(tmp_path: Path) 
         every = mlflow.search_runs([exp], run_view_type=ViewType.ALL, max_results=1000)
         assert [r.info.run_id for r in every if r.info.status == "RUNNING"] == []
         active = mlflow.search_runs([exp], max_results=1000)
-        by_identity = Counter(r.data.tags.get(IDENTITY_TAG) for r in active)
+        by_identity = Counter(r.data.tags.get(tag.IDENTITY) for r in active)
         assert by_identity == Counter(list(payloads)), "one active run per result, nothing else"
         for run in active:
-            payload = payloads[run.data.tags[IDENTITY_TAG]]
-            assert run.data.tags[COMPLETE_TAG] == "true" and run.info.status == "FINISHED"
+            payload = payloads[run.data.tags[tag.IDENTITY]]
+            assert run.data.tags[tag.COMPLETE] == "true" and run.info.status == "FINISHED"
             assert run.data.params == payload["params"]
             assert {k: run.data.tags[k] for k in payload["tags"]} == payload["tags"]
             assert run.data.metrics == payload["metrics"]
@@ -220,15 +222,15 @@ def _only_run(uri: str, identity: str):
     from mlflow import MlflowClient
     from mlflow.entities import ViewType
 
-    from tasks.mlflow_push import COMPLETE_TAG, IDENTITY_TAG, experiment_id
+    from tasks.lineage.push import experiment_id
 
     mlflow = MlflowClient(tracking_uri=uri)
     exp = experiment_id(mlflow)
-    where = f"tags.`{IDENTITY_TAG}` = '{identity}'"
+    where = f"tags.`{tag.IDENTITY}` = '{identity}'"
     every = mlflow.search_runs([exp], where, run_view_type=ViewType.ALL)
     assert [r.info.status for r in every if r.info.status == "RUNNING"] == []
     (run,) = mlflow.search_runs([exp], where)
-    assert run.data.tags[COMPLETE_TAG] == "true" and run.info.status == "FINISHED"
+    assert run.data.tags[tag.COMPLETE] == "true" and run.info.status == "FINISHED"
     for key, value in _bench_payload(identity).metrics.items():
         assert [m.value for m in mlflow.get_metric_history(run.info.run_id, key)] == [value]
     return run, every
@@ -236,7 +238,7 @@ def _only_run(uri: str, identity: str):
 
 def test_two_hosts_pushing_one_identity_converge_to_one_run(tmp_path: Path) -> None:
     """Host B pushes the whole result while host A is half way: both runs complete, one is kept."""
-    from tasks.mlflow_push import Outbox, flush
+    from tasks.lineage.push import Outbox, flush
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     host_a, host_b = Outbox(tmp_path / "a" / "outbox"), Outbox(tmp_path / "b" / "outbox")
@@ -261,14 +263,14 @@ def test_orphans_of_a_lost_create_answer_are_adopted_then_removed(tmp_path: Path
     """Two runs the host created without hearing back (an HTTP retry of create): one is reused, one goes."""
     from mlflow import MlflowClient
 
-    from tasks.mlflow_push import IDENTITY_TAG, OWNER_TAG, Outbox, experiment_id, flush
+    from tasks.lineage.push import Outbox, experiment_id, flush
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     outbox = Outbox(tmp_path / "outbox")
     mlflow = MlflowClient(tracking_uri=uri)
     orphans = sorted(
         mlflow.create_run(
-            experiment_id(mlflow), tags={IDENTITY_TAG: "lost", OWNER_TAG: outbox.owner}
+            experiment_id(mlflow), tags={tag.IDENTITY: "lost", tag.OWNER: outbox.owner}
         ).info.run_id
         for _ in range(2)
     )
@@ -310,7 +312,7 @@ def _temp_files(root: Path) -> list[Path]:
 
 
 def _shard_hashes(build: Path) -> dict[str, str]:
-    from tasks.identity import sha256_file
+    from tasks.core.identity import sha256_file
 
     return {str(p.relative_to(build)): sha256_file(p) for p in sorted((build / "shards").rglob("*.tar"))}
 
@@ -337,12 +339,12 @@ def test_two_retrains_of_different_recipes_build_shared_data_once(
 ) -> None:
     from PIL import Image
 
-    from tasks import tracking
-    from tasks.build import build_dataset
-    from tasks.catalog import query
-    from tasks.identity import read_json
-    from tasks.recipes import get_recipe
-    from tasks.specs import find_spec
+    from tasks.core.identity import read_json
+    from tasks.data.build import build_dataset
+    from tasks.data.catalog import query
+    from tasks.data.specs import find_spec
+    from tasks.lineage import tracking
+    from tasks.train.recipes import get_recipe
 
     specs = sorted({d.spec for s in get_recipe("tiny").enabled_stages() for d in s.datasets})
     assert specs == sorted({d.spec for s in get_recipe("tiny-v2").enabled_stages() for d in s.datasets})
@@ -350,7 +352,7 @@ def test_two_retrains_of_different_recipes_build_shared_data_once(
     for data in (work / "data", serial_root):
         data.mkdir(parents=True)
         (data / "samples").symlink_to(samples_root / "samples")
-    # Cold start: no MLflow store yet. Both processes open it at once; tasks.tracking.client sets the
+    # Cold start: no MLflow store yet. Both processes open it at once; tasks.lineage.tracking.client sets the
     # SQLite store up under a machine-wide lock and experiment creation converges.
     monkeypatch.setenv("MVLM_WORK_DIR", str(work))
     assert not (work / "mlflow.db").exists()
@@ -421,7 +423,7 @@ import json, logging, sys
 logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(name)s: %(message)s")
 from prefect import flow
 from flows.train import plan_stage_task, run_stage_task, stage_init
-from tasks.recipes import get_recipe
+from tasks.train.recipes import get_recipe
 
 SHORT = {"max_steps": 4, "checkpoint_every": 2, "micro_batch": 4, "global_batch": 8, "num_workers": 1}
 
@@ -440,10 +442,10 @@ print(json.dumps(short_stage(sys.argv[1], sys.argv[2])))
 def test_two_processes_one_stage_identity_train_once(
     samples_root: Path, prefect_api: None, ray_local: None, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from tasks import tracking
-    from tasks.build import build_dataset
-    from tasks.identity import read_json, sha256_file
-    from tasks.specs import find_spec
+    from tasks.core.identity import read_json, sha256_file
+    from tasks.data.build import build_dataset
+    from tasks.data.specs import find_spec
+    from tasks.lineage import tracking
 
     work = tmp_path / "work"
     data_root, runs_root = work / "data", work / "runs"
@@ -492,7 +494,8 @@ def test_two_processes_one_stage_identity_train_once(
 
 _RUN_FOR = """
 import json, sys, time
-from tasks import tracking
+from tasks.lineage import tracking
+from tasks.lineage import tags as tag
 mlflow = tracking.client(sys.argv[1])
 tracking.experiment_id(mlflow, "race")
 time.sleep(max(0.0, float(sys.argv[2]) - time.time()))  # both processes start together
@@ -502,8 +505,8 @@ print(json.dumps(ids))
 
 
 def test_two_processes_opening_the_same_steps_end_with_one_run_each(tmp_path: Path) -> None:
-    """tasks.tracking.run_for: a look-up-then-create race converges on one run per identity."""
-    from tasks import tracking
+    """tasks.lineage.tracking.run_for: a look-up-then-create race converges on one run per identity."""
+    from tasks.lineage import tracking
 
     server = MlflowServer(tmp_path, free_port())
     server.start()
@@ -520,8 +523,6 @@ def test_two_processes_opening_the_same_steps_end_with_one_run_each(tmp_path: Pa
         assert outs[0] == outs[1]  # both callers got the same run for every identity
         mlflow = tracking.client(server.url)
         runs = mlflow.search_runs([tracking.experiment_id(mlflow, "race")], max_results=100)
-        assert Counter(r.data.tags[tracking.IDENTITY_TAG] for r in runs) == {
-            f"step-{i}": 1 for i in range(15)
-        }
+        assert Counter(r.data.tags[tag.IDENTITY] for r in runs) == {f"step-{i}": 1 for i in range(15)}
     finally:
         server.stop()

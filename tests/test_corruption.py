@@ -16,9 +16,9 @@ from typing import Any
 import pytest
 from test_training import _losses, _pretrain
 
-from tasks.build import BuildResult, build_dataset
-from tasks.identity import read_json
-from tasks.train_stage import StageError, plan_stage, run_stage
+from tasks.core.identity import read_json
+from tasks.data.build import BuildResult, build_dataset
+from tasks.train.stage import StageError, plan_stage, run_stage
 
 pytestmark = pytest.mark.usefixtures("ray_local")
 SPECS = Path(__file__).resolve().parent.parent / "data_specs"
@@ -101,7 +101,7 @@ def test_bad_shard_rebuilds_only_its_unit_and_is_reported(
         (build / "manifest.json").unlink()  # killed before finalize: the unit records are checked instead
     before = _shard_files(build)
 
-    with caplog.at_level(logging.WARNING, logger="tasks.build"):
+    with caplog.at_level(logging.WARNING, logger="tasks.data.build"):
         result = build_dataset(spec, data_root)
 
     assert not result.reused
@@ -139,7 +139,7 @@ def test_catalog_rows_pointing_at_missing_shards_are_found_and_rewritten(
     pristine: tuple[Path, dict[str, BuildResult]], data_root: Path, prefect_api: None
 ) -> None:
     from flows.data import build_data
-    from tasks.catalog import missing_shards, query, record_build
+    from tasks.data.catalog import missing_shards, query, record_build
 
     catalog = data_root / "catalog.duckdb"
     first = build_data(TEXT, data_root=str(data_root))  # the build exists: reused and recorded

@@ -10,10 +10,10 @@ import pytest
 from typer.testing import CliRunner
 
 from flows.cli import app
-from tasks.catalog import query
-from tasks.identity import read_json
-from tasks.samples import load_summary
-from tasks.specs import load_all
+from tasks.core.identity import read_json
+from tasks.data.catalog import query
+from tasks.data.specs import load_all
+from tasks.testkit.samples import load_summary
 
 pytestmark = pytest.mark.usefixtures("prefect_api", "ray_local")
 

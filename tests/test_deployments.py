@@ -148,7 +148,7 @@ def _bench_statuses(api_url: str, jetson_id: object, monkeypatch: pytest.MonkeyP
     from prefect.settings import PREFECT_API_URL, temporary_settings
     from prefect.states import Failed
 
-    from tasks.publish import bench_on_pool
+    from flows.device_benchmark import bench_on_pool
 
     monkeypatch.setenv("PREFECT_API_URL", api_url)
     with temporary_settings({PREFECT_API_URL: api_url}):
@@ -190,8 +190,8 @@ def test_deploy_all_and_a_worker_runs_a_scheduled_build(
     from prefect.settings import PREFECT_API_URL, temporary_settings
     from prefect.states import Scheduled
 
-    from tasks.bench import load_pools
-    from tasks.samples import make_samples
+    from tasks.ship.bench import load_pools
+    from tasks.testkit.samples import make_samples
 
     started = time.monotonic()
     port = _free_port()
@@ -325,8 +325,8 @@ def test_deploy_all_and_a_worker_runs_a_scheduled_build(
             _stop_flow_run_group(api_url, flow_run.id)
         _stop(server)
 
-    from tasks.build import make_context, verify_build
-    from tasks.specs import find_spec
+    from tasks.data.build import make_context, verify_build
+    from tasks.data.specs import find_spec
 
     (build_dir,) = (p for p in (data_root / "builds" / "tiny-sharegpt").iterdir() if p.is_dir())
     assert build_dir.name == make_context(find_spec("tiny-sharegpt")[0], str(data_root)).build_id

@@ -21,7 +21,8 @@ import pytest
 from mlflow import MlflowClient
 from typer.testing import CliRunner
 
-from tasks.mlflow_push import KIND_TAG, experiment_id, log_quant
+from tasks.lineage import tags as tag
+from tasks.lineage.push import experiment_id, log_quant
 
 pytest_plugins = ("export_fixtures",)
 pytestmark = pytest.mark.usefixtures("fast_mlflow_client", "one_torch_thread")
@@ -33,7 +34,7 @@ def _bench_runs(url: str, quant_run_id: str) -> list:
     client = MlflowClient(tracking_uri=url)
     return client.search_runs(
         [experiment_id(client)],
-        filter_string=f"tags.`{KIND_TAG}` = 'bench' and tags.`mvlm.quant_run_id` = '{quant_run_id}'",
+        filter_string=f"tags.`{tag.KIND}` = 'bench' and tags.`mvlm.quant_run_id` = '{quant_run_id}'",
     )
 
 

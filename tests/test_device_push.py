@@ -7,9 +7,8 @@ from pathlib import Path
 import pytest
 from mlflow import MlflowClient
 
-from tasks.mlflow_push import (
-    COMPLETE_TAG,
-    IDENTITY_TAG,
+from tasks.lineage import tags as tag
+from tasks.lineage.push import (
     ArtifactError,
     Outbox,
     Payload,
@@ -37,14 +36,14 @@ def _payload(identity: str) -> Payload:
 
 def _runs(url: str, identity: str) -> list:
     client = MlflowClient(tracking_uri=url)
-    return client.search_runs([experiment_id(client)], filter_string=f"tags.`{IDENTITY_TAG}` = '{identity}'")
+    return client.search_runs([experiment_id(client)], filter_string=f"tags.`{tag.IDENTITY}` = '{identity}'")
 
 
 def _assert_one_complete_copy(url: str, identity: str) -> None:
     runs = _runs(url, identity)
     assert len(runs) == 1, f"{len(runs)} runs carry identity {identity}"
     run = runs[0]
-    assert run.data.tags[COMPLETE_TAG] == "true" and run.info.status == "FINISHED"
+    assert run.data.tags[tag.COMPLETE] == "true" and run.info.status == "FINISHED"
     client = MlflowClient(tracking_uri=url)
     for key, value in _payload(identity).metrics.items():
         history = client.get_metric_history(run.info.run_id, key)

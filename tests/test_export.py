@@ -10,7 +10,7 @@ import gguf
 import pytest
 
 from model.gguf_export import GGUFExportError, permute_qk
-from tasks.export import (
+from tasks.ship.export import (
     ExportConfig,
     ExportError,
     check_image_embeddings,
@@ -92,7 +92,7 @@ def test_mmproj_embeddings_match_llamacpp_graph(trained_vlm: Path, f32_export) -
     assert check.max_abs_diff < 2.0 * check.scale and check.mean_abs_diff < 0.08 * check.scale, check
     assert check.max_abs_diff > 0.1 * check.scale, (
         f"llama.cpp now matches PyTorch ({check}): the CLS-order defect looks fixed upstream; tighten "
-        "these bounds to the new gap and retire tasks.export.cls_last_features"
+        "these bounds to the new gap and retire tasks.ship.export.cls_last_features"
     )
 
 
@@ -110,7 +110,7 @@ def test_ldpv2_mmproj_runs_in_llamacpp(tmp_path: Path, tiny_tokenizer) -> None:
     import model
 
     vlm = model.build("mobilevlm-v2-tiny-336", vocab_size=len(tiny_tokenizer))
-    vlm.save(tmp_path / "ckpt", tokenizer=tiny_tokenizer)
+    model.save(vlm, tmp_path / "ckpt", tokenizer=tiny_tokenizer)
     result = export_checkpoint(tmp_path / "ckpt", tmp_path / "out", ExportConfig("f32", "f32"))
     reader = gguf.GGUFReader(str(result.mmproj))
     assert _field(reader, "clip.projector_type") == "ldpv2"
@@ -134,7 +134,9 @@ def test_export_is_reused_rebuilt_and_identified(tmp_path: Path, trained_vlm: Pa
 def test_language_model_checkpoint_exports_without_mmproj(tmp_path: Path, tiny_tokenizer) -> None:
     import model
 
-    model.build("tiny-llama", vocab_size=len(tiny_tokenizer)).save(tmp_path / "lm", tokenizer=tiny_tokenizer)
+    model.save(
+        model.build("tiny-llama", vocab_size=len(tiny_tokenizer)), tmp_path / "lm", tokenizer=tiny_tokenizer
+    )
     result = export_checkpoint(tmp_path / "lm", tmp_path / "out", ExportConfig("f32", "f32"))
     assert result.mmproj is None and sorted(p.name for p in result.out_dir.iterdir()) == [
         "manifest.json",
@@ -153,8 +155,10 @@ def test_export_errors_name_the_problem(tmp_path: Path, trained_vlm: Path, tiny_
         export_checkpoint(bare, tmp_path / "x")
     with pytest.raises(ExportError, match=r"config\.json"):
         export_checkpoint(tmp_path, tmp_path / "y")
-    model.build("mobilevlm-tiny", vocab_size=len(tiny_tokenizer)).save(
-        tmp_path / "56px", tokenizer=tiny_tokenizer
+    model.save(
+        model.build("mobilevlm-tiny", vocab_size=len(tiny_tokenizer)),
+        tmp_path / "56px",
+        tokenizer=tiny_tokenizer,
     )
     with pytest.raises(GGUFExportError, match=r"24x24 patch grid.*tiny-vit-336"):
         export_checkpoint(tmp_path / "56px", tmp_path / "z")

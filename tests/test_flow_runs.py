@@ -13,7 +13,7 @@ def test_the_next_claimant_crashes_what_a_killed_run_left_running(tmp_path: Path
     from prefect import flow, get_client
     from prefect.states import Running
 
-    from tasks.flow_runs import take_over
+    from flows.flow_runs import take_over
 
     @flow(name="killed-retrain")
     def killed() -> None:

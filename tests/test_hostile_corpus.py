@@ -1,6 +1,6 @@
 """The hostile-input corpus (``tests/hostile_corpus.py``) through the real builds, case by case.
 
-Every dataset of the corpus is built with ``tasks.build.build_dataset`` (real builders, local Ray,
+Every dataset of the corpus is built with ``tasks.data.build.build_dataset`` (real builders, local Ray,
 img2dataset in its own venv against the loopback server for the URL list); each case's fate is
 asserted on its own: a kept case is in the shards with the right content, a rejected one is in
 ``rejects.jsonl`` at its place with its reason, a whole-file case fails its build with a message
@@ -28,10 +28,10 @@ from hostile_corpus import KEPT, SOURCES, Case, cases, datasets, markdown_table,
 from PIL import Image
 
 from model.tokenizer import load_tokenizer
-from tasks.bounded_read import bounded_lines
-from tasks.build import BuildContext, BuildResult, Unit, build_dataset
-from tasks.shards import read_tar_samples
-from tasks.specs import parse_spec
+from tasks.data.bounded_read import bounded_lines
+from tasks.data.build import BuildContext, BuildResult, Unit, build_dataset
+from tasks.data.shards import read_tar_samples
+from tasks.data.specs import parse_spec
 
 CASES = cases()
 DOC = Path(__file__).resolve().parent.parent / "docs" / "untrusted-inputs.md"
@@ -224,7 +224,7 @@ def _write_big(path: Path, first: bytes, size: int, last: bytes) -> None:
 
 
 def test_a_50mb_line_is_rejected_with_bounded_memory(tmp_path: Path) -> None:
-    from tasks.text_data import read_docs
+    from tasks.data.text import read_docs
 
     spec = parse_spec(TEXT_SPEC)
     path = tmp_path / "big.jsonl"
@@ -246,8 +246,8 @@ def test_a_50mb_line_is_rejected_with_bounded_memory(tmp_path: Path) -> None:
 
 
 def test_a_50mb_tsv_row_is_rejected_with_bounded_memory(tmp_path: Path) -> None:
-    from tasks.image_text_data import read_url_list
-    from tasks.specs import UrlListSource
+    from tasks.data.image_text import read_url_list
+    from tasks.data.specs import UrlListSource
 
     path = tmp_path / "urls.tsv"
     with open(path, "wb") as handle:
@@ -332,7 +332,12 @@ def test_egress_guard_checks_resolved_addresses_and_redirects(tmp_path: Path) ->
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from tasks.img2dataset_runner import DownloadOptions, failure_reason, read_status_rows, run_img2dataset
+    from tasks.data.img2dataset_runner import (
+        DownloadOptions,
+        failure_reason,
+        read_status_rows,
+        run_img2dataset,
+    )
 
     try:
         allowed = _serve("127.0.0.2")
@@ -387,7 +392,7 @@ def test_egress_guard_checks_resolved_addresses_and_redirects(tmp_path: Path) ->
 
 def test_guard_must_announce_itself(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """A download whose egress guard did not load (here: a stand-in img2dataset that ignores it) fails."""
-    import tasks.img2dataset_runner as runner
+    import tasks.data.img2dataset_runner as runner
 
     fake = tmp_path / "img2dataset"
     fake.write_text("#!/bin/sh\necho downloading without a guard\n")
@@ -413,7 +418,7 @@ def test_guard_must_announce_itself(tmp_path: Path, monkeypatch: pytest.MonkeyPa
     ],
 )
 def test_url_policy_sees_through_address_forms(url: str, why: str) -> None:
-    from tasks.url_policy import HostPolicy, url_problem
+    from tasks.data.url_policy import HostPolicy, url_problem
 
     problem = url_problem(url, HostPolicy.from_allow([]))
     assert problem and why in problem, problem
@@ -436,8 +441,8 @@ def test_docs_table_is_the_corpus_table() -> None:
 
 def test_symlink_loops_and_overlong_names_are_rejects_not_crashes(tmp_path: Path) -> None:
     """What the ``symlink_loop`` case needs from the builders, checked on the functions themselves."""
-    from tasks.image_text_data import image_under_root
-    from tasks.instruct_data import SampleError, resolve_image
+    from tasks.data.image_text import image_under_root
+    from tasks.data.instruct import SampleError, resolve_image
 
     root = tmp_path / "img"
     root.mkdir()

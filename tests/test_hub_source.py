@@ -33,7 +33,7 @@ subsets:
 DRIVER = """
 import json, sys
 from pathlib import Path
-from tasks.build import BuildError, build_dataset
+from tasks.data.build import BuildError, build_dataset
 specs, data, hub = (Path(p) for p in sys.argv[1:4])
 out = {}
 for step, sha in (("first", None), ("moved", sys.argv[4]), ("again", None)):

@@ -13,8 +13,8 @@ import pytest
 from hostile_corpus import IMAGE_CASES, IMAGE_FILTERS, KEPT, write_images
 from PIL import Image
 
-from tasks.build import BuildResult, build_dataset
-from tasks.shards import read_tar_samples
+from tasks.data.build import BuildResult, build_dataset
+from tasks.data.shards import read_tar_samples
 
 CAPTION = "A picture of a shape."
 SPECS = {
@@ -45,7 +45,7 @@ filters: {IMAGE_FILTERS}
 def routes(tmp_path_factory: pytest.TempPathFactory) -> dict[str, BuildResult]:
     import ray
 
-    from tasks.parallel import ensure_ray
+    from tasks.core.parallel import ensure_ray
 
     root = tmp_path_factory.mktemp("routes")
     write_images(root)

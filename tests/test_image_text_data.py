@@ -11,12 +11,12 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from tasks.build import BuildError, BuildResult, build_dataset
-from tasks.identity import sha256_file
-from tasks.image_checks import resize_image
-from tasks.image_text_data import HostPolicy, sample_key, split_for, url_problem
-from tasks.img2dataset_runner import Img2DatasetNotFound, failure_reason, find_img2dataset, read_stats
-from tasks.samples import SampleConfig, make_samples
+from tasks.core.identity import sha256_file
+from tasks.data.build import BuildError, BuildResult, build_dataset
+from tasks.data.image_checks import resize_image
+from tasks.data.image_text import HostPolicy, sample_key, split_for, url_problem
+from tasks.data.img2dataset_runner import Img2DatasetNotFound, failure_reason, find_img2dataset, read_stats
+from tasks.testkit.samples import SampleConfig, make_samples
 
 N_GOOD, N_MISSING, N_CORRUPT = 24, 3, 2
 REFUSED_URLS = (
@@ -47,7 +47,7 @@ def _ray() -> Iterator[None]:
     """One local Ray for the module; no progress bars; one img2dataset process."""
     import ray
 
-    from tasks.parallel import ensure_ray
+    from tasks.core.parallel import ensure_ray
 
     saved = {k: os.environ.get(k) for k in ("MVLM_NO_PROGRESS", "MVLM_IMG2DATASET_PROCESSES")}
     os.environ.update(MVLM_NO_PROGRESS="1", MVLM_IMG2DATASET_PROCESSES="1")
@@ -295,7 +295,7 @@ subsets:
         "path_outside_root": 3,
     }
     tars = [result.path / rec["path"] for rec in result.manifest["shards"]]
-    from tasks.shards import read_tar_samples
+    from tasks.data.shards import read_tar_samples
 
     samples = {s["__key__"]: s for tar in tars for s in read_tar_samples(tar)}
     assert set(samples) == {sample_key("blip", "wide"), sample_key("blip", "square")}

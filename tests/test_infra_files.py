@@ -25,7 +25,7 @@ import pytest
 import ray
 import yaml
 
-from tasks.recipes import get_recipe
+from tasks.train.recipes import get_recipe
 
 ROOT = Path(__file__).resolve().parent.parent
 INFRA = ROOT / "infra"

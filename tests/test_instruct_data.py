@@ -13,9 +13,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from tasks.build import BuildError, BuildResult, build_dataset
-from tasks.identity import sha256_file
-from tasks.shards import read_tar_samples
+from tasks.core.identity import sha256_file
+from tasks.data.build import BuildError, BuildResult, build_dataset
+from tasks.data.shards import read_tar_samples
 
 pytestmark = pytest.mark.usefixtures("ray_local")
 
@@ -374,8 +374,8 @@ def test_failure_ratio_exceeded_raises_build_error(hostile: tuple[Path, BuildRes
 def test_pixel_limit_is_restored_after_each_image(hostile: tuple[Path, BuildResult]) -> None:
     """The spec's max_image_pixels must not stay in Pillow's process-wide limit (Ray workers are shared
     with other builders): a 1 Mpx limit left behind would refuse every larger image elsewhere."""
-    from tasks.instruct_data import SampleError, load_image_bytes
-    from tasks.specs import load_spec
+    from tasks.data.instruct import SampleError, load_image_bytes
+    from tasks.data.specs import load_spec
 
     root = hostile[0]
     spec = load_spec(root / "specs" / "hostile-instruct.yaml")

@@ -12,8 +12,8 @@ import pytest
 import torch
 from PIL import Image
 
-from tasks.loader import LoaderConfig, Source, batches, mixture
-from tasks.shards import write_shard
+from tasks.data.shards import write_shard
+from tasks.train.loader import LoaderConfig, Source, batches, mixture
 
 
 def _text_source(root: Path, name: str, shards: int, per_shard: int, weight: float = 1.0) -> Source:

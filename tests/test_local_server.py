@@ -1,4 +1,4 @@
-"""Tests of the loopback sample server (tasks/local_server.py)."""
+"""Tests of the loopback sample server (tasks/data/local_server.py)."""
 
 from __future__ import annotations
 
@@ -13,8 +13,8 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from tasks.local_server import LOCAL_SERVER_PLACEHOLDER, serve_directory, substitute_server
-from tasks.samples import SampleConfig, make_samples
+from tasks.data.local_server import LOCAL_SERVER_PLACEHOLDER, serve_directory, substitute_server
+from tasks.testkit.samples import SampleConfig, make_samples
 
 # Ignore any proxy settings of the environment: requests must go straight to the loopback server.
 _OPENER = urllib.request.build_opener(urllib.request.ProxyHandler({}))
@@ -45,7 +45,10 @@ def test_missing_file_is_404_and_quiet(tmp_path: Path, capfd: pytest.CaptureFixt
 
 def test_request_log_goes_to_logging(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     (tmp_path / "a.txt").write_text("a")
-    with caplog.at_level(logging.DEBUG, logger="tasks.local_server"), serve_directory(tmp_path) as url:
+    with (
+        caplog.at_level(logging.DEBUG, logger="tasks.data.local_server"),
+        serve_directory(tmp_path) as url,
+    ):
         _get(f"{url}/a.txt")
     assert any("GET /a.txt" in r.getMessage() for r in caplog.records)
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import random
 import time
 
-from tasks.text_data import Packer
+from tasks.data.text import Packer
 
 
 def _reference_pack(docs: list[list[int]], seq_len: int) -> tuple[list[tuple[list[int], list[int]]], int]:

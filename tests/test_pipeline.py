@@ -13,6 +13,8 @@ from pathlib import Path
 
 import pytest
 
+from tasks.lineage import tags as tag
+
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("ray_local", "prefect_api")]
 
 
@@ -31,13 +33,13 @@ def retrained(env: Path, tiny_retrain: tuple[Path, dict]) -> dict:
 
 @pytest.fixture(scope="module")
 def mlflow(retrained: dict):
-    from tasks import tracking
+    from tasks.lineage import tracking
 
     return tracking.client()
 
 
 def _children(mlflow, parent_id: str) -> list:
-    from tasks import tracking
+    from tasks.lineage import tracking
 
     exp = tracking.experiment_id(mlflow, tracking.EXPERIMENT)
     return mlflow.search_runs([exp], filter_string=f"tags.`mlflow.parentRunId` = '{parent_id}'")
@@ -56,7 +58,7 @@ def test_every_stage_runs_and_its_loss_falls(retrained: dict) -> None:
 
 
 def test_the_tiny_vlm_answers_colour_and_shape_far_above_chance(retrained: dict) -> None:
-    from tasks.samples import SampleConfig
+    from tasks.testkit.samples import SampleConfig
 
     metrics = next(s for s in retrained["stages"] if s["stage"] == "vlm-instruct")["evaluation"]
     chance_colour, chance_shape = 1 / len(SampleConfig().colours), 1 / len(SampleConfig().kinds)
@@ -163,19 +165,19 @@ def test_second_retrain_reuses_everything_in_seconds(retrained: dict) -> None:
 
 
 def test_until_stops_after_the_named_step_and_a_full_run_clears_the_mark(retrained: dict, mlflow) -> None:
-    from flows.retrain import STOP_TAG, retrain
+    from flows.retrain import retrain
 
     stopped = retrain("tiny", until="export")
     assert stopped["stopped_after"] == "export" and stopped["export"] == retrained["export"]
     assert stopped["models"] == retrained["models"]
     assert stopped["quants"] == [] and stopped["benchmarks"] == []
-    assert mlflow.get_run(retrained["parent_run_id"]).data.tags[STOP_TAG] == "export"
+    assert mlflow.get_run(retrained["parent_run_id"]).data.tags[tag.STOPPED_AFTER] == "export"
     full = retrain("tiny")
     assert full["stopped_after"] is None and [q["model_version"] for q in full["quants"]] == [
         q["model_version"] for q in retrained["quants"]
     ]
     run = mlflow.get_run(retrained["parent_run_id"])
-    assert STOP_TAG not in run.data.tags and run.info.status == "FINISHED"
+    assert tag.STOPPED_AFTER not in run.data.tags and run.info.status == "FINISHED"
 
 
 def test_train_flow_reuses_the_finished_stages(retrained: dict) -> None:
@@ -274,7 +276,7 @@ def _page_text(url: str, tmp_path: Path) -> str:
 def test_mlflow_ui_shows_the_retrain_with_children_datasets_and_models(
     retrained: dict, mlflow, mlflow_ui: str, tmp_path: Path
 ) -> None:
-    from tasks import tracking
+    from tasks.lineage import tracking
 
     exp = tracking.experiment_id(mlflow, tracking.EXPERIMENT)
     text = _page_text(f"{mlflow_ui}/#/experiments/{exp}/runs/{retrained['parent_run_id']}", tmp_path)

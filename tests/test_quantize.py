@@ -7,7 +7,7 @@ from pathlib import Path
 import gguf
 import pytest
 
-from tasks.quantize import QuantizeError, ftype_of, quantize
+from tasks.ship.quantize import QuantizeError, ftype_of, quantize
 
 pytest_plugins = ("export_fixtures",)
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -60,7 +60,7 @@ def test_q4_k_s_quantizes_real_k_quant_blocks(tmp_path: Path, tiny_tokenizer) ->
     matrices become Q4_K (no fallback), and perplexity stays close to f16."""
     from export_fixtures import train_tiny_vlm
 
-    from tasks.export import export_checkpoint
+    from tasks.ship.export import export_checkpoint
 
     checkpoint = train_tiny_vlm(tiny_tokenizer, tmp_path / "ckpt", name="mobilevlm-tiny-256-336", lr=5e-4)
     export = export_checkpoint(checkpoint, tmp_path / "export")

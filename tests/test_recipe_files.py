@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from tasks.identity import hash_json
-from tasks.recipe_files import (
+from tasks.core.identity import hash_json
+from tasks.train.recipe_files import (
     RECIPE_DIR,
     RecipeError,
     load_recipe,
@@ -16,9 +16,9 @@ from tasks.recipe_files import (
     read_recipe_file,
     recipe_files,
 )
-from tasks.recipe_schema import stage_dict
+from tasks.train.recipe_schema import stage_dict
 
-# hash_json(stage_dict(stage)) of every stage when the recipes were rows in tasks/recipes.py: a stage
+# hash_json(stage_dict(stage)) of every stage when the recipes were rows in tasks/train/recipes.py: a stage
 # written as a file must keep its identity (its finished outputs are found again).
 IDENTITIES = {
     "mobilevlm-1.7b": ["5c6c7246ec16aa18", "2faeb02d9762ddf3", "920a642f58c38dd9", "afcf964bc5e66d47"],

@@ -8,9 +8,9 @@ import pytest
 
 import model
 from model.config import VLMConfig, config_names, get_config
-from tasks.deepspeed_config import deepspeed_config
-from tasks.recipes import get_recipe, load_recipes, stage_dict
-from tasks.specs import load_all
+from tasks.data.specs import load_all
+from tasks.train.deepspeed_config import deepspeed_config
+from tasks.train.recipes import get_recipe, load_recipes, stage_dict
 
 
 @pytest.mark.parametrize("name", sorted(load_recipes()))
@@ -79,7 +79,7 @@ def test_mobilevlm_1_7b_matches_the_paper() -> None:
 
 
 def test_lora_option_and_overrides() -> None:
-    from tasks.recipes import LoraConfig
+    from tasks.train.recipes import LoraConfig
 
     lora = LoraConfig()
     assert (lora.r, lora.alpha) == (128, 256)

@@ -16,8 +16,8 @@ import pytest
 import zstandard
 from remote_server import ServerState, serve
 
-from tasks.remote_files import FetchError, RemoteMissing, describe, fetch
-from tasks.url_policy import HostPolicy
+from tasks.data.remote_files import FetchError, RemoteMissing, describe, fetch
+from tasks.data.url_policy import HostPolicy
 
 LOOPBACK = HostPolicy.from_allow(["127.0.0.1"])
 RELEASE = "redpajama-data-1T/v1.0.0"
@@ -127,7 +127,7 @@ def test_mvlm_data_build_fetches_resumes_and_equals_the_local_build(
 ) -> None:
     """The CLI as a user runs it, with Prefect's analytics setting unset: shards equal a build of the
     same files from disk, the cut download is resumed, the 404 is counted, no ERROR line is printed."""
-    from tasks.build import build_dataset
+    from tasks.data.build import build_dataset
 
     base, state, root = server
     tokenizer = samples_root / "samples" / "tokenizer"
@@ -219,7 +219,7 @@ def _archives(folder: Path) -> None:
 
 
 def test_spec_downloads_fetch_and_unpack_before_the_build(server, tmp_path: Path, ray_local: None) -> None:
-    from tasks.build import BuildError, build_dataset
+    from tasks.data.build import BuildError, build_dataset
 
     base, state, root = server
     _archives(root / "llava")
@@ -245,8 +245,8 @@ def test_spec_downloads_fetch_and_unpack_before_the_build(server, tmp_path: Path
 
 
 def test_build_runs_record_source_commits_and_file_lists_for_lineage(tmp_path: Path) -> None:
-    from tasks import tracking
-    from tasks.publish import log_build
+    from tasks.lineage import tracking
+    from tasks.lineage.publish import log_build
 
     source = {
         "web": {"dataset": "user/tiny-web", "revision": "main", "config": None, "sha": "b" * 40},
@@ -272,7 +272,7 @@ def test_build_runs_record_source_commits_and_file_lists_for_lineage(tmp_path: P
 def test_a_unit_with_a_wrong_checksum_fails_the_build_naming_the_file(
     server, samples_root: Path, tmp_path: Path, ray_local: None
 ) -> None:
-    from tasks.build import BuildError, build_dataset
+    from tasks.data.build import BuildError, build_dataset
 
     base, _, _ = server
     specs = tmp_path / "specs"

@@ -1,4 +1,4 @@
-"""Tests of the tiny profile's sample data (tasks/samples.py)."""
+"""Tests of the tiny profile's sample data (tasks/testkit/samples.py)."""
 
 from __future__ import annotations
 
@@ -12,8 +12,8 @@ from PIL import Image
 
 from model.conversation import VICUNA_SYSTEM
 from model.tokenizer import load_tokenizer, tokenizer_hash
-from tasks.identity import sha256_file
-from tasks.samples import (
+from tasks.core.identity import sha256_file
+from tasks.testkit.samples import (
     BACKGROUNDS,
     COUNT_WORDS,
     KINDS,

@@ -44,8 +44,8 @@ def test_a_resolved_token_is_in_nothing_the_build_and_its_mlflow_run_write(
     samples_root: Path, tmp_path: Path
 ) -> None:
     """``mvlm data build`` as a user runs it (own local Ray, so its workers inherit the token)."""
-    from tasks import tracking
-    from tasks.publish import log_build
+    from tasks.lineage import tracking
+    from tasks.lineage.publish import log_build
 
     token = "hf_" + secrets.token_hex(16)
     corpus = tmp_path / "corpus"
@@ -106,7 +106,7 @@ def test_a_resolved_token_is_in_nothing_the_build_and_its_mlflow_run_write(
 
 
 def test_an_unset_credential_names_the_variable_and_the_process(monkeypatch: pytest.MonkeyPatch) -> None:
-    from tasks.specs import resolve_env
+    from tasks.data.specs import resolve_env
 
     monkeypatch.delenv("MVLM_TEST_UNSET_TOKEN", raising=False)
     expected = r"MVLM_TEST_UNSET_TOKEN is not set in process \d+ on .*on a Ray cluster"

@@ -8,7 +8,7 @@ import pytest
 from typer.testing import CliRunner
 
 from flows.cli import app
-from tasks.specs import SpecError, load_all, load_spec, parse_spec, spec_files
+from tasks.data.specs import SpecError, load_all, load_spec, parse_spec, spec_files
 
 VALID = """\
 name: demo

@@ -11,9 +11,9 @@ import numpy as np
 import pytest
 
 from model.tokenizer import load_tokenizer
-from tasks.build import BuildError, build_dataset
-from tasks.identity import sha256_file
-from tasks.shards import read_tar_samples
+from tasks.core.identity import sha256_file
+from tasks.data.build import BuildError, build_dataset
+from tasks.data.shards import read_tar_samples
 
 pytestmark = pytest.mark.usefixtures("ray_local")
 
@@ -192,7 +192,7 @@ def test_concurrent_builds_of_one_identity_build_once(data_root: Path, tmp_path:
     spec = _spec(tmp_path, name="shared-corpus")
     script = (
         "import json, os, sys; os.environ['MVLM_NO_PROGRESS'] = '1'\n"
-        "from tasks.build import build_dataset\n"
+        "from tasks.data.build import build_dataset\n"
         "r = build_dataset(sys.argv[1], sys.argv[2])\n"
         "print(json.dumps({'reused': r.reused, 'id': r.build_id}))\n"
     )

@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from tasks.build import build_dataset
-from tasks.recipes import get_recipe
-from tasks.train_stage import StageError, plan_stage, run_stage
+from tasks.data.build import build_dataset
+from tasks.train.recipes import get_recipe
+from tasks.train.stage import StageError, plan_stage, run_stage
 
 pytestmark = pytest.mark.usefixtures("ray_local")
 SPECS = Path(__file__).resolve().parent.parent / "data_specs"
@@ -37,7 +37,7 @@ def _losses(out: Path) -> list[tuple[int, float]]:
 
 
 def _mlflow_plan(plan, tmp_path: Path):
-    from tasks import tracking
+    from tasks.lineage import tracking
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     client = tracking.client(uri)
@@ -98,7 +98,7 @@ def test_checkpoint_that_does_not_match_the_model_is_refused(text_root: Path, tm
     import model
 
     wrong = tmp_path / "wide"
-    model.build("tiny-llama", hidden=128, vocab_size=1024).save(wrong)
+    model.save(model.build("tiny-llama", hidden=128, vocab_size=1024), wrong)
     recipe, stage = _pretrain()
     with pytest.raises(StageError, match="hidden_size: checkpoint 128 vs model 64"):
         plan_stage(recipe, stage, {"kind": "checkpoint", "path": str(wrong)}, text_root, tmp_path / "runs")

@@ -24,8 +24,8 @@ from pathlib import Path
 import pytest
 import two_node_ray
 
-from tasks.build import verify_build
-from tasks.specs import load_spec
+from tasks.data.build import verify_build
+from tasks.data.specs import load_spec
 
 HELPER = Path(two_node_ray.__file__)
 
@@ -103,7 +103,7 @@ def test_two_node_cluster_builds_shards_and_trains_across_nodes(samples_root: Pa
     stage_out = Path(result["stage_out"])
     steps = [json.loads(line)["step"] for line in (stage_out / "metrics.jsonl").read_text().splitlines()]
     assert steps == [1, 2, 3, 4]
-    from tasks.train_stage import finished_stage
+    from tasks.train.stage import finished_stage
 
     assert finished_stage(stage_out)["final_sha256"] == stage["final_sha256"]
 

@@ -12,8 +12,8 @@ the ``drive`` step as a separate driver process with ``RAY_ADDRESS=127.0.0.1:<po
 both nodes by signalling the process groups it started (``ray stop`` would stop every Ray on the
 machine). ``OUT/pgids`` lists those groups so a caller can clean up if this process is killed.
 
-``drive`` connects through ``tasks.parallel.ensure_ray`` (``RAY_ADDRESS``), builds
-``tiny-redpajama`` with ``tasks.build.build_dataset`` (Ray tasks), trains a 2-worker tiny
+``drive`` connects through ``tasks.core.parallel.ensure_ray`` (``RAY_ADDRESS``), builds
+``tiny-redpajama`` with ``tasks.data.build.build_dataset`` (Ray tasks), trains a 2-worker tiny
 ``llm-pretrain`` stage with ``plan_stage`` + ``run_stage`` (Ray Train + DeepSpeed, gloo), and writes
 ``OUT/result.json``: the nodes, the build, the stage manifest and the node of every Ray Train worker.
 """
@@ -175,10 +175,10 @@ def drive(out: Path, samples: Path) -> None:
     import ray
     from ray._private import state
 
-    from tasks.build import build_dataset
-    from tasks.parallel import ensure_ray
-    from tasks.recipes import get_recipe
-    from tasks.train_stage import plan_stage, run_stage
+    from tasks.core.parallel import ensure_ray
+    from tasks.data.build import build_dataset
+    from tasks.train.recipes import get_recipe
+    from tasks.train.stage import plan_stage, run_stage
 
     started = time.monotonic()
     ensure_ray()  # connects to RAY_ADDRESS, as every pipeline step does

@@ -1,0 +1,1 @@
+"""Infrastructure every step uses: identities, atomic writes, locks, settings, Ray fan-out, faults."""

@@ -1,0 +1,362 @@
+"""Dataset builds: identity, resumable units, failure ratio, manifest written last.
+
+A build of spec S lives at ``<data_root>/builds/S/<build_id>/`` where ``build_id`` hashes the spec
+content, the source fingerprint, the tokenizer hash and the builder's code version. Work is split
+into units (a subset's file, or a hub dataset shard); a unit is done when its record
+``units/NNNNN.json`` exists and its shards verify, so a killed build resumes where it stopped and
+ends byte-identical to an uninterrupted one. ``manifest.json``, written last, marks the build done.
+
+Corruption is repaired piece by piece: before building, stray temp files of killed writes are
+deleted and every recorded shard is checked (size and sha256) once, in the driver; a unit with a
+missing or corrupt shard loses its record and is rebuilt (its good shards are kept as they are),
+every other unit is reused untouched. ``BuildResult.repaired`` and a WARNING per shard say what was
+rebuilt and why.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+import shutil
+from collections.abc import Iterable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from tasks.core.identity import (
+    atomic_write_json,
+    atomic_write_text,
+    code_version,
+    hash_json,
+    read_json,
+    sha256_file,
+)
+from tasks.data.builder import (
+    BuildContext,
+    Builder,
+    BuildError,
+    FanOut,
+    UnitResult,
+    expand_files,
+    resolve_path,
+    unit_record_path,
+)
+from tasks.data.rejects import Rejects
+from tasks.data.shards import remove_stray_temps, shard_problem
+from tasks.data.specs import (
+    DatasetSpec,
+    FilesSource,
+    HFSource,
+    LlavaSource,
+    RemoteFilesSource,
+    UrlListSource,
+    load_spec,
+)
+
+log = logging.getLogger(__name__)
+
+BUILDER_COMPONENT = {
+    "text": "text-builder",
+    "chat": "instruct-builder",
+    "instruct": "instruct-builder",
+    "image_text": "image-text-builder",
+}
+SMALL_FILE = 256 << 20  # files up to this size are fingerprinted by content, larger by size + mtime
+
+
+@dataclass
+class BuildResult:
+    """Outcome of ``build_dataset``."""
+
+    name: str
+    """Spec name."""
+    build_id: str
+    """Identity."""
+    path: Path
+    """Build folder."""
+    reused: bool
+    """True when an identical verified build already existed."""
+    manifest: dict[str, Any]
+    """The manifest content."""
+    repaired: list[dict[str, Any]] = field(default_factory=list)
+    """Shards found missing or corrupt and rebuilt: ``{"shard", "reason", "unit"}`` each."""
+    cleaned: list[str] = field(default_factory=list)
+    """Stray temp files of interrupted writes that were deleted (paths relative to the build folder)."""
+
+
+# --- paths and fingerprints ----------------------------------------------------------------------
+
+
+def file_fingerprint(path: str) -> dict[str, Any]:
+    """Content hash for files up to SMALL_FILE bytes, size and mtime above; etag for URLs."""
+    if "://" in path:
+        import fsspec
+
+        info = fsspec.filesystem(path.split("://")[0]).info(path)
+        return {"path": path, "size": info.get("size"), "etag": info.get("ETag") or info.get("etag")}
+    stat = os.stat(path)
+    if stat.st_size <= SMALL_FILE:
+        return {"path": os.path.basename(path), "size": stat.st_size, "sha256": sha256_file(path)}
+    return {"path": os.path.basename(path), "size": stat.st_size, "mtime_ns": stat.st_mtime_ns}
+
+
+def folder_fingerprint(folder: str) -> dict[str, Any]:
+    """Number of files and total size under a folder (image roots)."""
+    count = total = 0
+    for root, _, names in os.walk(folder):
+        for name in names:
+            count += 1
+            path = os.path.join(root, name)
+            try:
+                total += os.path.getsize(path)
+            except OSError:  # a dangling link or a loop: the builder rejects the samples that use it
+                total += os.lstat(path).st_size
+    return {"files": count, "bytes": total}
+
+
+def source_fingerprint(spec: DatasetSpec, data_root: str | Path) -> dict[str, Any]:
+    """What the sources look like now, per subset (changes when the data changes)."""
+    out: dict[str, Any] = {}
+    for sub in spec.subsets:
+        src = sub.source
+        if isinstance(src, HFSource):
+            from tasks.data.hub import hub_fingerprint
+
+            out[sub.name] = hub_fingerprint(spec, src)
+        elif isinstance(src, FilesSource):
+            out[sub.name] = [file_fingerprint(f) for f in expand_files(data_root, src.paths)]
+        elif isinstance(src, RemoteFilesSource):
+            from tasks.data.remote_text import remote_fingerprint
+
+            out[sub.name] = remote_fingerprint(spec, src, data_root)
+        elif isinstance(src, UrlListSource):
+            out[sub.name] = file_fingerprint(expand_files(data_root, [src.path])[0])
+        elif isinstance(src, LlavaSource):
+            entry = {"json": file_fingerprint(expand_files(data_root, [src.path])[0])}
+            if src.image_root:
+                entry["images"] = folder_fingerprint(resolve_path(data_root, src.image_root))
+            out[sub.name] = entry
+    return out
+
+
+def resolve_tokenizer(spec: DatasetSpec, data_root: str | Path) -> tuple[str | None, str | None]:
+    """(tokenizer folder or hub id, tokenizer hash) for specs that name one."""
+    if spec.tokenizer is None:
+        return None, None
+    from model.tokenizer import load_tokenizer, tokenizer_hash
+
+    local = resolve_path(data_root, spec.tokenizer)
+    where = local if os.path.isdir(local) else spec.tokenizer
+    try:
+        return where, tokenizer_hash(load_tokenizer(where))
+    except (OSError, ValueError) as err:
+        raise BuildError(
+            f"spec {spec.name}: tokenizer {spec.tokenizer!r} not found at {local} or on the hub ({err}); "
+            "for the tiny profile run `mvlm data make-samples` first"
+        ) from err
+
+
+def make_context(spec_path: str | Path, data_root: str | Path) -> BuildContext:
+    """Validate the spec and compute the build identity."""
+    spec = load_spec(spec_path)
+    if spec.downloads:  # published files the sources read: fetched (or verified as there) first
+        from tasks.data.downloads import ensure_downloads
+
+        ensure_downloads(spec, data_root)
+    tok_path, tok_hash = resolve_tokenizer(spec, data_root)
+    source = source_fingerprint(spec, data_root)
+    identity = {
+        "spec": spec.model_dump(mode="json"),
+        "source": source,
+        "tokenizer": tok_hash,
+        "code": code_version(BUILDER_COMPONENT[spec.kind]),
+    }
+    build_id = hash_json(identity)
+    out = Path(data_root) / "builds" / spec.name / build_id
+    return BuildContext(
+        spec, str(spec_path), str(data_root), build_id, str(out), tok_path, tok_hash, source=source
+    )
+
+
+# --- running -------------------------------------------------------------------------------------
+
+
+def shard_problems(build_dir: Path, records: Iterable[dict[str, Any]], deep: bool = True) -> list[dict]:
+    """``{"shard", "reason"}`` for every record whose shard is missing, has another size or (``deep``)
+    another sha256; hashes on a few threads (hashlib releases the GIL)."""
+    records = list(records)
+    with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:
+        reasons = list(pool.map(lambda rec: shard_problem(build_dir, rec, deep), records))
+    return [{"shard": rec["path"], "reason": why} for rec, why in zip(records, reasons, strict=True) if why]
+
+
+def check_build(path: Path, deep: bool = True) -> tuple[dict[str, Any] | None, list[dict[str, Any]]]:
+    """(manifest, []) for a complete build whose shards verify; (None, problems) otherwise, after
+    deleting the manifest of a build with bad shards (so it is repaired, never reused)."""
+    manifest_path = path / "manifest.json"
+    if not manifest_path.is_file():
+        return None, []
+    manifest = read_json(manifest_path)
+    problems = shard_problems(path, manifest["shards"], deep=deep)
+    if not problems:
+        return manifest, []
+    for problem in problems:
+        log.warning("build %s: shard %s is bad (%s); repairing it", path, problem["shard"], problem["reason"])
+    manifest_path.unlink(missing_ok=True)
+    return None, problems
+
+
+def verify_build(path: Path, deep: bool = True) -> dict[str, Any] | None:
+    """The manifest of a complete build whose shards verify, else None."""
+    return check_build(path, deep)[0]
+
+
+def check_units(ctx: BuildContext, known: list[dict] | None = None) -> tuple[set[int], list[dict]]:
+    """Sort the recorded units of an unfinished build into verified ones and broken ones.
+
+    ``known`` are the problems ``check_build`` just found (every other shard verified); without it,
+    every recorded shard is checked now (size and sha256). A broken unit's record is deleted so the
+    builder rebuilds it. Returns (verified unit indexes, ``{"shard", "reason", "unit"}`` problems).
+    """
+    records = {}
+    for path in sorted((ctx.out / "units").glob("*.json")):
+        if not path.stem.isdigit():
+            continue
+        try:
+            records[int(path.stem)] = UnitResult(**read_json(path))
+        except (ValueError, TypeError) as err:  # a torn record: rebuild that unit
+            log.warning(
+                "%s: unit record %s is unreadable (%s); rebuilding that unit", ctx.spec.name, path, err
+            )
+            path.unlink(missing_ok=True)
+    if known is None:
+        known = shard_problems(ctx.out, [rec for r in records.values() for rec in r.shards])
+        for problem in known:
+            log.warning(
+                "%s: shard %s is bad (%s); rebuilding its unit",
+                ctx.spec.name,
+                problem["shard"],
+                problem["reason"],
+            )
+    by_shard = {p["shard"]: {**p, "unit": None} for p in known}
+    verified = set()
+    for index, result in records.items():
+        bad = [rec["path"] for rec in result.shards if rec["path"] in by_shard]
+        if not bad:
+            verified.add(index)
+            continue
+        for shard in bad:
+            by_shard[shard]["unit"] = index
+        unit_record_path(ctx, index).unlink(missing_ok=True)
+    return verified, list(by_shard.values())
+
+
+def finalize(
+    ctx: BuildContext, results: list[UnitResult], extra: dict[str, Any] | None = None
+) -> dict[str, Any]:
+    """Merge unit results, enforce the failure ratio, write rejects, stats and (last) the manifest."""
+    rejects = Rejects()
+    for result in results:
+        rejects.extend(result.rejects)
+    atomic_write_text(
+        ctx.out / "rejects.jsonl", "".join(json.dumps(r, sort_keys=True) + "\n" for r in rejects.to_rows())
+    )
+    totals = _sum_counts(r.counts for r in results)
+    per_subset = {
+        s.name: _sum_counts(r.counts for r in results if r.subset == s.name) for s in ctx.spec.subsets
+    }
+    stats = {"totals": totals, "subsets": per_subset, "rejects": rejects.counts()}
+    atomic_write_json(ctx.out / "stats.json", stats)
+    read = max(totals.get("read", 0), 1)
+    ratio = totals.get("rejected", 0) / read
+    if ratio > ctx.spec.max_failure_ratio:
+        raise BuildError(
+            f"spec {ctx.spec.name}: {totals.get('rejected', 0)} of {totals.get('read', 0)} samples rejected "
+            f"({ratio:.1%} > max_failure_ratio {ctx.spec.max_failure_ratio:.1%}); "
+            f"reasons {rejects.counts()}; see {ctx.out / 'rejects.jsonl'}"
+        )
+    shards = [rec for r in results for rec in r.shards]
+    if not shards:
+        raise BuildError(f"spec {ctx.spec.name}: no samples survived; see {ctx.out / 'rejects.jsonl'}")
+    manifest = {
+        "name": ctx.spec.name,
+        "kind": ctx.spec.kind,
+        "profile": ctx.spec.profile,
+        "build_id": ctx.build_id,
+        "code_version": code_version(BUILDER_COMPONENT[ctx.spec.kind]),
+        "spec": ctx.spec.model_dump(mode="json"),
+        "source": ctx.source or source_fingerprint(ctx.spec, ctx.data_root),
+        "tokenizer": {"path": ctx.tokenizer_path, "hash": ctx.tokenizer_hash} if ctx.tokenizer_hash else None,
+        "weights": ctx.spec.weights(),
+        "stats": stats,
+        "shards": shards,
+        **(extra or {}),
+    }
+    atomic_write_json(ctx.out / "manifest.json", manifest)
+    return manifest
+
+
+def _sum_counts(counts) -> dict[str, int]:
+    total: dict[str, int] = {}
+    for c in counts:
+        for k, v in c.items():
+            total[k] = total.get(k, 0) + v
+    return dict(sorted(total.items()))
+
+
+def builder_for(kind: str) -> Builder:
+    """The function that builds every unit of a spec of ``kind`` (imported here: a build needs one)."""
+    if kind == "text":
+        from tasks.data.text import build_text
+
+        return build_text
+    if kind == "image_text":
+        from tasks.data.image_text import build_image_text
+
+        return build_image_text
+    from tasks.data.instruct import build_conversations
+
+    return build_conversations
+
+
+def default_fan_out() -> FanOut:
+    """Where builders' units run: Ray tasks (local Ray, or the cluster ``RAY_ADDRESS`` names)."""
+    from tasks.core.parallel import ray_map
+
+    return ray_map
+
+
+def build_dataset(
+    spec_path: str | Path, data_root: str | Path, force: bool = False, fan_out: FanOut | None = None
+) -> BuildResult:
+    """Build (or reuse, or resume) the dataset described by ``spec_path``; units run on ``fan_out``
+    (default: Ray tasks)."""
+    from tasks.core.locks import exclusive
+
+    ctx = make_context(spec_path, data_root)
+    with exclusive(ctx.out.parent / f".{ctx.build_id}.lock"):  # a concurrent builder waits, then reuses
+        if force and ctx.out.exists():
+            shutil.rmtree(ctx.out)
+        cleaned = []
+        for path in remove_stray_temps(ctx.out) if ctx.out.is_dir() else []:
+            cleaned.append(str(path.relative_to(ctx.out)))
+            log.warning("%s: deleted %s, a temp file left by an interrupted write", ctx.spec.name, path)
+        manifest, bad = check_build(ctx.out) if not force else (None, [])
+        if manifest is not None:
+            log.info("%s: build %s exists and verifies; reusing", ctx.spec.name, ctx.build_id)
+            return BuildResult(ctx.spec.name, ctx.build_id, ctx.out, True, manifest, cleaned=cleaned)
+        verified, repaired = check_units(ctx, bad or None)
+        log.info("%s: building %s into %s", ctx.spec.name, ctx.build_id, ctx.out)
+        ctx.out.mkdir(parents=True, exist_ok=True)
+        ctx = dataclasses.replace(ctx, verified_units=frozenset(verified))
+        results = builder_for(ctx.spec.kind)(ctx, fan_out or default_fan_out())
+        manifest = finalize(ctx, results)
+        if repaired:
+            log.warning(
+                "%s: repaired build %s: rebuilt %s", ctx.spec.name, ctx.build_id,
+                ", ".join(f"{p['shard']} ({p['reason']})" for p in repaired),
+            )  # fmt: skip
+        return BuildResult(ctx.spec.name, ctx.build_id, ctx.out, False, manifest, repaired, cleaned)

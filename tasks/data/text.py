@@ -1,0 +1,407 @@
+"""Text builds: read, normalise, filter, de-duplicate, tokenize, pack, write shards.
+
+Two parallel passes over the units (Ray tasks): a scan that normalises, filters and hashes every
+document, then, after exact de-duplication across all units in source order, a pass that
+tokenizes the kept documents, appends EOS, packs them into ``seq_len`` sequences with no padding
+(document starts recorded per sequence) and writes the shards. Each sample is one sequence:
+``input_ids.npy`` (uint16 when the vocabulary fits, else int32) and ``doc_starts.npy`` (int32).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import re
+import unicodedata
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from tasks.data.bounded_read import bounded_lines, line_limit, load_whole_json, oversized_detail
+from tasks.data.builder import (
+    BuildContext,
+    BuildError,
+    FanOut,
+    Unit,
+    UnitResult,
+    expand_files,
+    finished_unit,
+    save_unit,
+)
+from tasks.data.hub import read_revision
+from tasks.data.rejects import Rejects
+from tasks.data.shards import finished_shard, npy_bytes, write_shard
+from tasks.data.specs import FilesSource, Filters, HFSource, RemoteFilesSource, resolve_env
+
+log = logging.getLogger(__name__)
+_CONTROL = {c: None for c in range(32) if c not in (9, 10)} | {0x7F: None}
+SURROGATE = re.compile("[\ud800-\udfff]")
+"""A lone surrogate (JSON allows ``\\ud800``; UTF-8 cannot encode it)."""
+TOKENIZE_BATCH = 256
+
+
+@dataclass
+class Doc:
+    """A document read from a source (text is None when it was rejected on reading)."""
+
+    where: str
+    """Line number or row index inside the source."""
+    text: str | None
+    """Normalised text, or None."""
+    reason: str = ""
+    """Reject reason when ``text`` is None."""
+    detail: str = ""
+    """Explanation of the reject."""
+    raw: str = ""
+    """Excerpt of the raw input for the rejects file."""
+
+
+# --- reading -------------------------------------------------------------------------------------
+
+
+def plan_units(ctx: BuildContext) -> list[Unit]:
+    """One unit per source file (or hub shard), in spec order."""
+    units: list[Unit] = []
+    for sub in ctx.spec.subsets:
+        src = sub.source
+        if isinstance(src, HFSource):
+            for shard in range(_hf_num_shards(src, read_revision(ctx.source.get(sub.name), src))):
+                units.append(Unit(len(units), sub.name, f"hf:{shard}"))
+        elif isinstance(src, FilesSource):
+            for path in expand_files(ctx.data_root, src.paths):
+                units.append(Unit(len(units), sub.name, path))
+        elif isinstance(src, RemoteFilesSource):  # the files described at plan time, in list order
+            for described in ctx.source[sub.name]["files"]:
+                units.append(Unit(len(units), sub.name, described["url"]))
+    return units
+
+
+def normalise(text: str) -> str:
+    """NFC, LF line ends, no control characters (but tab and newline), stripped."""
+    text = unicodedata.normalize("NFC", text.replace("\r\n", "\n").replace("\r", "\n"))
+    return text.translate(_CONTROL).strip()
+
+
+def read_docs(unit: Unit, ctx: BuildContext) -> Iterator[Doc]:
+    """Documents of one unit, normalised and filtered; bad ones come back with a reason."""
+    sub = next(s for s in ctx.spec.subsets if s.name == unit.subset)
+    src = sub.source
+    limits = ctx.spec.filters
+    if isinstance(src, HFSource):
+        raw_docs = _read_hf(src, unit, read_revision(ctx.source.get(unit.subset), src))
+    elif isinstance(src, RemoteFilesSource):
+        raw_docs = _read_remote(unit, ctx, src)
+    else:
+        raw_docs = _read_file(unit.source, src, limits)
+    for doc in raw_docs:
+        if doc.text is None:
+            yield doc
+            continue
+        if len(doc.text) > limits.max_chars:
+            yield Doc(doc.where, None, "too_long", f"{len(doc.text)} chars > max_chars {limits.max_chars}")
+            continue
+        text = normalise(doc.text)
+        if not text:
+            yield Doc(doc.where, None, "empty", "empty after normalisation", doc.text[:80])
+        elif len(text) < limits.min_chars:
+            yield Doc(doc.where, None, "too_short", f"{len(text)} chars < min_chars {limits.min_chars}", text)
+        else:
+            yield Doc(doc.where, text)
+
+
+def _read_file(path: str, src: FilesSource, limits: Filters) -> Iterator[Doc]:
+    if src.format == "jsonl":
+        yield from _read_jsonl(path, src.text_field, line_limit(limits, limits.max_chars))
+    elif src.format == "json":
+        rows = load_whole_json(path, limits, "JSON file")
+        if not isinstance(rows, list):
+            raise BuildError(f"{path}: expected a JSON list of records, got {type(rows).__name__}")
+        for i, row in enumerate(rows):
+            yield _doc_from_row(f"record {i}", row, src.text_field)
+    else:
+        import pyarrow.parquet as pq
+
+        table = pq.read_table(path, columns=[src.text_field])
+        for i, value in enumerate(table.column(0).to_pylist()):
+            yield _doc_from_row(f"row {i}", {src.text_field: value}, src.text_field)
+
+
+def _read_remote(unit: Unit, ctx: BuildContext, src: RemoteFilesSource) -> Iterator[Doc]:
+    """The records of one fetched file; a file the server does not have is one ``http_404`` reject."""
+    from tasks.data.remote_files import FetchError, RemoteMissing
+    from tasks.data.remote_text import fetch_unit
+
+    try:
+        path = fetch_unit(ctx.spec, ctx.source[unit.subset], unit.source, ctx.data_root, src.retries)
+    except RemoteMissing as err:
+        yield Doc("file", None, "http_404", f"{err}; its documents are missing from this build", unit.source)
+        return
+    except FetchError as err:
+        raise BuildError(f"spec {ctx.spec.name}: subset {unit.subset}: {err}") from None
+    yield from _read_jsonl(
+        str(path), src.text_field, line_limit(ctx.spec.filters, ctx.spec.filters.max_chars)
+    )
+
+
+def _read_jsonl(path: str, field: str, max_line_bytes: int) -> Iterator[Doc]:
+    """Records of a jsonl file (``.gz`` and ``.zst`` decompressed while reading); no line is read past
+    ``max_line_bytes`` (longer ones: ``oversized_line``). A UTF-8 BOM on line 1 and CRLF line ends are
+    accepted; blank lines are not records."""
+    from tasks.data.remote_text import open_records
+
+    with open_records(path) as handle:
+        for line in bounded_lines(handle, max_line_bytes):
+            where = f"line {line.number}"
+            if line.data is None:
+                detail = oversized_detail(line, max_line_bytes, "max_chars")
+                yield Doc(where, None, "oversized_line", detail, line.head[:80].decode("utf-8", "replace"))
+                continue
+            raw = line.data
+            if not raw.strip():
+                continue
+            try:
+                text = raw.decode("utf-8")
+            except UnicodeDecodeError as err:
+                yield Doc(where, None, "invalid_utf8", str(err), raw[:80].decode("utf-8", "replace"))
+                continue
+            try:
+                row = json.loads(text)
+            except (ValueError, RecursionError) as err:  # also too deep, or an int over Python's digit limit
+                yield Doc(where, None, "invalid_json", f"{type(err).__name__}: {err}"[:200], text[:80])
+                continue
+            yield _doc_from_row(where, row, field)
+
+
+def _doc_from_row(where: str, row: Any, field: str) -> Doc:
+    if not isinstance(row, dict):
+        return Doc(
+            where, None, "not_an_object", f"expected a JSON object, got {type(row).__name__}", str(row)[:80]
+        )
+    if field not in row:
+        return Doc(where, None, "missing_field", f"no {field!r} field (has {sorted(row)[:8]})", str(row)[:80])
+    value = row[field]
+    if not isinstance(value, str):
+        return Doc(
+            where, None, "bad_type", f"{field!r} is {type(value).__name__}, not a string", str(value)[:80]
+        )
+    if bad := SURROGATE.search(value):
+        detail = f"lone surrogate U+{ord(bad.group()):04X} at offset {bad.start()} (not encodable as UTF-8)"
+        return Doc(where, None, "invalid_unicode", detail, value[:80])
+    return Doc(where, value)
+
+
+def _hf_dataset(src: HFSource, revision: str | None):
+    import datasets
+
+    token = resolve_env(src.token)
+    return datasets.load_dataset(
+        src.dataset, src.config, split=src.split, revision=revision, streaming=True, token=token
+    )
+
+
+def _hf_num_shards(src: HFSource, revision: str | None) -> int:
+    return max(1, _hf_dataset(src, revision).num_shards)
+
+
+def _read_hf(src: HFSource, unit: Unit, revision: str | None) -> Iterator[Doc]:
+    """Rows of one shard of a hub dataset, read at ``revision`` (the commit resolved at plan time)."""
+    dataset = _hf_dataset(src, revision)
+    shard = int(unit.source.split(":", 1)[1])
+    part = dataset.shard(num_shards=dataset.num_shards, index=shard) if dataset.num_shards > 1 else dataset
+    for i, row in enumerate(part):
+        yield _doc_from_row(f"row {i}", row, src.text_field)
+
+
+# --- pass 1: scan --------------------------------------------------------------------------------
+
+
+def doc_hash(text: str) -> str:
+    """Exact-duplicate key of a normalised document."""
+    return hashlib.sha256(text.encode()).hexdigest()[:32]
+
+
+def scan_unit(unit: Unit, ctx: BuildContext) -> dict[str, Any]:
+    """Hashes of the kept documents (in order) plus the rejects of one unit."""
+    rejects = Rejects()
+    hashes: list[str] = []
+    read = 0
+    for doc in read_docs(unit, ctx):
+        read += 1
+        if doc.text is None:
+            rejects.add(doc.reason, unit.subset, unit.source, doc.where, doc.detail, doc.raw)
+        else:
+            hashes.append(doc_hash(doc.text))
+    return {"read": read, "hashes": hashes, "rejects": rejects.to_rows()}
+
+
+def find_duplicates(scans: list[dict[str, Any]]) -> list[set[str]]:
+    """Per unit, hashes already seen in an earlier unit (duplicates inside a unit are dropped while
+    packing, keeping the first); the first occurrence in source order wins."""
+    seen: set[str] = set()
+    drops: list[set[str]] = []
+    for scan in scans:
+        hashes = set(scan["hashes"])
+        drops.append(hashes & seen)
+        seen |= hashes
+    return drops
+
+
+# --- pass 2: tokenize, pack, write ---------------------------------------------------------------
+
+
+def is_heldout(text_hash: str, fraction: float) -> bool:
+    """Stable held-out assignment from the document hash."""
+    return fraction > 0 and int(text_hash[:8], 16) / 0xFFFFFFFF < fraction
+
+
+class Packer:
+    """Concatenate tokenized documents into fixed-length sequences, recording document starts.
+
+    Linear in the tokens added: full sequences are cut by moving an offset through the buffer, which
+    is compacted once per ``add`` (a 4M-token document costs four times a 1M-token one)."""
+
+    def __init__(self, seq_len: int) -> None:
+        self.seq_len = seq_len
+        self.buffer: list[int] = []
+        self.starts: list[int] = []
+
+    def add(self, ids: list[int]) -> Iterator[tuple[list[int], list[int]]]:
+        """Append a document; yield every sequence that became full."""
+        self.starts.append(len(self.buffer))
+        self.buffer.extend(ids)
+        offset, first_start = 0, 0
+        while len(self.buffer) - offset >= self.seq_len:
+            end = offset + self.seq_len
+            last_start = first_start
+            while last_start < len(self.starts) and self.starts[last_start] < end:
+                last_start += 1
+            starts = [s - offset for s in self.starts[first_start:last_start]]
+            yield self.buffer[offset:end], starts
+            offset, first_start = end, last_start
+        if offset:
+            del self.buffer[:offset]
+            self.starts = [s - offset for s in self.starts[first_start:]]
+
+    @property
+    def leftover(self) -> int:
+        """Tokens that did not fill a last sequence (dropped, counted)."""
+        return len(self.buffer)
+
+
+def pack_unit(unit: Unit, ctx: BuildContext, duplicates: set[str]) -> UnitResult:
+    """Tokenize, pack and shard one unit's kept documents; duplicates become rejects."""
+    if (done := finished_unit(ctx, unit.index)) is not None:
+        return done
+    from model.tokenizer import load_tokenizer
+
+    tokenizer = load_tokenizer(ctx.tokenizer_path)
+    if tokenizer.eos_token_id is None:
+        raise ValueError(f"tokenizer {ctx.tokenizer_path} has no eos token")
+    spec = ctx.spec
+    dtype = np.uint16 if len(tokenizer) <= 65535 else np.int32
+    streams = {split: _ShardStream(ctx, unit, split, dtype) for split in ("train", "heldout")}
+    packers = {split: Packer(spec.seq_len) for split in streams}
+    rejects, counts = Rejects(), {"read": 0, "kept": 0, "rejected": 0, "documents": 0, "tokens": 0}
+    seen: set[str] = set()
+    batch: list[tuple[str, str]] = []
+
+    def flush() -> None:
+        encoded = tokenizer([t for _, t in batch], add_special_tokens=False)["input_ids"]
+        for (h, _), ids in zip(batch, encoded, strict=True):
+            split = "heldout" if is_heldout(h, spec.heldout_fraction) else "train"
+            for seq, starts in packers[split].add([*ids, tokenizer.eos_token_id]):
+                streams[split].add(seq, starts)
+        batch.clear()
+
+    for doc in read_docs(unit, ctx):
+        counts["read"] += 1
+        if doc.text is None:
+            rejects.add(doc.reason, unit.subset, unit.source, doc.where, doc.detail, doc.raw)
+            continue
+        h = doc_hash(doc.text)
+        if spec.dedup.exact and (h in duplicates or h in seen):
+            rejects.add(
+                "duplicate", unit.subset, unit.source, doc.where, "exact duplicate of an earlier document"
+            )
+            continue
+        seen.add(h)
+        counts["documents"] += 1
+        batch.append((h, doc.text))
+        if len(batch) >= TOKENIZE_BATCH:
+            flush()
+    if batch:
+        flush()
+    records = [rec for split in streams for rec in streams[split].close()]
+    counts["rejected"] = len(rejects.items)
+    counts["kept"] = counts["read"] - counts["rejected"]
+    counts["tokens"] = sum(r["tokens"] for r in records)
+    counts["tail_tokens_dropped"] = sum(p.leftover for p in packers.values())
+    counts["sequences"] = sum(r["samples"] for r in records)
+    result = UnitResult(unit.index, unit.subset, records, counts, rejects.to_rows())
+    return save_unit(ctx, result)
+
+
+class _ShardStream:
+    """Collect sequences of one split and write a shard every ``shard_samples``."""
+
+    def __init__(self, ctx: BuildContext, unit: Unit, split: str, dtype: Any) -> None:
+        self.ctx, self.unit, self.split, self.dtype = ctx, unit, split, dtype
+        self.samples: list[dict[str, Any]] = []
+        self.records: list[dict[str, Any]] = []
+        self.count = 0
+
+    def add(self, seq: list[int], starts: list[int]) -> None:
+        key = f"{self.unit.subset.replace('.', '-')}-{self.unit.index:05d}-{self.count:08d}"
+        self.count += 1
+        self.samples.append(
+            {
+                "__key__": key,
+                "input_ids.npy": npy_bytes(np.asarray(seq, dtype=self.dtype)),
+                "doc_starts.npy": npy_bytes(np.asarray(starts, dtype=np.int32)),
+                "__tokens__": len(seq),
+            }
+        )
+        if len(self.samples) >= self.ctx.spec.shard_samples:
+            self._write()
+
+    def _write(self) -> None:
+        from dataclasses import asdict
+
+        rel = f"shards/{self.split}/{self.unit.subset}-{self.unit.index:05d}-{len(self.records):05d}.tar"
+        done = finished_shard(self.ctx.out, rel)
+        record = done or write_shard(self.ctx.out, rel, self.samples, self.split, self.unit.subset)
+        self.records.append(asdict(record))
+        self.samples = []
+
+    def close(self) -> list[dict[str, Any]]:
+        if self.samples:
+            self._write()
+        return self.records
+
+
+def build_text(ctx: BuildContext, fan_out: FanOut) -> list[UnitResult]:
+    """All units of a text spec: scan, de-duplicate across units, then pack and write."""
+    units = plan_units(ctx)
+    if not units:
+        raise ValueError(f"spec {ctx.spec.name}: no input files")
+    pending = [u for u in units if finished_unit(ctx, u.index) is None]
+    if not pending:
+        return [finished_unit(ctx, u.index) for u in units]
+    scans = fan_out(scan_unit, units, ctx, label=f"{ctx.spec.name}: scan")
+    drops = find_duplicates(scans) if ctx.spec.dedup.exact else [set() for _ in units]
+    log.info(
+        "%s: %d documents read, %d duplicated across files",
+        ctx.spec.name,
+        sum(s["read"] for s in scans),
+        sum(map(len, drops)),
+    )
+    jobs = [(u, d) for u, d in zip(units, drops, strict=True)]
+    return fan_out(_pack_job, jobs, ctx, label=f"{ctx.spec.name}: tokenize+pack")
+
+
+def _pack_job(job: tuple[Unit, set[str]], ctx: BuildContext) -> UnitResult:
+    unit, duplicates = job
+    return pack_unit(unit, ctx, duplicates)

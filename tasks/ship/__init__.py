@@ -1,0 +1,1 @@
+"""Shipping: GGUF export, quantization, the llama.cpp runtime and device benchmarks."""

@@ -1,0 +1,1172 @@
+"""Sample data for the tiny CPU profile, in the formats of the real MobileVLM datasets.
+
+``make_samples(out_dir)`` writes a small, deterministic world of coloured shapes that a tiny LLaMA
+(width 64) with a tiny CLIP ViT (56 px) can learn from: every caption and answer states exactly what
+the pixels show, and answers are single lowercase words so exact-match accuracy can be measured.
+
+Layout under ``out_dir`` (all written atomically; ``samples.json`` last, as the manifest):
+
+* ``images/{id}.jpg`` - RGB JPEGs of 1..3 shapes on a pale background, plus ``broken_{i}.jpg`` (bytes
+  that are not an image) and ``empty_{i}.jpg`` (zero bytes) for the corrupt CC3M rows;
+* ``redpajama/{subset}.jsonl`` - ``{"text", "meta"}`` lines for the seven RedPajama v1 subsets, with
+  a known number of exact duplicates and empty/whitespace-only documents per subset;
+* ``cc3m/urls.tsv`` - ``url<TAB>caption`` with URLs ``{LOCAL_SERVER}/images/{id}.jpg`` (good), then
+  rows for missing files (404) and for the corrupt files;
+* ``llava/pretrain.json`` - LLaVA-Pretrain-558K style caption conversations;
+* ``llava/instruct.json`` - LLaVA-Instruct style 1..3-round conversations (colour, shape, count, position);
+* ``sharegpt/chat.json`` - ShareGPT style text-only dialogues about the same world;
+* ``tokenizer/`` - the tiny LLaMA-style tokenizer trained on all of the text above;
+* ``samples.json`` - the ``SampleSummary``: counts, seed, config, image metadata, sha256 of every file.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import math
+import random
+import re
+import time
+from collections import Counter
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from PIL import Image, ImageDraw
+
+from tasks.core.identity import atomic_path, atomic_write_json, atomic_write_text, sha256_file
+from tasks.data.local_server import LOCAL_SERVER_PLACEHOLDER
+
+logger = logging.getLogger(__name__)
+
+GENERATOR_VERSION = "samples/1"
+"""Bump when the bytes written for the same config change."""
+
+RGB = tuple[int, int, int]
+
+PALETTE: dict[str, RGB] = {
+    "red": (220, 30, 30),
+    "green": (30, 160, 50),
+    "blue": (40, 70, 225),
+    "yellow": (245, 215, 30),
+    "purple": (135, 50, 185),
+    "orange": (245, 130, 20),
+}
+"""Shape colours, far apart in RGB (and all far from the pale backgrounds)."""
+
+BACKGROUNDS: dict[str, RGB] = {
+    "white": (255, 255, 255),
+    "light grey": (228, 228, 228),
+    "pale blue": (232, 240, 250),
+    "pale yellow": (250, 247, 228),
+    "pale green": (236, 248, 236),
+    "pale pink": (250, 236, 238),
+}
+"""Plain background colours (pale, so any shape pixel differs from them by far)."""
+
+KINDS: tuple[str, ...] = ("circle", "square", "triangle", "star")
+"""Shape kinds that can be drawn."""
+
+POSITIONS: tuple[str, ...] = ("left", "right", "top", "bottom", "center")
+"""Regions a shape can occupy; the answer words of position questions."""
+
+POSITION_PHRASES: dict[str, str] = {
+    "left": "on the left",
+    "right": "on the right",
+    "top": "at the top",
+    "bottom": "at the bottom",
+    "center": "in the center",
+}
+"""How captions place a shape."""
+
+COUNT_WORDS: tuple[str, ...] = (
+    "zero",
+    "one",
+    "two",
+    "three",
+    "four",
+    "five",
+    "six",
+    "seven",
+    "eight",
+    "nine",
+)
+"""Number words; count answers are ``COUNT_WORDS[n]``."""
+
+REDPAJAMA_SUBSETS: tuple[str, ...] = (
+    "arxiv",
+    "book",
+    "c4",
+    "common_crawl",
+    "github",
+    "stackexchange",
+    "wikipedia",
+)
+"""The seven RedPajama v1 subsets."""
+
+# Layouts: positions of the shapes for each count, and per count the centre (x, y) of each position as
+# fractions of the image side, the shape radius and the centre jitter (fractions of the side).
+_LAYOUTS: dict[int, tuple[tuple[str, ...], ...]] = {
+    1: tuple((p,) for p in POSITIONS),
+    2: (("left", "right"), ("top", "bottom")),
+    3: (("left", "center", "right"), ("top", "center", "bottom")),
+}
+_CENTRES: dict[int, dict[str, tuple[float, float]]] = {
+    1: {
+        "left": (0.25, 0.5),
+        "right": (0.75, 0.5),
+        "top": (0.5, 0.25),
+        "bottom": (0.5, 0.75),
+        "center": (0.5, 0.5),
+    },
+    2: {"left": (0.25, 0.5), "right": (0.75, 0.5), "top": (0.5, 0.25), "bottom": (0.5, 0.75)},
+    3: {
+        "left": (0.18, 0.5),
+        "right": (0.82, 0.5),
+        "top": (0.5, 0.18),
+        "bottom": (0.5, 0.82),
+        "center": (0.5, 0.5),
+    },
+}
+_RADIUS: dict[int, float] = {1: 0.2, 2: 0.17, 3: 0.13}
+_JITTER: dict[int, float] = {1: 0.02, 2: 0.02, 3: 0.012}
+_SUPERSAMPLE = 4
+
+QUESTION_TEMPLATES: dict[str, tuple[str, ...]] = {
+    "colour": ("What colour is the shape?", "What colour is the {kind}?"),
+    "shape": ("What shape is in the picture?", "Which shape is {colour}?"),
+    "count": ("How many shapes are there?",),
+    "position": ("Where is the {colour} {kind}?",),
+}
+"""Instruct question wordings per question type (answers: colour, kind, count word, position word)."""
+
+PRETRAIN_REQUESTS: tuple[str, ...] = (
+    "Describe the image briefly.",
+    "Write a short caption for this image.",
+    "What is shown in the picture?",
+    "Give a brief description of the image.",
+    "Summarize the visual content of the image.",
+)
+"""LLaVA-Pretrain style requests (the answer is the caption)."""
+
+
+@dataclass(frozen=True)
+class SampleConfig:
+    """What ``make_samples`` generates; the same config always gives the same bytes."""
+
+    seed: int = 0
+    """Seed of every random choice (each part draws from its own stream derived from it)."""
+    n_images: int = 2400
+    """Good images (each one a CC3M row, a pretrain sample and an instruct sample). 2400 is what the tiny
+    recipe needs to answer held-out colour and shape questions well above chance (600 was not enough)."""
+    image_size: int = 64
+    """Side of the square images in pixels (CLIP preprocessing resizes them to 56)."""
+    single_shape_fraction: float = 0.5
+    """Share of images with exactly one shape (the ones asked the plain colour and shape questions)."""
+    colours: tuple[str, ...] = ("red", "green", "blue", "yellow", "purple", "orange")
+    """Shape colours used, names from ``PALETTE``."""
+    kinds: tuple[str, ...] = ("circle", "square", "triangle")
+    """Shape kinds used, names from ``KINDS``."""
+    jpeg_quality: int = 95
+    """JPEG quality of the images (4:4:4 chroma, no metadata)."""
+    n_docs_per_subset: int = 60
+    """Distinct non-empty documents per RedPajama subset."""
+    dup_docs_per_subset: int = 2
+    """Extra exact copies of earlier documents per subset (for dedup filters)."""
+    empty_docs_per_subset: int = 1
+    """Empty or whitespace-only documents per subset (for quality filters)."""
+    n_missing_urls: int = 3
+    """CC3M rows whose URL points at a file that does not exist (404)."""
+    n_corrupt_images: int = 2
+    """CC3M rows whose URL points at a file that is not a valid image (random bytes or empty)."""
+    n_chats: int = 100
+    """ShareGPT text-only dialogues."""
+    vocab_size: int = 1024
+    """Tokenizer vocabulary size (the ``tiny-llama`` row uses 1024)."""
+
+    def validate(self) -> None:
+        """Raise ValueError for impossible settings."""
+        unknown = [c for c in self.colours if c not in PALETTE] + [k for k in self.kinds if k not in KINDS]
+        if unknown:
+            raise ValueError(
+                f"unknown colours/kinds {unknown}; colours: {list(PALETTE)}, kinds: {list(KINDS)}"
+            )
+        if len(self.colours) < 2 or len(self.kinds) < 2:
+            raise ValueError("need at least two colours and two kinds")
+        if self.n_images < 1 or self.image_size < 32:
+            raise ValueError("need n_images >= 1 and image_size >= 32")
+        if not 0.0 <= self.single_shape_fraction <= 1.0:
+            raise ValueError(f"single_shape_fraction must be in [0, 1], got {self.single_shape_fraction}")
+        if self.n_docs_per_subset < 1 or self.dup_docs_per_subset > self.n_docs_per_subset:
+            raise ValueError("need n_docs_per_subset >= 1 and dup_docs_per_subset <= n_docs_per_subset")
+        counts = (self.dup_docs_per_subset, self.empty_docs_per_subset, self.n_missing_urls)
+        if min(*counts, self.n_corrupt_images, self.n_chats) < 0:
+            raise ValueError("counts must not be negative")
+
+
+@dataclass(frozen=True)
+class Shape:
+    """One drawn shape."""
+
+    kind: str
+    """circle, square, triangle or star."""
+    colour: str
+    """Colour name from ``PALETTE``."""
+    position: str
+    """Region name from ``POSITIONS``."""
+    box: tuple[int, int, int, int]
+    """Pixel bounding box ``(x0, y0, x1, y1)``, x1/y1 exclusive, in the written image."""
+
+
+@dataclass(frozen=True)
+class ImageRecord:
+    """Metadata of one good image: what it shows, exactly."""
+
+    id: str
+    """Sample id (also the file stem)."""
+    file: str
+    """Path relative to the samples folder (``images/{id}.jpg``)."""
+    background: str
+    """Background colour name from ``BACKGROUNDS``."""
+    shapes: tuple[Shape, ...]
+    """The shapes, in caption order."""
+    count: int
+    """Number of shapes."""
+    caption: str
+    """Exact description (the CC3M caption and the pretrain answer)."""
+
+
+@dataclass(frozen=True)
+class SubsetCounts:
+    """Lines of one RedPajama subset file."""
+
+    docs: int
+    """All lines."""
+    unique: int
+    """Distinct non-empty documents."""
+    duplicates: int
+    """Exact copies of an earlier document."""
+    empty: int
+    """Empty or whitespace-only documents."""
+    chars: int
+    """Characters of text in all lines."""
+
+
+@dataclass(frozen=True)
+class UrlCounts:
+    """Rows of ``cc3m/urls.tsv`` (header not counted)."""
+
+    good: int
+    """Rows whose URL serves a valid image."""
+    missing: int
+    """Rows whose URL answers 404."""
+    corrupt: int
+    """Rows whose URL serves bytes that are not an image."""
+    rows: int
+    """All rows."""
+
+
+@dataclass
+class SampleSummary:
+    """What ``make_samples`` wrote (serialised as ``samples.json``)."""
+
+    generator: str
+    """Generator version (``GENERATOR_VERSION``)."""
+    seed: int
+    """The config's seed."""
+    config: dict[str, Any]
+    """The ``SampleConfig`` as JSON data."""
+    n_images: int
+    """Good images."""
+    n_single_shape: int
+    """Good images with one shape."""
+    images: list[ImageRecord]
+    """Metadata of every good image, in id order."""
+    redpajama: dict[str, SubsetCounts]
+    """Line counts per RedPajama subset."""
+    cc3m: UrlCounts
+    """Row counts of the CC3M URL list."""
+    pretrain_samples: int
+    """Entries of ``llava/pretrain.json``."""
+    instruct_samples: int
+    """Entries of ``llava/instruct.json``."""
+    instruct_rounds: int
+    """Question/answer rounds in ``llava/instruct.json``."""
+    instruct_questions: dict[str, int]
+    """Rounds per question type (colour, shape, count, position)."""
+    chats: int
+    """Dialogues in ``sharegpt/chat.json``."""
+    chat_turns: int
+    """Turns (human + gpt) in ``sharegpt/chat.json``."""
+    tokenizer_vocab_size: int
+    """Tokens in the trained tokenizer."""
+    tokenizer_hash: str
+    """``model.tokenizer.tokenizer_hash`` of the trained tokenizer."""
+    files: dict[str, str] = field(default_factory=dict)
+    """sha256 of every written file (paths relative to the samples folder), ``samples.json`` excluded."""
+
+    def to_json(self) -> dict[str, Any]:
+        """JSON data (key-sorted on write)."""
+        return json.loads(json.dumps(asdict(self)))
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> SampleSummary:
+        """Rebuild a summary from ``to_json`` data."""
+        images = [
+            ImageRecord(
+                **{**rec, "shapes": tuple(Shape(**{**s, "box": tuple(s["box"])}) for s in rec["shapes"])}
+            )
+            for rec in data["images"]
+        ]
+        return cls(
+            **{
+                **data,
+                "images": images,
+                "redpajama": {k: SubsetCounts(**v) for k, v in data["redpajama"].items()},
+                "cc3m": UrlCounts(**data["cc3m"]),
+            }
+        )
+
+
+def config_json(config: SampleConfig) -> dict[str, Any]:
+    """A config as JSON data (tuples become lists), as stored in ``samples.json``."""
+    return json.loads(json.dumps(asdict(config)))
+
+
+def _rng(config: SampleConfig, part: str) -> random.Random:
+    """An independent, reproducible random stream for one part of the output."""
+    return random.Random(f"{config.seed}:{part}")
+
+
+# --------------------------------------------------------------------------------------------------
+# Images
+# --------------------------------------------------------------------------------------------------
+
+
+def _shape_points(kind: str, cx: float, cy: float, r: float) -> list[tuple[float, float]]:
+    """Polygon vertices of a square, triangle or star of radius ``r`` centred at (cx, cy)."""
+    if kind == "square":
+        h = r * 0.85
+        return [(cx - h, cy - h), (cx + h, cy - h), (cx + h, cy + h), (cx - h, cy + h)]
+    if kind == "triangle":
+        return [(cx, cy - r), (cx + r * 0.95, cy + r * 0.8), (cx - r * 0.95, cy + r * 0.8)]
+    if kind == "star":
+        return [
+            (cx + rad * math.cos(a), cy + rad * math.sin(a))
+            for i in range(10)
+            for rad, a in [(r if i % 2 == 0 else r * 0.45, -math.pi / 2 + i * math.pi / 5)]
+        ]
+    raise ValueError(f"no polygon for kind {kind!r}")
+
+
+def _shape_bounds(kind: str, cx: float, cy: float, r: float) -> tuple[float, float, float, float]:
+    """Exact bounding box of a shape (floats)."""
+    if kind == "circle":
+        return cx - r, cy - r, cx + r, cy + r
+    xs, ys = zip(*_shape_points(kind, cx, cy, r), strict=True)
+    return min(xs), min(ys), max(xs), max(ys)
+
+
+def _draw_shape(draw: ImageDraw.ImageDraw, kind: str, cx: float, cy: float, r: float, fill: RGB) -> None:
+    """Draw one filled shape (coordinates already in the drawing's scale)."""
+    if kind == "circle":
+        draw.ellipse([cx - r, cy - r, cx + r, cy + r], fill=fill)
+    else:
+        draw.polygon(_shape_points(kind, cx, cy, r), fill=fill)
+
+
+def render_image(
+    shapes: Sequence[tuple[str, str, float, float, float]], background: str, size: int
+) -> Image.Image:
+    """Render ``(kind, colour, cx, cy, r)`` shapes (pixels) on a plain background, anti-aliased."""
+    big = size * _SUPERSAMPLE
+    image = Image.new("RGB", (big, big), BACKGROUNDS[background])
+    draw = ImageDraw.Draw(image)
+    for kind, colour, cx, cy, r in shapes:
+        s = _SUPERSAMPLE
+        _draw_shape(draw, kind, cx * s, cy * s, r * s, PALETTE[colour])
+    return image.resize((size, size), Image.Resampling.BOX)
+
+
+def encode_jpeg(image: Image.Image, quality: int) -> bytes:
+    """Deterministic JPEG bytes (fixed quality, 4:4:4 chroma, no EXIF, no timestamps)."""
+    buffer = io.BytesIO()
+    image.save(buffer, format="JPEG", quality=quality, subsampling=0, optimize=False)
+    return buffer.getvalue()
+
+
+def caption_for(shapes: Sequence[Shape]) -> str:
+    """Exact caption of an image: each shape with its colour and place, or a count for identical shapes."""
+    first = shapes[0]
+    if len(shapes) > 1 and all((s.kind, s.colour) == (first.kind, first.colour) for s in shapes):
+        arrangement = "side by side" if first.position in ("left", "right") else "one above the other"
+        return f"{COUNT_WORDS[len(shapes)]} {first.colour} {first.kind}s {arrangement}"
+    parts = [with_articles(f"a {s.colour} {s.kind} {POSITION_PHRASES[s.position]}") for s in shapes]
+    return parts[0] if len(parts) == 1 else ", ".join(parts[:-1]) + " and " + parts[-1]
+
+
+def _plan_image(
+    index: int, count: int, rng: random.Random, config: SampleConfig
+) -> tuple[ImageRecord, Image.Image]:
+    """Draw ``count`` shapes for image ``index`` at random and render it."""
+    size = config.image_size
+    positions = rng.choice(_LAYOUTS[count])
+    background = rng.choice(sorted(BACKGROUNDS))
+    drawn: list[tuple[str, str, float, float, float]] = []
+    shapes: list[Shape] = []
+    for position in positions:
+        kind, colour = rng.choice(config.kinds), rng.choice(config.colours)
+        fx, fy = _CENTRES[count][position]
+        jitter = _JITTER[count]
+        cx = (fx + rng.uniform(-jitter, jitter)) * size
+        cy = (fy + rng.uniform(-jitter, jitter)) * size
+        r = _RADIUS[count] * rng.uniform(0.92, 1.05) * size
+        x0, y0, x1, y1 = _shape_bounds(kind, cx, cy, r)
+        box = (
+            max(0, math.floor(x0)),
+            max(0, math.floor(y0)),
+            min(size, math.ceil(x1)),
+            min(size, math.ceil(y1)),
+        )
+        drawn.append((kind, colour, cx, cy, r))
+        shapes.append(Shape(kind=kind, colour=colour, position=position, box=box))
+    image_id = f"{index:06d}"
+    record = ImageRecord(
+        id=image_id,
+        file=f"images/{image_id}.jpg",
+        background=background,
+        shapes=tuple(shapes),
+        count=count,
+        caption=caption_for(shapes),
+    )
+    return record, render_image(drawn, background, size)
+
+
+def _shape_counts(config: SampleConfig) -> list[int]:
+    """Shapes per image in id order: the configured share of single-shape images, interleaved at random."""
+    rng = _rng(config, "image-counts")
+    n_single = round(config.n_images * config.single_shape_fraction)
+    counts = [1] * n_single + [rng.choice((2, 3)) for _ in range(config.n_images - n_single)]
+    rng.shuffle(counts)
+    return counts
+
+
+def _corrupt_files(config: SampleConfig) -> dict[str, bytes]:
+    """Names and bytes of the files that look like JPEGs but are not valid images."""
+    rng = _rng(config, "corrupt")
+    files = {}
+    for i in range(config.n_corrupt_images):
+        if i % 2 == 1:
+            files[f"empty_{i}.jpg"] = b""
+        else:  # a JPEG start-of-image marker followed by noise: not decodable
+            files[f"broken_{i}.jpg"] = b"\xff\xd8\xff\xe0" + rng.randbytes(512 + 64 * i)
+    return files
+
+
+def make_images(config: SampleConfig) -> tuple[list[ImageRecord], dict[str, bytes]]:
+    """All image records (in id order) and the bytes of every file under ``images/``."""
+    rng = _rng(config, "images")
+    records, files = [], {}
+    for index, count in enumerate(_shape_counts(config)):
+        record, image = _plan_image(index, count, rng, config)
+        records.append(record)
+        files[f"{record.id}.jpg"] = encode_jpeg(image, config.jpeg_quality)
+    files.update(_corrupt_files(config))
+    return records, files
+
+
+# --------------------------------------------------------------------------------------------------
+# Conversations (LLaVA pretrain / instruct, ShareGPT)
+# --------------------------------------------------------------------------------------------------
+
+
+def _unique_shapes(record: ImageRecord, key: Callable[[Shape], Any]) -> list[Shape]:
+    """Shapes whose ``key`` occurs once in the image."""
+    counts = Counter(key(s) for s in record.shapes)
+    return [s for s in record.shapes if counts[key(s)] == 1]
+
+
+def _question_candidates(record: ImageRecord) -> list[tuple[str, str, str]]:
+    """Every (type, question, answer) the image answers unambiguously."""
+    if record.count == 1:
+        s = record.shapes[0]
+        return [
+            ("colour", QUESTION_TEMPLATES["colour"][0], s.colour),
+            ("shape", QUESTION_TEMPLATES["shape"][0], s.kind),
+            ("count", QUESTION_TEMPLATES["count"][0], COUNT_WORDS[1]),
+            ("position", QUESTION_TEMPLATES["position"][0].format(colour=s.colour, kind=s.kind), s.position),
+        ]
+    found = [("count", QUESTION_TEMPLATES["count"][0], COUNT_WORDS[record.count])]
+    for s in _unique_shapes(record, lambda s: s.kind):
+        found.append(("colour", QUESTION_TEMPLATES["colour"][1].format(kind=s.kind), s.colour))
+    for s in _unique_shapes(record, lambda s: s.colour):
+        found.append(("shape", QUESTION_TEMPLATES["shape"][1].format(colour=s.colour), s.kind))
+    for s in _unique_shapes(record, lambda s: (s.colour, s.kind)):
+        question = QUESTION_TEMPLATES["position"][0].format(colour=s.colour, kind=s.kind)
+        found.append(("position", question, s.position))
+    return found
+
+
+def instruct_rounds(record: ImageRecord, rng: random.Random) -> list[tuple[str, str, str]]:
+    """1..3 (type, question, answer) rounds; single-shape images always get colour and shape."""
+    candidates = _question_candidates(record)
+    if record.count == 1:
+        rounds = candidates[:2]
+        rng.shuffle(rounds)
+        if rng.random() < 0.5:
+            rounds.append(rng.choice(candidates[2:]))
+        return rounds
+    return rng.sample(candidates, rng.randint(1, min(3, len(candidates))))
+
+
+def _turns(pairs: Iterable[tuple[str, str]], image: bool) -> list[dict[str, str]]:
+    """LLaVA/ShareGPT ``conversations``; ``<image>\\n`` opens the first human turn when ``image``."""
+    turns = []
+    for i, (question, answer) in enumerate(pairs):
+        value = f"<image>\n{question}" if image and i == 0 else question
+        turns += [{"from": "human", "value": value}, {"from": "gpt", "value": answer}]
+    return turns
+
+
+def make_pretrain(records: Sequence[ImageRecord], config: SampleConfig) -> list[dict[str, Any]]:
+    """LLaVA-Pretrain-558K style entries: a short request and the exact caption."""
+    rng = _rng(config, "pretrain")
+    return [
+        {
+            "id": r.id,
+            "image": f"{r.id}.jpg",
+            "conversations": _turns([(rng.choice(PRETRAIN_REQUESTS), r.caption)], True),
+        }
+        for r in records
+    ]
+
+
+def make_instruct(
+    records: Sequence[ImageRecord], config: SampleConfig
+) -> tuple[list[dict[str, Any]], Counter[str]]:
+    """LLaVA-Instruct style entries and the number of rounds per question type."""
+    rng = _rng(config, "instruct")
+    entries: list[dict[str, Any]] = []
+    types: Counter[str] = Counter()
+    for r in records:
+        rounds = instruct_rounds(r, rng)
+        types.update(t for t, _, _ in rounds)
+        entries.append(
+            {
+                "id": r.id,
+                "image": f"{r.id}.jpg",
+                "conversations": _turns([(q, a) for _, q, a in rounds], True),
+            }
+        )
+    return entries, types
+
+
+def classify_question(text: str) -> str | None:
+    """The question type (colour, shape, count, position) of an instruct question, or None."""
+    question = text.removeprefix("<image>\n").strip()
+    for kind, templates in QUESTION_TEMPLATES.items():
+        for template in templates:
+            pattern = re.escape(template).replace(r"\{colour\}", r"\w+").replace(r"\{kind\}", r"\w+")
+            if re.fullmatch(pattern, question):
+                return kind
+    return None
+
+
+# --------------------------------------------------------------------------------------------------
+# Text templates
+# --------------------------------------------------------------------------------------------------
+
+_SIDES = {
+    "circle": "no straight sides",
+    "square": "four equal sides",
+    "triangle": "three sides",
+    "star": "ten edges",
+}
+_CORNERS = {"circle": "zero", "square": "four", "triangle": "three", "star": "ten"}
+_DEFINITIONS = {
+    "circle": "a round shape whose points are all the same distance from its centre",
+    "square": "a shape with four equal sides and four right angles",
+    "triangle": "a shape with three straight sides and three corners",
+    "star": "a shape with five points around a centre",
+}
+_MIXES = {("red", "yellow"): "orange", ("blue", "yellow"): "green", ("red", "blue"): "purple"}
+_OBJECT_COLOURS = {
+    "banana": "yellow",
+    "lemon": "yellow",
+    "sky": "blue",
+    "sea": "blue",
+    "grass": "green",
+    "leaf": "green",
+    "tomato": "red",
+    "strawberry": "red",
+    "pumpkin": "orange",
+    "carrot": "orange",
+    "grape": "purple",
+    "plum": "purple",
+}
+_OPPOSITES = {"left": "right", "right": "left", "top": "bottom", "bottom": "top"}
+
+_BANKS: dict[str, tuple[str, ...]] = {
+    "colour": tuple(PALETTE),
+    "kind": KINDS,
+    "position": POSITIONS,
+    "object": tuple(_OBJECT_COLOURS),
+    "name": (
+        "Alice",
+        "Bruno",
+        "Clara",
+        "Daniel",
+        "Elena",
+        "Farid",
+        "Grace",
+        "Hugo",
+        "Irene",
+        "Jonas",
+        "Keiko",
+        "Lena",
+    ),
+    "city": (
+        "Amsterdam",
+        "Bologna",
+        "Cairo",
+        "Denver",
+        "Edinburgh",
+        "Fukuoka",
+        "Geneva",
+        "Hanoi",
+        "Lima",
+        "Oslo",
+    ),
+    "country": ("Norway", "Italy", "Egypt", "Japan", "Peru", "Canada", "Kenya", "Chile", "Spain", "Vietnam"),
+    "river": ("Avon", "Blue Creek", "Clearwater", "Danube", "Elbe", "Ganges", "Mekong", "Volta"),
+    "profession": ("painter", "mathematician", "engineer", "botanist", "composer", "geographer", "architect"),
+    "nationality": ("Norwegian", "Italian", "Egyptian", "Japanese", "Peruvian", "Canadian", "Kenyan"),
+    "year": tuple(str(y) for y in range(1820, 2021, 7)),
+    "n": tuple(str(n) for n in range(2, 98, 3)),
+    "big": ("12,000", "85,000", "240,000", "1.2 million", "3.4 million", "640,000"),
+    "adj": (
+        "simple",
+        "compact",
+        "regular",
+        "random",
+        "sparse",
+        "dense",
+        "finite",
+        "smooth",
+        "convex",
+        "stable",
+    ),
+    "mobject": (
+        "graph",
+        "matrix",
+        "polygon",
+        "manifold",
+        "operator",
+        "lattice",
+        "sequence",
+        "network",
+        "tensor",
+    ),
+    "problem": ("the colouring problem", "the packing problem", "the counting problem", "shape recognition"),
+    "quantity": ("error", "running time", "expected number of steps", "variance", "loss", "spectral gap"),
+    "structure": ("decomposition", "embedding", "partition", "bound", "representation", "approximation"),
+    "section": ("Introduction", "Related Work", "Method", "Experiments", "Results", "Conclusion"),
+    "dataset": (
+        "a synthetic shapes dataset",
+        "small images of circles and squares",
+        "a benchmark of triangles",
+    ),
+    "metric": ("accuracy", "recall", "precision", "perplexity", "throughput"),
+    "place": ("garden", "kitchen", "station", "market", "library", "harbour", "forest", "school"),
+    "time": ("morning", "evening", "night", "afternoon", "winter", "summer"),
+    "mood": ("quiet", "cold", "bright", "grey", "warm", "windy", "still"),
+    "verb": ("walked", "ran", "hurried", "wandered", "drove", "cycled"),
+    "thing": ("kite", "door", "box", "hat", "boat", "lamp", "ball", "flag"),
+    "product": ("notebook", "mug", "poster", "lamp", "backpack", "puzzle", "sticker set", "t-shirt"),
+    "store": ("online shop", "craft store", "design studio", "toy store", "print shop"),
+    "topic": ("geometry", "painting", "colour theory", "drawing", "design", "education", "puzzles"),
+    "month": ("January", "March", "April", "June", "August", "October", "November"),
+    "day": tuple(str(d) for d in range(1, 29, 3)),
+    "company": ("Shapeworks", "Bright Colours Ltd", "Polygon Inc", "Circle & Co", "Triangle Labs"),
+    "lang": ("Python", "JavaScript", "C", "Rust", "Go"),
+    "task": (
+        "draw a circle",
+        "fill a polygon",
+        "count the shapes in an image",
+        "convert RGB to HSV",
+        "read a JSON file",
+        "sort a list of colours",
+        "resize an image",
+    ),
+    "fname": (
+        "area",
+        "perimeter",
+        "count_shapes",
+        "mix_colours",
+        "is_square",
+        "centre_of",
+        "scale",
+        "rotate",
+    ),
+    "arg": ("shape", "radius", "side", "points", "image", "colour", "size", "value"),
+}
+
+
+def _fill(template: str, rng: random.Random) -> str:
+    """Fill ``[[slot]]`` / ``[[slot2]]`` with bank entries (one value per name); ``[[Slot]]`` capitalises."""
+
+    chosen: dict[str, str] = {}
+
+    def pick(match: re.Match[str]) -> str:
+        slot, digit = match.group(1), match.group(2)
+        key = slot.lower() + digit
+        if key not in chosen:
+            bank = _BANKS[slot.lower()]
+            taken = {v for k, v in chosen.items() if k.rstrip("0123456789") == slot.lower()}
+            chosen[key] = rng.choice([v for v in bank if v not in taken] or bank)
+        value = chosen[key]
+        return value[0].upper() + value[1:] if slot[0].isupper() else value
+
+    return with_articles(re.sub(r"\[\[([A-Za-z_]+?)(\d?)\]\]", pick, template))
+
+
+def with_articles(text: str) -> str:
+    """Turn ``a`` into ``an`` before a vowel (``a orange circle`` -> ``an orange circle``)."""
+    return re.sub(r"\b([Aa]) (?=[aeiouAEIOU])", r"\1n ", text)
+
+
+def _fact_sentences(rng: random.Random) -> str:
+    """One true sentence about the shapes-and-colours world."""
+    kind = rng.choice(KINDS)
+    obj = rng.choice(sorted(_OBJECT_COLOURS))
+    (a, b), mixed = rng.choice(sorted(_MIXES.items()))
+    pos = rng.choice(sorted(_OPPOSITES))
+    return with_articles(
+        rng.choice(
+            (
+                f"A {kind} is {_DEFINITIONS[kind]}.",
+                f"A {kind} has {_SIDES[kind]}.",
+                f"Mixing {a} and {b} gives {mixed}.",
+                f"The colour of a ripe {obj} is usually {_OBJECT_COLOURS[obj]}.",
+                f"The opposite of {pos} is {_OPPOSITES[pos]}.",
+                f"A {kind} has {_CORNERS[kind]} corners.",
+            )
+        )
+    )
+
+
+_WIKI = (
+    "[[City]] is a city in [[country]] with a population of about [[big]] people.",
+    "The river [[river]] flows through [[city]] before it reaches the sea.",
+    "[[Name]] was a [[nationality]] [[profession]] born in [[year]].",
+    "[[Name]] is best known for paintings of [[colour]] [[kind]]s on plain backgrounds.",
+    "In [[year]] the museum of [[city]] opened an exhibition about [[topic]].",
+    "[[Colour]] is one of the colours most often used in flags of [[country]] and its neighbours.",
+    "The [[object]] is often used as an example when children learn the names of colours.",
+)
+_ARXIV = (
+    "We study [[problem]] for [[adj]] [[mobject]]s.",
+    "Let $G$ be a [[adj]] [[mobject]] with $n$ vertices and $m$ edges.",
+    "We prove that the [[quantity]] is bounded by $O(n^{[[n]]} \\log n)$.",
+    "Our main theorem shows that every [[adj]] [[mobject]] admits a [[adj2]] [[structure]].",
+    "Experiments on [[dataset]] show that the method improves [[metric]] by [[n]] percent.",
+    "\\begin{equation} f(x) = \\sum_{i=1}^{n} \\frac{x_i^2}{[[n]]} \\end{equation}",
+    "The proof relies on a [[structure]] of the [[mobject]] into [[n]] [[adj]] parts.",
+    "As a corollary, the [[quantity]] of a random [[kind]] detector decays like $1/\\sqrt{n}$.",
+)
+_BOOK = (
+    "[[Name]] [[verb]] to the [[place]] and looked at the [[colour]] [[thing]].",
+    '"I have never seen a [[colour]] [[kind]] like that," said [[Name]].',
+    "The [[time]] was [[mood]], and the [[place]] was empty.",
+    "[[Name]] and [[Name2]] sat by the window of the [[place]] until the [[time]] ended.",
+    "On the wall of the [[place]] hung a painting of a [[colour]] [[kind]].",
+    '"Where did you put the [[thing]]?" asked [[Name]]. "On the [[position]]," said [[Name2]].',
+)
+_WEB = (
+    "Welcome to our [[store]]! We offer [[n]] kinds of [[product]] at great prices.",
+    "Click here to read more about [[topic]].",
+    "Free shipping on all orders over [[n]] dollars.",
+    "This [[product]] comes in [[colour]], [[colour2]] and [[colour3]].",
+    "Posted by [[name]] on [[month]] [[day]], [[year]].",
+    "Learn how to draw a [[colour]] [[kind]] in [[n]] easy steps.",
+    "Sign up for our newsletter to get the latest [[topic]] news.",
+    "Our [[store]] in [[city]] is open every day except Sunday.",
+)
+_CC_NOISE = (
+    "Home | About | Contact | Shop",
+    "Copyright [[year]] [[company]]. All rights reserved.",
+    "We use cookies to improve your experience on our site.",
+    "Share on Facebook | Share on Twitter",
+)
+_SE_QUESTIONS = (
+    "How do I [[task]] in [[lang]]?",
+    "What is the fastest way to [[task]] with [[lang]]?",
+    "Why does my code fail when I try to [[task]]?",
+    "How many corners does a [[kind]] have?",
+)
+_SE_ANSWERS = (
+    "You can write a small function for that; the standard library already has most of what you need.",
+    "Use a loop over the [[arg]] values and keep a running total.",
+    "The error happens because [[arg]] is not defined before you use it.",
+    "Check the documentation of [[lang]]; there is a built-in helper for this.",
+    "I would split the problem into two steps: first compute the [[arg]], then draw the [[kind]].",
+)
+_CODE = (
+    'def [[fname]]([[arg]]):\n    """Return the [[fname]] of a [[kind]]."""\n    return [[arg]] * [[n]]\n',
+    "def [[fname]]([[arg]], [[arg2]]):\n    if [[arg]] > [[arg2]]:\n        return [[arg]]\n"
+    "    return [[arg2]]\n",
+    "function [[fname]]([[arg]]) {\n  return [[arg]].length * [[n]];\n}\n",
+    "int [[fname]](int [[arg]]) {\n    return [[arg]] + [[n]];\n}\n",
+    'COLOURS = ["[[colour]]", "[[colour2]]", "[[colour3]]"]\n',
+    "for [[arg]] in range([[n]]):\n    print([[arg]])\n",
+    "class [[Kind]]:\n    def __init__(self, [[arg]]):\n        self.[[arg]] = [[arg]]\n",
+)
+_LANG_BY_SNIPPET = ("Python", "Python", "JavaScript", "C", "Python", "Python", "Python")
+
+
+def _paragraphs(rng: random.Random, sentence: Callable[[], str], max_paragraphs: int = 4) -> str:
+    """1..max_paragraphs paragraphs of 2..7 sentences each."""
+    return "\n\n".join(
+        " ".join(sentence() for _ in range(rng.randint(2, 7))) for _ in range(rng.randint(1, max_paragraphs))
+    )
+
+
+def _mixed(rng: random.Random, templates: Sequence[str], fact_share: float) -> Callable[[], str]:
+    """A sentence maker: a true world fact with probability ``fact_share``, else a filled template."""
+
+    def sentence() -> str:
+        return _fact_sentences(rng) if rng.random() < fact_share else _fill(rng.choice(templates), rng)
+
+    return sentence
+
+
+def _doc_arxiv(rng: random.Random, i: int) -> tuple[str, dict[str, Any]]:
+    """A LaTeX-ish paper body."""
+    sections = [
+        f"\\section{{{s}}}\n" + _paragraphs(rng, _mixed(rng, _ARXIV, 0.1), 2) for s in _pick_sections(rng)
+    ]
+    yymm = f"{rng.randint(7, 23):02d}{rng.randint(1, 12):02d}"
+    arxiv_id = f"{yymm}.{rng.randint(1000, 9999):04d}"
+    meta = {"arxiv_id": arxiv_id, "language": "en", "url": f"https://arxiv.org/abs/{arxiv_id}", "yymm": yymm}
+    return "\n\n".join(sections), meta
+
+
+def _pick_sections(rng: random.Random) -> list[str]:
+    """The first 1..4 section titles of a paper."""
+    return list(_BANKS["section"][: rng.randint(1, 4)])
+
+
+def _doc_book(rng: random.Random, i: int) -> tuple[str, dict[str, Any]]:
+    """A chapter of a story."""
+    title = f"The {_fill('[[Colour]] [[Kind]]', rng)} of {rng.choice(_BANKS['city'])}"
+    text = f"CHAPTER {rng.choice(('I', 'II', 'III', 'IV', 'V'))}\n\n" + _paragraphs(
+        rng, _mixed(rng, _BOOK, 0.1)
+    )
+    meta = {"publication_date": int(rng.choice(_BANKS["year"])), "short_book_title": title, "title": title}
+    return text, meta
+
+
+def _doc_web(rng: random.Random, noisy: bool) -> str:
+    """A web page's text; ``noisy`` adds navigation and boilerplate lines."""
+    text = _paragraphs(rng, _mixed(rng, _WEB, 0.25), 3)
+    if noisy:
+        text = _fill(rng.choice(_CC_NOISE), rng) + "\n" + text + "\n" + _fill(rng.choice(_CC_NOISE), rng)
+    return text
+
+
+def _doc_c4(rng: random.Random, i: int) -> tuple[str, dict[str, Any]]:
+    """A C4 document."""
+    meta = {"language": "en", "source": "c4", "url": f"https://www.example-{i % 17}.com/page/{i}"}
+    return _doc_web(rng, noisy=False), meta
+
+
+def _doc_common_crawl(rng: random.Random, i: int) -> tuple[str, dict[str, Any]]:
+    """A CommonCrawl (CCNet) document."""
+    meta = {
+        "pred_label": "__label__wiki",
+        "pred_label_prob": round(rng.uniform(0.5, 1.0), 3),
+        "source": "cc/2023-06",
+    }
+    return _doc_web(rng, noisy=True), meta
+
+
+def _doc_github(rng: random.Random, i: int) -> tuple[str, dict[str, Any]]:
+    """A small source file."""
+    which = [rng.randrange(len(_CODE)) for _ in range(rng.randint(1, 6))]
+    text = "\n".join(_fill(_CODE[w], rng) for w in which)
+    language = _LANG_BY_SNIPPET[which[0]]
+    ext = {"Python": "py", "JavaScript": "js", "C": "c"}[language]
+    meta = {
+        "language": language,
+        "license": rng.choice(("mit", "apache-2.0", "bsd-3-clause")),
+        "path": f"src/{rng.choice(_BANKS['fname'])}_{i}.{ext}",
+        "repo_name": f"{rng.choice(_BANKS['name']).lower()}/{rng.choice(_BANKS['kind'])}-tools",
+        "source": "github",
+    }
+    return text, meta
+
+
+def _doc_stackexchange(rng: random.Random, i: int) -> tuple[str, dict[str, Any]]:
+    """A question with its answer, in RedPajama's ``Q:``/``A:`` layout."""
+    question = _fill(rng.choice(_SE_QUESTIONS), rng)
+    details = _paragraphs(rng, _mixed(rng, _WEB, 0.3), 1)
+    answer = _paragraphs(rng, _mixed(rng, _SE_ANSWERS, 0.3), 2)
+    meta = {"language": "en", "question_score": str(rng.randint(0, 40)), "source": "stackexchange"}
+    meta["url"] = f"https://stackoverflow.com/questions/{100000 + i}"
+    return f"Q:\n\n{question} {details}\n\nA:\n\n{answer}", meta
+
+
+def _doc_wikipedia(rng: random.Random, i: int) -> tuple[str, dict[str, Any]]:
+    """An encyclopedic article, mostly about the shapes-and-colours world."""
+    title = rng.choice(KINDS + tuple(PALETTE) + _BANKS["city"]).capitalize()
+    text = f"{title}\n\n" + _paragraphs(rng, _mixed(rng, _WIKI, 0.5))
+    meta = {
+        "language": "en",
+        "title": title,
+        "url": f"https://en.wikipedia.org/wiki/{title.replace(' ', '_')}",
+    }
+    return text, meta
+
+
+_DOC_MAKERS: dict[str, Callable[[random.Random, int], tuple[str, dict[str, Any]]]] = {
+    "arxiv": _doc_arxiv,
+    "book": _doc_book,
+    "c4": _doc_c4,
+    "common_crawl": _doc_common_crawl,
+    "github": _doc_github,
+    "stackexchange": _doc_stackexchange,
+    "wikipedia": _doc_wikipedia,
+}
+
+
+def make_subset(subset: str, config: SampleConfig) -> tuple[list[dict[str, Any]], SubsetCounts]:
+    """The documents of one RedPajama subset: unique docs, then duplicates and empties at seeded places."""
+    rng = _rng(config, f"redpajama:{subset}")
+    docs: list[dict[str, Any]] = []
+    seen: set[str] = set()
+    while len(docs) < config.n_docs_per_subset:
+        text, meta = _DOC_MAKERS[subset](rng, len(docs))
+        if text not in seen:
+            seen.add(text)
+            docs.append({"meta": meta, "text": text})
+    for source in sorted(rng.sample(range(len(docs)), config.dup_docs_per_subset), reverse=True):
+        docs.insert(rng.randint(source + 1, len(docs)), dict(docs[source]))
+    blanks = ("", " \n\t ")
+    offset = REDPAJAMA_SUBSETS.index(subset) if subset in REDPAJAMA_SUBSETS else 0
+    for j in range(config.empty_docs_per_subset):
+        docs.insert(rng.randint(0, len(docs)), {"meta": {"source": subset}, "text": blanks[(offset + j) % 2]})
+    counts = SubsetCounts(
+        docs=len(docs),
+        unique=config.n_docs_per_subset,
+        duplicates=config.dup_docs_per_subset,
+        empty=config.empty_docs_per_subset,
+        chars=sum(len(d["text"]) for d in docs),
+    )
+    return docs, counts
+
+
+def _chat_pair(rng: random.Random) -> tuple[str, str]:
+    """One text-only question with its answer about the shapes-and-colours world."""
+    kind, kind2 = rng.choice(KINDS), rng.choice(KINDS)
+    colour, colour2 = rng.choice(tuple(PALETTE)), rng.choice(tuple(PALETTE))
+    obj = rng.choice(sorted(_OBJECT_COLOURS))
+    (a, b), mixed = rng.choice(sorted(_MIXES.items()))
+    pos = rng.choice(sorted(_OPPOSITES))
+    x, y = rng.randint(0, 4), rng.randint(0, 4)
+    pairs = (
+        (f"How many corners does a {kind} have?", f"A {kind} has {_CORNERS[kind]} corners."),
+        (f"What is a {kind}?", f"A {kind} is {_DEFINITIONS[kind]}."),
+        (f"What colour do you get when you mix {a} and {b}?", f"Mixing {a} and {b} gives {mixed}."),
+        (f"What colour is a {obj}?", f"A {obj} is usually {_OBJECT_COLOURS[obj]}."),
+        (f"What is the opposite of {pos}?", f"The opposite of {pos} is {_OPPOSITES[pos]}."),
+        (
+            f"What is {COUNT_WORDS[x]} plus {COUNT_WORDS[y]}?",
+            f"{COUNT_WORDS[x]} plus {COUNT_WORDS[y]} is {COUNT_WORDS[x + y]}.",
+        ),
+        (
+            f"Describe a picture with a {colour} {kind} on the left and a {colour2} {kind2} on the right.",
+            f"The picture shows a {colour} {kind} on the left and a {colour2} {kind2} on the right.",
+        ),
+        (
+            f"Can you draw a {colour} {kind}?",
+            f"I cannot draw, but a {colour} {kind} is {_DEFINITIONS[kind]}.",
+        ),
+    )
+    question, answer = rng.choice(pairs)
+    return with_articles(question), with_articles(answer)
+
+
+def make_chats(config: SampleConfig) -> list[dict[str, Any]]:
+    """ShareGPT style dialogues of 1..4 rounds."""
+    rng = _rng(config, "sharegpt")
+    chats = []
+    for i in range(config.n_chats):
+        pairs = [_chat_pair(rng) for _ in range(rng.randint(1, 4))]
+        if rng.random() < 0.2:
+            pairs[0] = ("Hello! " + pairs[0][0], "Hello! " + pairs[0][1])
+        chats.append({"conversations": _turns(pairs, image=False), "id": f"sg_{i:05d}"})
+    return chats
+
+
+# --------------------------------------------------------------------------------------------------
+# Writing
+# --------------------------------------------------------------------------------------------------
+
+
+def _jsonl(docs: Iterable[dict[str, Any]]) -> str:
+    """JSON lines with sorted keys."""
+    return "".join(json.dumps(d, sort_keys=True, ensure_ascii=False) + "\n" for d in docs)
+
+
+def _json(obj: Any) -> str:
+    """Indented, key-sorted JSON text."""
+    return json.dumps(obj, indent=2, sort_keys=True, ensure_ascii=False) + "\n"
+
+
+def make_urls_tsv(records: Sequence[ImageRecord], config: SampleConfig) -> tuple[str, UrlCounts]:
+    """The CC3M-like URL list: good rows, then 404 rows, then corrupt-file rows."""
+    rng = _rng(config, "cc3m")
+    rows = [(f"{LOCAL_SERVER_PLACEHOLDER}/{r.file}", r.caption) for r in records]
+    bad = [f"images/missing_{i}.jpg" for i in range(config.n_missing_urls)]
+    bad += [f"images/{name}" for name in _corrupt_files(config)]
+    for rel in bad:
+        shape = Shape(
+            rng.choice(config.kinds), rng.choice(config.colours), rng.choice(POSITIONS), (0, 0, 0, 0)
+        )
+        rows.append((f"{LOCAL_SERVER_PLACEHOLDER}/{rel}", caption_for([shape])))
+    counts = UrlCounts(
+        good=len(records), missing=config.n_missing_urls, corrupt=config.n_corrupt_images, rows=len(rows)
+    )
+    return "url\tcaption\n" + "".join(f"{u}\t{c}\n" for u, c in rows), counts
+
+
+def tokenizer_corpus(
+    docs: Iterable[dict[str, Any]], records: Sequence[ImageRecord], conversations: Iterable[dict[str, Any]]
+) -> list[str]:
+    """Every generated text (documents, captions, turns) plus the Vicuna system prompt and role tags."""
+    from model.conversation import VICUNA_SYSTEM
+
+    texts = [d["text"] for d in docs if d["text"].strip()]
+    texts += [r.caption for r in records]
+    for entry in conversations:
+        texts += [t["value"].removeprefix("<image>\n") for t in entry["conversations"]]
+    texts += [VICUNA_SYSTEM, "USER:", "ASSISTANT:", *PRETRAIN_REQUESTS]
+    return texts
+
+
+def _write_tokenizer(out_dir: Path, texts: list[str], vocab_size: int) -> tuple[int, str]:
+    """Train the tokenizer into ``out_dir/tokenizer`` (folder swapped in atomically); its size and hash."""
+    from model.tokenizer import tokenizer_hash, train_tokenizer
+
+    with atomic_path(out_dir / "tokenizer") as tmp:
+        tokenizer = train_tokenizer(texts, vocab_size=vocab_size, out_dir=tmp)
+    return len(tokenizer), tokenizer_hash(tokenizer)
+
+
+def _write_images(out_dir: Path, files: dict[str, bytes]) -> None:
+    """Write ``images/`` as a whole (stale files of an earlier config disappear with the old folder)."""
+    with atomic_path(out_dir / "images") as tmp:
+        tmp.mkdir()
+        for name, data in files.items():
+            (tmp / name).write_bytes(data)
+
+
+def _file_hashes(out_dir: Path, relpaths: Iterable[str]) -> dict[str, str]:
+    """sha256 of each listed file."""
+    return {rel: sha256_file(out_dir / rel) for rel in sorted(relpaths)}
+
+
+def _written_files(out_dir: Path, image_files: Iterable[str]) -> list[str]:
+    """Relative paths of every file of the layout (``samples.json`` excluded)."""
+    fixed = [f"redpajama/{s}.jsonl" for s in REDPAJAMA_SUBSETS]
+    fixed += ["cc3m/urls.tsv", "llava/pretrain.json", "llava/instruct.json", "sharegpt/chat.json"]
+    tokenizer = [p.relative_to(out_dir).as_posix() for p in (out_dir / "tokenizer").iterdir() if p.is_file()]
+    return [f"images/{n}" for n in image_files] + fixed + tokenizer
+
+
+def load_summary(out_dir: Path) -> SampleSummary | None:
+    """The summary in ``out_dir/samples.json``, or None when absent or unreadable."""
+    path = Path(out_dir) / "samples.json"
+    try:
+        return SampleSummary.from_json(json.loads(path.read_text()))
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def is_complete(out_dir: Path, config: SampleConfig) -> SampleSummary | None:
+    """The existing summary when ``out_dir`` holds this config's samples with every file intact, else None."""
+    summary = load_summary(out_dir)
+    if summary is None or summary.generator != GENERATOR_VERSION or summary.config != config_json(config):
+        return None
+    for rel, digest in summary.files.items():
+        path = Path(out_dir) / rel
+        if not path.is_file() or sha256_file(path) != digest:
+            logger.info("samples in %s: %s is missing or changed; regenerating", out_dir, rel)
+            return None
+    return summary
+
+
+def make_samples(out_dir: Path, config: SampleConfig = SampleConfig()) -> SampleSummary:
+    """Generate the tiny profile's sample data under ``out_dir`` (see the module docstring for the layout).
+
+    Deterministic: the same config writes the same bytes. When ``out_dir/samples.json`` already
+    describes this config and every listed file still has its recorded sha256, nothing is rewritten.
+    """
+    config.validate()
+    out_dir = Path(out_dir)
+    start = time.perf_counter()
+    existing = is_complete(out_dir, config)
+    if existing is not None:
+        logger.info("samples in %s are complete for this config; skipping", out_dir)
+        return existing
+    records, image_files = make_images(config)
+    _write_images(out_dir, image_files)
+    all_docs, subset_counts = [], {}
+    for subset in REDPAJAMA_SUBSETS:
+        docs, subset_counts[subset] = make_subset(subset, config)
+        atomic_write_text(out_dir / "redpajama" / f"{subset}.jsonl", _jsonl(docs))
+        all_docs += docs
+    urls_text, url_counts = make_urls_tsv(records, config)
+    atomic_write_text(out_dir / "cc3m" / "urls.tsv", urls_text)
+    pretrain = make_pretrain(records, config)
+    instruct, question_types = make_instruct(records, config)
+    chats = make_chats(config)
+    for rel, data in (
+        ("llava/pretrain.json", pretrain),
+        ("llava/instruct.json", instruct),
+        ("sharegpt/chat.json", chats),
+    ):
+        atomic_write_text(out_dir / rel, _json(data))
+    texts = tokenizer_corpus(all_docs, records, [*pretrain, *instruct, *chats])
+    vocab, tok_hash = _write_tokenizer(out_dir, texts, config.vocab_size)
+    summary = SampleSummary(
+        generator=GENERATOR_VERSION,
+        seed=config.seed,
+        config=config_json(config),
+        n_images=len(records),
+        n_single_shape=sum(r.count == 1 for r in records),
+        images=records,
+        redpajama=subset_counts,
+        cc3m=url_counts,
+        pretrain_samples=len(pretrain),
+        instruct_samples=len(instruct),
+        instruct_rounds=sum(len(e["conversations"]) // 2 for e in instruct),
+        instruct_questions={t: question_types.get(t, 0) for t in QUESTION_TEMPLATES},
+        chats=len(chats),
+        chat_turns=sum(len(c["conversations"]) for c in chats),
+        tokenizer_vocab_size=vocab,
+        tokenizer_hash=tok_hash,
+    )
+    summary.files = _file_hashes(out_dir, _written_files(out_dir, image_files))
+    atomic_write_json(out_dir / "samples.json", summary.to_json())
+    logger.info(
+        "wrote samples to %s in %.1fs: %d images, %d docs, vocab %d",
+        out_dir,
+        time.perf_counter() - start,
+        len(records),
+        len(all_docs),
+        vocab,
+    )
+    return summary

@@ -1,0 +1,1 @@
+"""Training: recipes, the stage runner (Ray Train + DeepSpeed), the shard loader, evaluation."""

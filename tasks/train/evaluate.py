@@ -1,0 +1,173 @@
+"""Evaluation after a stage: held-out perplexity (text) and exact-match answers (instructions).
+
+Instruction evaluation asks every round of every held-out conversation, with the earlier rounds as
+history and the image spliced in, decodes greedily and compares the normalised answer with the
+reference. Accuracy is reported overall and per question type when a classifier knows the type.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import math
+import re
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from tasks.data.shards import read_tar_samples
+from tasks.train.loader import Source
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class EvalResult:
+    """Scores of one evaluation."""
+
+    kind: str
+    """``perplexity`` or ``exact_match``."""
+    metrics: dict[str, float]
+    """Named scores (``perplexity``; ``accuracy`` and ``accuracy/<type>``)."""
+    counts: dict[str, int] = field(default_factory=dict)
+    """How many items each score is over."""
+    examples: list[dict[str, str]] = field(default_factory=list)
+    """A few (question, expected, answer) triples for people to read."""
+
+
+def _samples(sources: tuple[Source, ...], limit: int) -> list[dict]:
+    out: list[dict] = []
+    for source in sources:
+        for shard in source.shards:
+            for sample in read_tar_samples(shard):
+                out.append(sample)
+                if len(out) >= limit:
+                    return out
+    return out
+
+
+@torch.no_grad()
+def perplexity(model: Any, sources: tuple[Source, ...], limit: int = 200, batch: int = 8) -> EvalResult:
+    """exp(mean token NLL) over held-out packed sequences."""
+    model.eval()
+    seqs = [np.load(io.BytesIO(s["input_ids.npy"])).astype(np.int64) for s in _samples(sources, limit)]
+    if not seqs:
+        raise ValueError("no held-out text samples to evaluate (is heldout_fraction 0 in the spec?)")
+    nll, count = 0.0, 0
+    for i in range(0, len(seqs), batch):
+        ids = torch.tensor(np.stack(seqs[i : i + batch]))
+        logits = model(input_ids=ids).logits[:, :-1]
+        loss = torch.nn.functional.cross_entropy(
+            logits.reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1), reduction="sum"
+        )
+        nll += float(loss)
+        count += ids[:, 1:].numel()
+    return EvalResult(
+        "perplexity", {"perplexity": math.exp(nll / count), "nll": nll / count}, {"tokens": count}
+    )
+
+
+def normalise_answer(text: str) -> str:
+    """Lowercase, first line, no surrounding punctuation or spaces."""
+    text = text.strip().splitlines()[0] if text.strip() else ""
+    return re.sub(r"^[\W_]+|[\W_]+$", "", text.lower())
+
+
+def _questions(samples: list[dict]) -> list[tuple[str, str, bytes | None]]:
+    from model.conversation import move_image_to_front, prompt_for_round
+
+    out = []
+    for sample in samples:
+        conv = json.loads(sample["json"])["conversations"]
+        image = sample.get("jpg")
+        if image is not None:
+            conv = move_image_to_front(conv)
+        for k in range(len(conv) // 2):
+            prompt, answer = prompt_for_round(conv, k)
+            out.append((prompt, answer, image))
+    return out
+
+
+@torch.no_grad()
+def exact_match(
+    model: Any, tokenizer: Any, sources: tuple[Source, ...], image_size: int, image_mode: str,
+    limit: int = 200, batch: int = 16, max_new_tokens: int = 8,
+    classify: Callable[[str], str | None] | None = None,
+) -> EvalResult:  # fmt: skip
+    """Greedy answers to held-out instruction rounds scored by exact match."""
+    from PIL import Image
+
+    from model.conversation import tokenize_prompt
+    from model.image import preprocess_image
+
+    model.eval()
+    questions = _questions(_samples(sources, limit))
+    if not questions:
+        raise ValueError("no held-out instruction samples to evaluate (is heldout_fraction 0 in the spec?)")
+    right, total = Counter(), Counter()
+    examples = []
+    for i in range(0, len(questions), batch):
+        chunk = questions[i : i + batch]
+        prompts = [tokenize_prompt(p, tokenizer) for p, _, _ in chunk]
+        longest = max(map(len, prompts))
+        ids = torch.tensor([[tokenizer.pad_token_id] * (longest - len(p)) + p for p in prompts])
+        mask = torch.tensor([[0] * (longest - len(p)) + [1] * len(p) for p in prompts])
+        images = [
+            preprocess_image(Image.open(io.BytesIO(img)), image_size, image_mode)
+            for _, _, img in chunk
+            if img
+        ]
+        out = model.generate(
+            input_ids=ids, attention_mask=mask, images=torch.stack(images) if images else None,
+            max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tokenizer.pad_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+        )  # fmt: skip
+        if not images:
+            out = out[:, longest:]
+        for (prompt, answer, _), tokens in zip(chunk, out, strict=True):
+            got = normalise_answer(tokenizer.decode(tokens, skip_special_tokens=True))
+            ok = got == normalise_answer(answer)
+            question = prompt.rsplit("USER:", 1)[-1].removesuffix("ASSISTANT:").strip()
+            for key in ("all", (classify(question) if classify else None)):
+                if key:
+                    total[key] += 1
+                    right[key] += ok
+            if len(examples) < 12:
+                examples.append({"question": question, "expected": answer, "answer": got})
+    metrics = {"accuracy": right["all"] / total["all"]}
+    metrics |= {f"accuracy/{k}": right[k] / total[k] for k in total if k != "all"}
+    return EvalResult("exact_match", metrics, dict(total), examples)
+
+
+def evaluate_checkpoint(
+    checkpoint: Path, sources: tuple[Source, ...], kind: str, limit: int,
+    classify: Callable[[str], str | None] | None = None,
+) -> EvalResult:  # fmt: skip
+    """Load a stage's final checkpoint and run the evaluation that fits its data; ``classify`` names
+    a question's type for per-type accuracies (None for a question of no known type)."""
+    import model as mvlm
+    from model.tokenizer import load_tokenizer
+
+    torch.manual_seed(0)
+    vlm = mvlm.load(checkpoint)
+    if kind == "text":
+        return perplexity(vlm, sources, limit)
+    tokenizer = load_tokenizer(checkpoint)
+    vision = vlm.config.vision_config or {}
+    return exact_match(vlm, tokenizer, sources, vision.get("image_size", 0), vlm.config.image_aspect_ratio,
+                       limit=limit, classify=classify)  # fmt: skip
+
+
+def write_result(result: EvalResult, path: Path) -> Path:
+    """The result as JSON next to the stage."""
+    from dataclasses import asdict
+
+    from tasks.core.identity import atomic_write_json
+
+    return atomic_write_json(path, asdict(result))

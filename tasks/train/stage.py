@@ -1,0 +1,512 @@
+"""Run one training stage as a Ray Train ``TorchTrainer`` whose workers use DeepSpeed.
+
+The driver checks every input before a worker starts (dataset builds exist and verify, tokenizer
+hashes agree, the init checkpoint matches the stage's model), computes the stage identity and
+reuses a finished stage. Workers build the model, resume from the latest DeepSpeed checkpoint,
+stream the shards and train; rank 0 logs metrics to MLflow after each checkpoint and writes the
+consolidated checkpoint (``final/``) in the checkpoint layout of ``model/checkpoint.py``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from tasks.core import faults
+from tasks.core.identity import (
+    atomic_write_json,
+    atomic_write_text,
+    code_version,
+    hash_json,
+    read_json,
+    sha256_file,
+)
+from tasks.data.build import make_context, verify_build
+from tasks.data.specs import find_spec
+from tasks.train.loader import LoaderConfig, Source
+from tasks.train.recipes import Recipe, StageConfig, stage_dict
+
+log = logging.getLogger(__name__)
+
+
+class StageError(RuntimeError):
+    """A stage that cannot start or did not finish; the message names the stage and what to do."""
+
+
+@dataclass(frozen=True)
+class BuildRef:
+    """A verified dataset build a stage reads."""
+
+    spec: str
+    """Spec name."""
+    build_id: str
+    """Build identity (the MLflow dataset digest)."""
+    path: str
+    """Build folder (the MLflow dataset source)."""
+    kind: str
+    """Dataset kind."""
+    weight: float
+    """Stage mixture weight."""
+    tokenizer_hash: str | None
+    """Tokenizer the shards were made with (text kind)."""
+    tokenizer_path: str | None
+    """Where that tokenizer is."""
+
+
+@dataclass(frozen=True)
+class StagePlan:
+    """Everything a worker needs, as plain data."""
+
+    recipe: str
+    """Recipe name."""
+    stage: dict[str, Any]
+    """StageConfig as a dict."""
+    stage_id: str
+    """Identity: stage config, input builds, init, trainer version."""
+    out_dir: str
+    """Stage folder."""
+    init: dict[str, str]
+    """``{"kind": "scratch"|"checkpoint", "path": ...}``."""
+    tokenizer_path: str
+    """Tokenizer folder for the model."""
+    total_steps: int
+    """Optimizer steps."""
+    loader: dict[str, Any]
+    """LoaderConfig as a dict."""
+    deepspeed: dict[str, Any]
+    """Generated DeepSpeed config."""
+    builds: list[dict[str, Any]]
+    """BuildRef dicts."""
+    mlflow_uri: str
+    """Tracking URI for rank 0."""
+    mlflow_run_id: str
+    """The stage's MLflow run."""
+    kill_at_step: int | None = None
+    """Chaos testing only: workers exit abruptly after this step (not part of the identity)."""
+    nan_at_step: int | None = None
+    """Chaos testing only: the loss of this step becomes NaN (not part of the identity)."""
+
+    @property
+    def out(self) -> Path:
+        """Stage folder."""
+        return Path(self.out_dir)
+
+
+# --- driver side: checks and planning ------------------------------------------------------------
+
+
+def resolve_builds(stage: StageConfig, data_root: Path, spec_dir: str | None = None) -> list[BuildRef]:
+    """The current verified build of every dataset of the stage; StageError names what is missing."""
+    refs = []
+    for ds in stage.datasets:
+        try:
+            spec_path, _ = find_spec(ds.spec, spec_dir)
+        except KeyError as err:
+            raise StageError(f"stage {stage.name}: {err.args[0]}") from err
+        ctx = make_context(spec_path, data_root)
+        manifest = verify_build(ctx.out, deep=False)
+        if manifest is None:
+            raise StageError(
+                f"stage {stage.name} reads dataset {ds.spec!r}, which has no finished build {ctx.build_id} "
+                f"under {data_root}; run `mvlm data build {ds.spec}` first"
+            )
+        tok = manifest.get("tokenizer") or {}
+        ref = BuildRef(
+            ds.spec, ctx.build_id, str(ctx.out), manifest["kind"], ds.weight, tok.get("hash"), tok.get("path")
+        )
+        refs.append(ref)
+    return refs
+
+
+def sources(builds: list[BuildRef], split: str) -> tuple[Source, ...]:
+    """Weighted loader sources (build x subset) of one split."""
+    total = sum(b.weight for b in builds)
+    out = []
+    for build in builds:
+        manifest = read_json(Path(build.path) / "manifest.json")
+        for subset, weight in manifest["weights"].items():
+            shards = [r for r in manifest["shards"] if r["split"] == split and r["subset"] == subset]
+            if shards:
+                paths = tuple(str(Path(build.path) / r["path"]) for r in shards)
+                count = sum(r["samples"] for r in shards)
+                out.append(
+                    Source(f"{build.spec}/{subset}", build.kind, paths, count, build.weight / total * weight)
+                )
+    return tuple(out)
+
+
+def check_tokenizer(stage: StageConfig, builds: list[BuildRef], tokenizer_path: str) -> None:
+    """Every text build must have been tokenized with the model's tokenizer."""
+    from model.tokenizer import load_tokenizer, tokenizer_hash
+
+    model_hash = tokenizer_hash(load_tokenizer(tokenizer_path))
+    for build in builds:
+        if build.tokenizer_hash and build.tokenizer_hash != model_hash:
+            raise StageError(
+                f"stage {stage.name}: shards of {build.spec} were tokenized with tokenizer "
+                f"{build.tokenizer_hash} "
+                f"({build.tokenizer_path}) but the model's tokenizer is {model_hash} ({tokenizer_path}); "
+                "rebuild the dataset with the model's tokenizer or start from a matching checkpoint"
+            )
+
+
+def check_init(stage: StageConfig, init_path: str, vocab: int) -> None:
+    """The init checkpoint must have the stage model's language-model shape."""
+    from model.checkpoint import load_config
+    from model.config import VLMConfig, get_config
+
+    row = get_config(stage.model)
+    llm = row.llm if isinstance(row, VLMConfig) else row
+    have = load_config(init_path)
+    want = {"num_hidden_layers": llm.n_layer, "hidden_size": llm.hidden, "num_attention_heads": llm.n_head,
+            "intermediate_size": llm.intermediate, "vocab_size": vocab}  # fmt: skip
+    wrong = {k: (getattr(have, k), v) for k, v in want.items() if getattr(have, k) != v}
+    if wrong:
+        details = ", ".join(f"{k}: checkpoint {a} vs model {b}" for k, (a, b) in wrong.items())
+        raise StageError(
+            f"stage {stage.name}: checkpoint {init_path} does not match model {stage.model} ({details})"
+        )
+
+
+def total_steps(stage: StageConfig, train_samples: int) -> int:
+    """Optimizer steps from max_steps, max_tokens or epochs."""
+    if stage.max_steps:
+        return stage.max_steps
+    if stage.max_tokens:
+        return max(1, stage.max_tokens // (stage.global_batch * stage.seq_len))
+    return max(1, math.ceil(stage.epochs * train_samples / stage.global_batch))
+
+
+def init_identity(init: dict[str, str]) -> str:
+    """What the stage starts from, as part of its identity."""
+    if init["kind"] == "checkpoint":
+        weights = sorted(Path(init["path"]).glob("*.safetensors"))
+        return hash_json([sha256_file(w) for w in weights]) if weights else init["path"]
+    return init["kind"]
+
+
+def loader_config(
+    stage: StageConfig, builds: list[BuildRef], split: str, tokenizer_path: str
+) -> LoaderConfig:
+    """The loader of a stage for one split."""
+    from model.config import VLMConfig, get_config
+
+    row = get_config(stage.model)
+    vision = row.vision if isinstance(row, VLMConfig) else None
+    return LoaderConfig(
+        sources=sources(builds, split),
+        micro_batch=stage.micro_batch,
+        seq_len=stage.seq_len,
+        template=stage.template,
+        tokenizer_path=tokenizer_path,
+        image_size=vision.image_size if vision else 0,
+        image_mode=row.image_aspect_ratio if isinstance(row, VLMConfig) else "pad",
+        visual_tokens=row.visual_tokens if isinstance(row, VLMConfig) else 0,
+        seed=stage.seed,
+        shuffle_buffer=stage.shuffle_buffer,
+        group_by_modality_length=stage.group_by_modality_length,
+    )
+
+
+def plan_stage(
+    recipe: Recipe, stage: StageConfig, init: dict[str, str], data_root: Path, runs_root: Path,
+    tokenizer_path: str | None = None,
+) -> tuple[StagePlan, list[BuildRef]]:  # fmt: skip
+    """Check inputs and compute the stage's identity and plan (no MLflow run yet)."""
+    from tasks.train.deepspeed_config import deepspeed_config
+
+    builds = resolve_builds(stage, data_root)
+    tokenizer_path = tokenizer_path or next((b.tokenizer_path for b in builds if b.tokenizer_path), None)
+    if tokenizer_path is None:
+        raise StageError(
+            f"stage {stage.name}: no tokenizer: start from a checkpoint or include a text dataset"
+        )
+    check_tokenizer(stage, builds, tokenizer_path)
+    from model.tokenizer import load_tokenizer
+
+    vocab = len(load_tokenizer(tokenizer_path))
+    if init["kind"] == "checkpoint":
+        check_init(stage, init["path"], vocab)
+    loader = loader_config(stage, builds, "train", tokenizer_path)
+    if not loader.sources:
+        raise StageError(f"stage {stage.name}: the datasets have no train shards")
+    steps = total_steps(stage, loader.total_samples)
+    # The recipe is part of the identity: a stage's folder, lock and MLflow run (a child of that
+    # recipe's retrain run) belong to one recipe, so equal stages of two recipes never share a run.
+    identity = {"recipe": recipe.name, "stage": stage_dict(stage),
+                "builds": {b.spec: b.build_id for b in builds},
+                "init": init_identity(init), "code": code_version("trainer")}  # fmt: skip
+    stage_id = hash_json(identity)
+    out = runs_root / recipe.name / stage.name / stage_id
+    import torch
+
+    plan = StagePlan(recipe.name, stage_dict(stage), stage_id, str(out), init, tokenizer_path, steps,
+                     _loader_dict(loader), deepspeed_config(stage, torch.cuda.is_available()),
+                     [asdict(b) for b in builds], "", "")  # fmt: skip
+    return plan, builds
+
+
+def _loader_dict(cfg: LoaderConfig) -> dict[str, Any]:
+    data = asdict(cfg)
+    data["sources"] = [asdict(s) for s in cfg.sources]
+    return data
+
+
+def loader_from_dict(data: dict[str, Any]) -> LoaderConfig:
+    """Inverse of the plan's loader dict."""
+    sources_ = tuple(Source(**{**s, "shards": tuple(s["shards"])}) for s in data["sources"])
+    return LoaderConfig(**{**data, "sources": sources_})
+
+
+def finished_stage(out: Path) -> dict[str, Any] | None:
+    """The stage manifest when the stage finished and its final checkpoint verifies."""
+    manifest_path = out / "stage.json"
+    if not manifest_path.is_file():
+        return None
+    manifest = read_json(manifest_path)
+    weights = out / "final" / "model.safetensors"
+    if weights.is_file() and sha256_file(weights) == manifest["final_sha256"]:
+        return manifest
+    log.warning("stage %s: final checkpoint missing or corrupt; training resumes", out)
+    manifest_path.unlink()
+    return None
+
+
+# --- worker side ---------------------------------------------------------------------------------
+
+
+def build_model(plan: StagePlan) -> Any:
+    """The stage's model: random init, a VLM checkpoint, or a VLM around a language-model checkpoint."""
+    import torch
+
+    import model as mvlm
+    from model.checkpoint import load_config, read_state_dict
+    from model.tokenizer import load_tokenizer
+
+    stage = plan.stage
+    torch.manual_seed(stage["seed"])
+    vocab = len(load_tokenizer(plan.tokenizer_path))
+    if plan.init["kind"] == "scratch":
+        return mvlm.build(stage["model"], vocab_size=vocab)
+    path = plan.init["path"]
+    if load_config(path).is_multimodal:
+        return mvlm.load(path)
+    vlm = mvlm.build(stage["model"], vocab_size=vocab)
+    state = read_state_dict(path)
+    missing, unexpected = vlm.load_state_dict(state, strict=False)
+    wrong = [k for k in missing if not k.startswith(("model.vision_tower.", "model.mm_projector."))]
+    if wrong or unexpected:
+        raise StageError(
+            f"language-model checkpoint {path} does not fit {stage['model']}: {wrong[:5]} {unexpected[:5]}"
+        )
+    return vlm
+
+
+def train_worker(config: dict[str, Any]) -> None:
+    """Ray Train worker entry point: DeepSpeed engine, resume, loop, consolidated checkpoint."""
+    import torch
+
+    if not torch.cuda.is_available():
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    import deepspeed
+    import ray.train
+
+    from model.lora import apply_lora
+    from model.train import LoopConfig, LoopState, load_checkpoint, make_optimizer, run_loop, set_trainable
+    from tasks.train.loader import batches
+
+    plan = StagePlan(**config)
+    context = ray.train.get_context()
+    rank, world = context.get_world_rank(), context.get_world_size()
+    stage = plan.stage
+    model = build_model(plan)
+    trainable = set_trainable(model, tuple(stage["train"]))
+    if stage["lora"]:
+        lora = stage["lora"]
+        model.model.requires_grad_(False) if "llm" in stage["train"] else None
+        apply_lora(model, lora["r"], lora["alpha"], lora["dropout"], tuple(lora["targets"]))
+        trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    if stage["grad_checkpointing"]:
+        model.gradient_checkpointing_enable()
+    optim = stage["optim"]
+    warmup = optim["warmup_steps"] or int(optim["warmup_ratio"] * plan.total_steps)
+    llm_params = sum(p.numel() for n, p in model.named_parameters() if "vision_tower" not in n)
+    cfg = LoopConfig(
+        total_steps=plan.total_steps,
+        grad_accum=stage["global_batch"] // (world * stage["micro_batch"]),
+        checkpoint_every=stage["checkpoint_every"],
+        lr=optim["lr"],
+        min_lr=optim["min_lr"],
+        warmup_steps=warmup,
+        weight_decay=optim["weight_decay"],
+        betas=tuple(optim["betas"]),
+        trainable_params=llm_params,
+        peak_flops=stage["peak_flops"],
+        kill_at_step=plan.kill_at_step,
+        nan_at_step=plan.nan_at_step,
+    )
+    optimizer, scheduler = make_optimizer(model, cfg)
+    engine, *_ = deepspeed.initialize(
+        model=model,
+        optimizer=optimizer,
+        lr_scheduler=scheduler,
+        config=plan.deepspeed,
+        dist_init_required=False,
+    )
+    ckpt_dir = plan.out / "checkpoints"
+    state = load_checkpoint(engine, ckpt_dir) or LoopState()
+    loader_cfg = loader_from_dict(plan.loader)
+    sink = _MetricSink(plan, state.step) if rank == 0 else (lambda rows: None)
+    log.info(
+        "rank %d/%d: %d trainable params, steps %d..%d", rank, world, trainable, state.step, plan.total_steps
+    )
+    state = run_loop(
+        engine, lambda pos: batches(loader_cfg, rank, world, pos, stage["loader_workers"]),
+        cfg, state, ckpt_dir, sink, world, faults.hit,
+    )  # fmt: skip
+    if rank == 0:
+        _save_final(engine.module, plan)
+
+
+def _read_rows(path: Path) -> list[dict[str, Any]]:
+    """Metric rows of a metrics.jsonl; a torn last line (crash mid-append) is ignored."""
+    rows = []
+    for line in path.read_text().splitlines() if path.exists() else []:
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:
+            log.warning("%s: ignoring a torn line", path)
+    return rows
+
+
+class _MetricSink:
+    """Rank 0: append metric rows to metrics.jsonl and MLflow, each step exactly once."""
+
+    def __init__(self, plan: StagePlan, resumed_step: int) -> None:
+        from tasks.lineage import tracking
+
+        self.path = plan.out / "metrics.jsonl"
+        self.run_id = plan.mlflow_run_id
+        self.mlflow = tracking.client(plan.mlflow_uri) if plan.mlflow_run_id else None
+        self.logged = tracking.last_logged_step(self.mlflow, self.run_id) if self.mlflow else -1
+        rows = _read_rows(self.path)
+        kept = [r for r in rows if r["step"] <= resumed_step]
+        atomic_write_text(self.path, "".join(json.dumps(r) + "\n" for r in kept))
+
+    def __call__(self, rows: list[dict[str, float]]) -> None:
+        from tasks.lineage import tracking
+
+        with self.path.open("a") as handle:
+            handle.writelines(json.dumps(r) + "\n" for r in rows)
+        if self.mlflow:
+            self.logged = tracking.log_metrics(self.mlflow, self.run_id, rows, self.logged)
+        faults.hit("metrics-push")
+
+
+def _save_final(module: Any, plan: StagePlan) -> None:
+    from model.checkpoint import save_checkpoint
+    from model.lora import merge_lora
+    from model.tokenizer import load_tokenizer
+
+    merge_lora(module)
+    save_checkpoint(module, plan.out / "final", tokenizer=load_tokenizer(plan.tokenizer_path))
+    faults.hit("stage-final")
+
+
+# --- driver: run ---------------------------------------------------------------------------------
+
+
+def run_stage(plan: StagePlan) -> dict[str, Any]:
+    """Train the planned stage with Ray Train (resuming if it was interrupted); returns the stage manifest.
+
+    A second process asking for the same stage identity waits for the first, then reuses its output.
+    """
+    from tasks.core.locks import exclusive
+
+    with exclusive(plan.out.parent / f".{plan.stage_id}.lock"):
+        return _run_stage_locked(plan)
+
+
+def _run_stage_locked(plan: StagePlan) -> dict[str, Any]:
+    import ray.train
+    from ray.train import RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    from tasks.core.parallel import ensure_ray
+
+    if (done := finished_stage(plan.out)) is not None:
+        log.info("stage %s %s finished before; reusing", plan.stage["name"], plan.stage_id)
+        return done
+    plan.out.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(plan.out / "plan.json", asdict(plan))
+    check_checkpoints(plan)  # once, here: the ranks only load what this leaves in `latest`
+    ensure_ray()
+    stage = plan.stage
+    use_gpu = bool(stage["resources_per_worker"].get("GPU"))
+    trainer = TorchTrainer(
+        train_worker,
+        train_loop_config=asdict(plan),
+        scaling_config=ScalingConfig(
+            num_workers=stage["num_workers"],
+            use_gpu=use_gpu,
+            resources_per_worker=stage["resources_per_worker"],
+        ),
+        torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
+        run_config=RunConfig(storage_path=str(plan.out / "ray"), name="train"),
+    )
+    try:
+        trainer.fit()
+    except ray.train.TrainingFailedError as err:
+        raise StageError(f"stage {stage['name']} ({plan.stage_id}) failed: {_root_cause(err)}") from err
+    return _finish(plan)
+
+
+def check_checkpoints(plan: StagePlan) -> Any:
+    """Before a resume: move unusable newest checkpoints aside and point ``latest`` at the newest good
+    one (WARNINGs say what and why); returns the ``model.ds_checkpoint.CheckpointRepair``."""
+    from model.ds_checkpoint import CheckpointLayout, repair_checkpoints
+
+    ds = plan.deepspeed
+    layout = CheckpointLayout(
+        world_size=plan.stage["num_workers"],
+        zero_stage=int(ds.get("zero_optimization", {}).get("stage", 0)),
+        bf16=bool(ds.get("bf16", {}).get("enabled", False)),
+    )
+    report = repair_checkpoints(plan.out / "checkpoints", layout)
+    if report.repaired:
+        log.warning(
+            "stage %s: checkpoints repaired before resuming: %s; resuming from %s",
+            plan.stage["name"], report.moved or "latest rewritten", report.resume_tag or "scratch",
+        )  # fmt: skip
+    return report
+
+
+def _root_cause(err: BaseException) -> str:
+    text = str(err)
+    for marker in ("NonFiniteLossError:", "StageError:", "Error:"):
+        if marker in text:
+            return text[text.rindex(marker) :].strip().splitlines()[0]
+    return text.strip().splitlines()[-1] if text.strip() else type(err).__name__
+
+
+def _finish(plan: StagePlan) -> dict[str, Any]:
+    weights = plan.out / "final" / "model.safetensors"
+    if not weights.is_file():
+        raise StageError(
+            f"stage {plan.stage['name']}: training ended without a final checkpoint in {plan.out}"
+        )
+    rows = _read_rows(plan.out / "metrics.jsonl")
+    manifest = {
+        "recipe": plan.recipe, "stage": plan.stage["name"], "stage_id": plan.stage_id,
+        "steps": plan.total_steps,
+        "final": str(plan.out / "final"), "final_sha256": sha256_file(weights),
+        "first_loss": rows[0]["loss"], "final_loss": rows[-1]["loss"], "builds": plan.builds,
+        "init": plan.init, "mlflow_run_id": plan.mlflow_run_id,
+    }  # fmt: skip
+    atomic_write_json(plan.out / "stage.json", manifest)
+    return manifest
