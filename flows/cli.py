@@ -6,7 +6,6 @@ Commands parse, call a task or flow, and print; nothing else. Heavy imports stay
 
 from __future__ import annotations
 
-import logging
 import os
 from typing import Annotated
 
@@ -21,8 +20,12 @@ app = typer.Typer(
 
 
 @app.callback()
-def _main(verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Debug logging.")] = False) -> None:
-    setup_logging(logging.DEBUG if verbose else logging.INFO)
+def _main(
+    verbose: Annotated[
+        bool, typer.Option("--verbose", "-v", help="Debug logging; library and Ray output on the console.")
+    ] = False,
+) -> None:
+    setup_logging(verbose)  # everything also goes to work_dir/logs/ (the path is printed on errors)
     if not os.environ.get("PREFECT_API_URL"):  # our own ephemeral server: offline, no telemetry
         os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 

@@ -8,7 +8,7 @@ from typing import Annotated
 import typer
 from rich.table import Table
 
-from flows.logs import console
+from flows.logs import console, report_failure
 
 data_app = typer.Typer(help="Dataset specs, shard builds and the DuckDB catalog.", no_args_is_help=True)
 
@@ -110,7 +110,7 @@ def build(
         try:
             s = build_data(name, force=force, data_root=str(root))
         except BuildError as err:
-            console.print(f"[red]build failed:[/red] {err}", highlight=False)
+            report_failure(err)
             failed = True
             continue
         t = s["totals"]

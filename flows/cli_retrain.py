@@ -7,7 +7,7 @@ from typing import Annotated, Any, Literal
 import typer
 from rich.table import Table
 
-from flows.logs import console
+from flows.logs import console, log_file, report_failure
 
 
 def register(app: typer.Typer) -> None:
@@ -41,7 +41,7 @@ def retrain(
     try:
         result = retrain_flow(recipe, from_stage, force, pool, quant, bench_timeout, until=until)
     except (RetrainError, KeyError, ValueError) as err:
-        console.print(f"[red]error:[/red] {err.args[0] if err.args else err}", highlight=False)
+        report_failure(err)
         raise typer.Exit(1) from err
     print_summary(result)
 
@@ -85,6 +85,8 @@ def print_summary(result: dict[str, Any]) -> None:
     console.print(
         f"open MLflow on this store: [bold]mlflow ui --backend-store-uri {uri}[/bold]", highlight=False
     )
+    if log_file() is not None:
+        console.print(f"full log (library and Ray output): {log_file()}", highlight=False)
 
 
 def _num(value: Any) -> str:

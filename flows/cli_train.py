@@ -8,7 +8,7 @@ from typing import Annotated
 import typer
 from rich.table import Table
 
-from flows.logs import console
+from flows.logs import console, report_failure
 
 recipes_app = typer.Typer(help="Training recipes: list them, validate recipe files.")
 
@@ -33,7 +33,7 @@ def train(
     try:
         summaries = train_flow(recipe, stage)
     except (KeyError, StageError, BuildError, ValueError) as err:
-        console.print(f"[red]error:[/red] {err.args[0] if err.args else err}", highlight=False)
+        report_failure(err)
         raise typer.Exit(1) from err
     table = Table("stage", "id", "first loss", "final loss", "evaluation", title=f"recipe {recipe}")
     for s in summaries:

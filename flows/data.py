@@ -8,12 +8,14 @@ the build is repaired and its rows rewritten, or, for a build no longer on disk,
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 from typing import Any
 
 from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NONE
 
+from tasks.data.build import BuildSummary
 from tasks.data.specs import DatasetSpec
 
 
@@ -26,8 +28,8 @@ def validate_spec(name: str, spec_dir: str | None) -> str:
 
 
 @task(name="build-dataset", cache_policy=NONE)
-def build_dataset_task(spec_path: str, data_root: str, force: bool) -> dict[str, Any]:
-    """Build or reuse the dataset; returns a summary (name, build_id, path, reused, totals)."""
+def build_dataset_task(spec_path: str, data_root: str, force: bool) -> BuildSummary:
+    """Build or reuse the dataset; returns its summary."""
     from tasks.data.build import build_dataset
     from tasks.data.previews import token_chart
 
@@ -40,19 +42,7 @@ def build_dataset_task(spec_path: str, data_root: str, force: bool) -> dict[str,
     chart = result.path / "tokens.png"
     if not chart.exists():
         token_chart(result.manifest, chart)
-    return {
-        "name": result.name,
-        "build_id": result.build_id,
-        "path": str(result.path),
-        "reused": result.reused,
-        "kind": result.manifest["kind"],
-        "totals": result.manifest["stats"]["totals"],
-        "rejects": result.manifest["stats"]["rejects"],
-        "shards": len(result.manifest["shards"]),
-        "spec_path": str(spec_path),
-        "repaired": result.repaired,
-        "cleaned": result.cleaned,
-    }
+    return BuildSummary.of(result, spec_path)
 
 
 @task(name="check-catalog", cache_policy=NONE)
@@ -69,14 +59,14 @@ def check_catalog(name: str, catalog: str) -> list[dict[str, Any]]:
 
 @task(name="catalog-build", cache_policy=NONE)
 def catalog_build(
-    summary: dict[str, Any], spec_path: str, catalog: str, stale: list[str] | None = None
+    summary: BuildSummary, spec_path: str, catalog: str, stale: list[str] | None = None
 ) -> None:
     """Record the build's manifest in the DuckDB catalog (replacing its rows); drop the rows of
     ``stale`` builds (other builds of the dataset whose shard files are gone)."""
     from tasks.core.identity import read_json
     from tasks.data.catalog import forget_build, record_build
 
-    path = Path(summary["path"])
+    path = Path(summary.path)
     record_build(catalog, read_json(path / "manifest.json"), path, spec_path)
     for build_id in stale or []:
         forget_build(catalog, build_id)
@@ -87,7 +77,8 @@ def catalog_build(
 def build_data(
     name: str, force: bool = False, data_root: str | None = None, spec_dir: str | None = None
 ) -> dict:
-    """Build one dataset spec by name (``mvlm data build NAME``); reruns reuse verified builds."""
+    """Build one dataset spec by name (``mvlm data build NAME``); reruns reuse verified builds.
+    Returns the ``BuildSummary`` as a dict."""
     from tasks.core.settings import get_settings
 
     settings = get_settings()
@@ -96,13 +87,13 @@ def build_data(
     catalog = str(Path(root) / "catalog.duckdb")
     problems = check_catalog(name, catalog)
     summary = build_dataset_task(spec_path, root, force)
-    stale = sorted({p["build_id"] for p in problems} - {summary["build_id"]})
+    stale = sorted({p["build_id"] for p in problems} - {summary.build_id})
     catalog_build(summary, spec_path, catalog, stale)
-    summary["catalog_repaired"] = [
+    summary.catalog_repaired = [
         {**p, "action": "rows removed" if p["build_id"] in stale else "build repaired, rows rewritten"}
         for p in problems
     ]
-    return summary
+    return dataclasses.asdict(summary)
 
 
 def specs_for(names: list[str], profile: str | None, spec_dir: str | None = None) -> list[str]:

@@ -7,18 +7,21 @@ stays, and the next run continues from there. All steps are MLflow child runs of
 
 from __future__ import annotations
 
+import dataclasses
 import logging
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from prefect import flow, task
 from prefect.cache_policies import NONE
 
 from tasks.lineage import tags as tag
 
+if TYPE_CHECKING:
+    from tasks.train.recipes import Recipe
+
 log = logging.getLogger(__name__)
-DEFAULT_QUANTS = {"tiny": ("q8_0", "q4_0"), "tiny-v2": ("q8_0", "q4_0")}
-PAPER_QUANTS = ("q4_k_s", "q8_0")
 Step = Literal["data", "train", "export", "quantize", "benchmark"]
 STEPS: tuple[str, ...] = ("data", "train", "export", "quantize", "benchmark")
 """The retrain's steps in order; ``until`` stops after one of them."""
@@ -28,23 +31,44 @@ class RetrainError(RuntimeError):
     """A retrain step failed; the message names the step."""
 
 
-def retrain_identity(recipe_name: str, data_root: str) -> str:
-    """Hash of the recipe rows, the current dataset build ids and the code versions."""
+def retrain_identity(recipe: Recipe, builds: dict[str, str]) -> str:
+    """Hash of the recipe's enabled stages, the build id of every spec they read and the code versions."""
     from tasks.core.identity import CODE_VERSIONS, hash_json
-    from tasks.data.build import make_context
-    from tasks.data.specs import find_spec
-    from tasks.train.recipes import get_recipe, stage_dict
+    from tasks.train.recipes import stage_dict
 
-    recipe = get_recipe(recipe_name)
-    specs = sorted({d.spec for s in recipe.enabled_stages() for d in s.datasets})
-    builds = {spec: make_context(find_spec(spec)[0], data_root).build_id for spec in specs}
     return hash_json(
         {"recipe": [stage_dict(s) for s in recipe.enabled_stages()], "builds": builds, "code": CODE_VERSIONS}
     )
 
 
+@dataclass
+class RetrainSummary:
+    """What a retrain did, step by step (the flow returns it as a dict)."""
+
+    parent_run_id: str = ""
+    """The retrain's MLflow run (every step is a child run of it)."""
+    stopped_after: str | None = None
+    """The step ``until`` stopped after (None: every step ran)."""
+    builds: list[dict[str, Any]] = field(default_factory=list)
+    """``BuildSummary`` of every spec the stages read."""
+    stages: list[dict[str, Any]] = field(default_factory=list)
+    """``StageSummary`` of every enabled stage, in order."""
+    models: list[str] = field(default_factory=list)
+    """Registered ``name@version`` of every stage's output."""
+    export: str | None = None
+    """GGUF export folder."""
+    quants: list[dict[str, Any]] = field(default_factory=list)
+    """Quantizations: type, MLflow run, model version, bytes."""
+    benchmarks: list[dict[str, Any]] = field(default_factory=list)
+    """Device benchmark results (or why they are pending) per quantization and pool."""
+    lineage: str | None = None
+    """HTML lineage graph of the final model."""
+    device_chart: str | None = None
+    """Chart of our device results beside the paper's."""
+
+
 @task(name="publish-build", cache_policy=NONE)
-def publish_build_task(summary: dict, parent_run_id: str) -> str:
+def publish_build_task(summary: dict[str, Any], parent_run_id: str) -> str:
     """The build's MLflow child run."""
     from tasks.lineage import tracking
     from tasks.lineage.publish import log_build
@@ -54,13 +78,13 @@ def publish_build_task(summary: dict, parent_run_id: str) -> str:
 
 @task(name="register-stage", cache_policy=NONE)
 def register_stage_task(
-    recipe: str, stage: str, manifest: dict, parent_model: str | None, retrain_run: str
+    name: str, recipe: str, stage: str, manifest: dict, parent_model: str | None, retrain_run: str
 ) -> str:
     """Registered model version of a stage output."""
     from tasks.lineage import tracking
     from tasks.lineage.publish import register_stage
 
-    return register_stage(tracking.client(), recipe, stage, manifest, parent_model, retrain_run)
+    return register_stage(tracking.client(), name, recipe, stage, manifest, parent_model, retrain_run)
 
 
 @task(name="export", cache_policy=NONE)
@@ -77,8 +101,9 @@ def export_task(final: str, parent_run_id: str, model_version: str) -> Any:
 
 @task(name="quantize", cache_policy=NONE)
 def quantize_task(
-    recipe: str, export: Any, quant_type: str, parent_run_id: str, parent_model: str, datasets: dict[str, str]
-) -> dict[str, Any]:
+    recipe: Recipe, export: Any, quant_type: str, parent_run_id: str, parent_model: str,
+    datasets: dict[str, str],
+) -> dict[str, Any]:  # fmt: skip
     """llama.cpp quantization logged to MLflow and registered as a model version."""
     from tasks.lineage import tracking
     from tasks.lineage.publish import register_quant
@@ -87,7 +112,10 @@ def quantize_task(
 
     quant = quantize(export.llm, quant_type)
     run_id = log_quant(quant)
-    ref = register_quant(tracking.client(), recipe, quant, run_id, parent_run_id, parent_model, datasets)
+    name = recipe.model_name(quant_type)
+    ref = register_quant(
+        tracking.client(), name, recipe.name, quant, run_id, parent_run_id, parent_model, datasets
+    )
     return {"quant_type": quant_type, "run_id": run_id, "model_version": ref, "bytes": _size(quant.out_dir)}
 
 
@@ -161,8 +189,9 @@ def retrain(
 
     ``from_stage`` retrains that stage and every later one; ``force`` names stages to retrain;
     ``pools`` are device work pools to benchmark on (default host-cpu); ``quant_types`` default to
-    q8_0+q4_0 for tiny models and the paper's q4_k_s+q8_0 otherwise. ``until`` stops after that step
-    (``data``, ``train``, ``export``, ``quantize``; default: run everything): the summary's
+    the recipe's (``quant_types`` in its file: the paper's q4_k_s+q8_0 unless it says otherwise).
+    ``until`` stops after that step (``data``, ``train``, ``export``, ``quantize``; default: run
+    everything): the summary's
     ``stopped_after`` says where, and a rerun without it continues from there (reusing what exists).
 
     One retrain of a recipe runs at a time per runs root (a second one waits for the lock); the
@@ -192,7 +221,7 @@ def _retrain(
     runs_root: str | None,
     until: Step | None,
 ) -> dict[str, Any]:
-    """The steps of ``retrain``, with the recipe's lock held."""
+    """The steps of ``retrain``, in order, with the recipe's lock held."""
     from flows.data import build_data
     from flows.train import run_stages
     from tasks.core.settings import get_settings
@@ -202,66 +231,57 @@ def _retrain(
     data_root, runs_root = data_root or str(settings.data_root), runs_root or str(settings.runs_root)
     recipe = get_recipe(recipe_name)
     forced = recipe.stages_to_retrain(from_stage, force or ())
-    parent = _step("parent-run", _parent, recipe_name, data_root)
+    done = RetrainSummary()
     specs = sorted({d.spec for s in recipe.enabled_stages() for d in s.datasets})
-    builds = [_step(f"data:{spec}", build_data, spec, data_root=data_root) for spec in specs]
-    for summary in builds:
+    done.builds = [_step(f"data:{spec}", build_data, spec, data_root=data_root) for spec in specs]
+    build_ids = {b["name"]: b["build_id"] for b in done.builds}
+    done.parent_run_id = parent = _step("parent-run", _parent, recipe, build_ids)
+    for summary in done.builds:
         publish_build_task(summary, parent)
     if until == "data":
-        return _stopped(parent, "data", builds=builds)
-    stages = _step("train", run_stages, recipe_name, None, data_root, runs_root, parent, forced)
-    versions: list[str] = []
-    for _, manifest, summary in stages:
-        versions.append(
-            register_stage_task(
-                recipe_name, summary["stage"], manifest, versions[-1] if versions else None, parent
-            )
+        return _stopped(done, "data")
+    known = {b["name"]: b["path"] for b in done.builds}  # each source was fingerprinted once, above
+    stages = _step("train", run_stages, recipe_name, None, data_root, runs_root, parent, forced, known)
+    done.stages = [dataclasses.asdict(s.summary) for s in stages]
+    for s in stages:
+        previous = done.models[-1] if done.models else None
+        name = recipe.model_name(s.summary.stage)
+        done.models.append(
+            register_stage_task(name, recipe_name, s.summary.stage, s.manifest, previous, parent)
         )
     if until == "train":
-        return _stopped(parent, "train", builds=builds, stages=[s for _, _, s in stages], models=versions)
-    final_manifest = stages[-1][1]
-    export = _step("export", export_task, final_manifest["final"], parent, versions[-1])
+        return _stopped(done, "train")
+    final = stages[-1].manifest
+    export = _step("export", export_task, final["final"], parent, done.models[-1])
+    done.export = str(export.out_dir)
     if until == "export":
-        return _stopped(parent, "export", builds=builds, stages=[s for _, _, s in stages], models=versions,
-                        export=str(export.out_dir))  # fmt: skip
-    datasets = {b["spec"]: b["build_id"] for b in final_manifest["builds"]}
-    types = quant_types or DEFAULT_QUANTS.get(recipe_name, PAPER_QUANTS)
-    quants = [
-        _step(f"quantize:{t}", quantize_task, recipe_name, export, t, parent, versions[-1], datasets)
-        for t in types
+        return _stopped(done, "export")
+    datasets = {b["spec"]: b["build_id"] for b in final["builds"]}
+    done.quants = [
+        _step(f"quantize:{t}", quantize_task, recipe, export, t, parent, done.models[-1], datasets)
+        for t in quant_types or recipe.quant_types
     ]
     if until == "quantize":
-        return _stopped(parent, "quantize", builds=builds, stages=[s for _, _, s in stages], models=versions,
-                        export=str(export.out_dir), quants=quants)  # fmt: skip
-    benches = [bench_task(q, pool, bench_timeout_s) for q in quants for pool in (pools or ["host-cpu"])]
-    chart = device_chart_task(parent, runs_root)
-    lineage = lineage_task(versions[-1], parent, runs_root)
+        return _stopped(done, "quantize")
+    done.benchmarks = [
+        bench_task(q, pool, bench_timeout_s) for q in done.quants for pool in pools or ["host-cpu"]
+    ]
+    done.device_chart = device_chart_task(parent, runs_root)
+    done.lineage = lineage_task(done.models[-1], parent, runs_root)
     _finished(parent)
-    return {
-        "stopped_after": None,
-        "parent_run_id": parent,
-        "builds": builds,
-        "stages": [s for _, _, s in stages],
-        "models": versions,
-        "export": str(export.out_dir),
-        "quants": quants,
-        "benchmarks": benches,
-        "lineage": lineage,
-        "device_chart": chart,
-    }
+    return dataclasses.asdict(done)
 
 
-def _stopped(parent: str, step: str, **done: Any) -> dict[str, Any]:
+def _stopped(done: RetrainSummary, step: str) -> dict[str, Any]:
     """Summary of a retrain stopped after ``step`` (``until``); the retrain run is tagged with it."""
     from tasks.lineage import tracking
 
     mlflow = tracking.client()
-    mlflow.set_tag(parent, tag.STOPPED_AFTER, step)
-    mlflow.set_terminated(parent, "FINISHED")
+    mlflow.set_tag(done.parent_run_id, tag.STOPPED_AFTER, step)
+    mlflow.set_terminated(done.parent_run_id, "FINISHED")
     log.info("retrain stopped after step %r (until); rerun without it to continue", step)
-    empty = {"builds": [], "stages": [], "models": [], "export": None, "quants": [], "benchmarks": [],
-             "lineage": None, "device_chart": None}  # fmt: skip
-    return {"stopped_after": step, "parent_run_id": parent, **empty, **done}
+    done.stopped_after = step
+    return dataclasses.asdict(done)
 
 
 def _finished(parent: str) -> None:
@@ -274,8 +294,8 @@ def _finished(parent: str) -> None:
     mlflow.set_terminated(parent, "FINISHED")
 
 
-def _parent(recipe_name: str, data_root: str) -> str:
+def _parent(recipe: Recipe, builds: dict[str, str]) -> str:
     from tasks.lineage import tracking
     from tasks.lineage.publish import parent_run
 
-    return parent_run(tracking.client(), recipe_name, retrain_identity(recipe_name, data_root))
+    return parent_run(tracking.client(), recipe.name, retrain_identity(recipe, builds))

@@ -5,13 +5,16 @@ from __future__ import annotations
 import dataclasses
 import logging
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from prefect import flow, task
 from prefect.cache_policies import NONE
 
 from tasks.lineage import tags as tag
 from tasks.train.recipes import Recipe, StageConfig
+
+if TYPE_CHECKING:
+    from tasks.train.stage import StageOutcome
 
 log = logging.getLogger(__name__)
 
@@ -29,14 +32,15 @@ def stage_init(stage: StageConfig, previous_final: str | None) -> dict[str, str]
 
 @task(name="plan-stage", cache_policy=NONE)
 def plan_stage_task(recipe: Recipe, stage: StageConfig, init: dict, data_root: str, runs_root: str,
-                    tokenizer: str | None, parent_run_id: str | None = None) -> Any:  # fmt: skip
+                    tokenizer: str | None, parent_run_id: str | None = None,
+                    known_builds: dict[str, str] | None = None) -> Any:  # fmt: skip
     """Check inputs, compute the stage identity, open (or find) its MLflow run."""
     from tasks.core.settings import get_settings
     from tasks.lineage import tracking
     from tasks.lineage.tracking import EXPERIMENT
     from tasks.train.stage import plan_stage
 
-    plan, builds = plan_stage(recipe, stage, init, Path(data_root), Path(runs_root), tokenizer)
+    plan, builds = plan_stage(recipe, stage, init, Path(data_root), Path(runs_root), tokenizer, known_builds)
     uri = get_settings().mlflow_uri
     mlflow = tracking.client(uri)
     run_id, created = tracking.run_for(
@@ -103,17 +107,18 @@ def evaluate_task(plan: Any, manifest: dict[str, Any]) -> dict[str, Any]:
 
 def run_stages(
     recipe_name: str, only: str | None, data_root: str, runs_root: str, parent_run_id: str | None = None,
-    force: tuple[str, ...] = (),
-) -> list[tuple[Any, dict[str, Any], dict[str, Any]]]:  # fmt: skip
+    force: tuple[str, ...] = (), known_builds: dict[str, str] | None = None,
+) -> list[StageOutcome]:  # fmt: skip
     """Plan and run the enabled stages in order.
 
     ``only`` runs one stage after finished predecessors; stages in ``force`` are retrained even when a
-    finished output exists. Returns (plan, manifest, summary) per stage run.
+    finished output exists; ``known_builds`` (spec -> build folder) are the builds a retrain's data
+    step just made, read without fingerprinting their sources again.
     """
     import shutil
 
     from tasks.train.recipes import get_recipe
-    from tasks.train.stage import StageError, finished_stage
+    from tasks.train.stage import StageError, StageOutcome, StageSummary, finished_stage
 
     recipe = get_recipe(recipe_name)
     stages = recipe.enabled_stages()
@@ -124,7 +129,7 @@ def run_stages(
     done, previous = [], None
     for s in stages:
         plan = plan_stage_task(
-            recipe, s, stage_init(s, previous), data_root, runs_root, previous, parent_run_id
+            recipe, s, stage_init(s, previous), data_root, runs_root, previous, parent_run_id, known_builds
         )
         if only is not None and s.name != only:
             manifest = finished_stage(plan.out)
@@ -138,16 +143,12 @@ def run_stages(
             shutil.rmtree(plan.out)
         reused = finished_stage(plan.out) is not None
         manifest = run_stage_task(plan)
-        keep = ("first_loss", "final_loss", "final")
-        summary = {
-            "stage": s.name,
-            "stage_id": plan.stage_id,
-            "reused": reused,
-            **{k: manifest[k] for k in keep},
-        }
-        if s.name in ("llm-pretrain", "vlm-instruct"):
-            summary["evaluation"] = evaluate_task(plan, manifest)["metrics"]
-        done.append((plan, manifest, summary))
+        summary = StageSummary(
+            s.name, plan.stage_id, reused, manifest["first_loss"], manifest["final_loss"], manifest["final"]
+        )
+        if s.name in recipe.evaluate:
+            summary.evaluation = evaluate_task(plan, manifest)["metrics"]
+        done.append(StageOutcome(plan, manifest, summary))
         previous = manifest["final"]
         if only is not None:
             break
@@ -164,4 +165,4 @@ def train(
     settings = get_settings()
     data_root = data_root or str(settings.data_root)
     runs_root = runs_root or str(settings.runs_root)
-    return [summary for _, _, summary in run_stages(recipe_name, stage, data_root, runs_root)]
+    return [dataclasses.asdict(o.summary) for o in run_stages(recipe_name, stage, data_root, runs_root)]

@@ -329,7 +329,7 @@ def write_llm_gguf(
     _add_vocab(writer, vocab)
     _add_extra(writer, extra)
     count = _write(writer, llm_tensors(state, n_head, n_head_kv, dtype))
-    log.info("wrote %s: llama GGUF, %d tensors, %s", path, count, dtype)
+    log.debug("wrote %s: llama GGUF, %d tensors, %s", path, count, dtype)
     return GGUFFile(Path(path), "llama", count, dtype)
 
 
@@ -464,7 +464,7 @@ def write_mmproj_gguf(
     _add_clip_header(writer, hp, projector, image_mean, image_std)
     _add_extra(writer, extra)
     count = _write(writer, mmproj_tensors(state, hp, dtype))
-    log.info(
+    log.debug(
         "wrote %s: mmproj (%s, %d of %d CLIP layers), %d tensors",
         path,
         projector,

@@ -146,7 +146,7 @@ def train_tokenizer(
     if out_dir is not None:
         Path(out_dir).mkdir(parents=True, exist_ok=True)
         tokenizer.save_pretrained(str(out_dir))
-        logger.info("saved tokenizer (vocab %d) to %s", len(tokenizer), out_dir)
+        logger.debug("saved tokenizer (vocab %d) to %s", len(tokenizer), out_dir)
     return tokenizer
 
 

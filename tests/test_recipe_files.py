@@ -66,6 +66,38 @@ stages:
     assert recipe.description == tiny.description
 
 
+def test_recipe_knowledge_lives_in_the_file_and_is_inherited(tmp_path: Path) -> None:
+    recipes = load_recipes([RECIPE_DIR])
+    assert recipes["tiny"].quant_types == ("q8_0", "q4_0") == recipes["tiny-v2"].quant_types  # from its base
+    assert recipes["mobilevlm-1.7b"].quant_types == ("q4_k_s", "q8_0")  # the paper's types by default
+    assert recipes["tiny"].evaluate == ("llm-pretrain", "vlm-instruct")
+    assert recipes["tiny-v2"].model_name("vlm-instruct") == "tiny-v2-mobilevlm-instruct"
+    assert recipes["tiny"].model_name("q4_0") == "tiny-gguf-q4_0"
+    _write(
+        tmp_path,
+        "mine",
+        """\
+name: mine
+base: tiny
+quant_types: [q4_k_s]
+evaluate: [vlm-instruct]
+model_names: {vlm-instruct: my-vlm}
+""",
+    )
+    mine = load_recipe("mine", recipe_files([tmp_path, RECIPE_DIR]))
+    assert mine.quant_types == ("q4_k_s",) and mine.evaluate == ("vlm-instruct",)
+    assert (
+        mine.model_name("vlm-instruct") == "mine-my-vlm"
+        and mine.model_name("vlm-align") == "mine-mobilevlm-aligned"
+    )
+    assert [hash_json(stage_dict(s)) for s in mine.stages] == IDENTITIES["tiny"]  # stage identities unchanged
+    _write(tmp_path, "typo", "name: typo\nbase: tiny\nevaluate: [vlm-instrukt]\n")
+    with pytest.raises(
+        RecipeError, match=r"typo.yaml: evaluate: \['vlm-instrukt'\] are not stages of recipe typo"
+    ):
+        load_recipe("typo", recipe_files([tmp_path, RECIPE_DIR]))
+
+
 @pytest.mark.parametrize(
     ("text", "expected"),
     [

@@ -87,6 +87,46 @@ class BuildResult:
     """Stray temp files of interrupted writes that were deleted (paths relative to the build folder)."""
 
 
+@dataclass
+class BuildSummary:
+    """What the data step reports of one spec's build (the ``build-data`` flow's result, as a dict)."""
+
+    name: str
+    """Spec name."""
+    build_id: str
+    """Identity of the build."""
+    path: str
+    """Build folder."""
+    reused: bool
+    """True when an identical verified build already existed."""
+    kind: str
+    """Dataset kind."""
+    totals: dict[str, int]
+    """``read``, ``kept``, ``rejected``, ``tokens``, ... over all units."""
+    rejects: dict[str, int]
+    """Rejected samples by reason."""
+    shards: int
+    """Shard files written."""
+    spec_path: str
+    """Where the spec was read from."""
+    repaired: list[dict[str, Any]] = field(default_factory=list)
+    """Shards found missing or corrupt and rebuilt."""
+    cleaned: list[str] = field(default_factory=list)
+    """Temp files of interrupted writes that were deleted."""
+    catalog_repaired: list[dict[str, Any]] = field(default_factory=list)
+    """Catalog rows that pointed at missing or wrong-sized shards, and what was done about them."""
+
+    @classmethod
+    def of(cls, result: BuildResult, spec_path: str | Path) -> BuildSummary:
+        """The summary of a finished ``build_dataset``."""
+        stats = result.manifest["stats"]
+        return cls(
+            result.name, result.build_id, str(result.path), result.reused, result.manifest["kind"],
+            stats["totals"], stats["rejects"], len(result.manifest["shards"]), str(spec_path),
+            result.repaired, result.cleaned,
+        )  # fmt: skip
+
+
 # --- paths and fingerprints ----------------------------------------------------------------------
 
 

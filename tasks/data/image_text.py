@@ -712,7 +712,7 @@ def build_image_text(ctx: BuildContext, fan_out: FanOut) -> list[UnitResult]:
                 else:
                     jobs.append(job)
     if jobs:
-        log.info("%s: %d units to write (%d reused)", ctx.spec.name, len(jobs), len(done))
+        log.debug("%s: %d units to write (%d reused)", ctx.spec.name, len(jobs), len(done))
     results = fan_out(process_job, jobs, ctx, label=f"{ctx.spec.name}: filter+shard")
     merged = sorted([*done, *results], key=lambda r: r.index)
     write_preview(ctx, merged)

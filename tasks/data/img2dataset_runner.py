@@ -27,6 +27,8 @@ from pathlib import Path
 from typing import Any
 
 log = logging.getLogger(__name__)
+tool_log = logging.getLogger("img2dataset")
+"""The tool's own output, line by line (the CLI keeps it in its log file, off the console)."""
 
 REPO = Path(__file__).resolve().parents[2]
 ENV_VAR = "MVLM_IMG2DATASET"
@@ -184,7 +186,7 @@ def _child_env(opts: DownloadOptions) -> dict[str, str]:
 def run_img2dataset(url_list: Path, output: Path, opts: DownloadOptions, label: str = "img2dataset") -> None:
     """Run img2dataset on ``url_list`` into ``output``, streaming its log; raise on a non-zero exit."""
     cmd = command(find_img2dataset(), url_list, output, opts)
-    log.info("%s: running %s", label, " ".join(cmd))
+    log.debug("%s: running %s", label, " ".join(cmd))
     tail: collections.deque[str] = collections.deque(maxlen=TAIL_LINES)
     proc = subprocess.Popen(
         cmd,
@@ -202,7 +204,7 @@ def run_img2dataset(url_list: Path, output: Path, opts: DownloadOptions, label: 
                 if line.strip():
                     guarded = guarded or line.startswith(GUARD_BANNER)
                     tail.append(line)
-                    log.info("%s: %s", label, line.rstrip())
+                    tool_log.info("%s: %s", label, line.rstrip())
         code = proc.wait()
     finally:
         if proc.poll() is None:

@@ -91,14 +91,14 @@ def serve_directory(root: Path, host: str = "127.0.0.1") -> Iterator[str]:
         target=server.serve_forever, kwargs={"poll_interval": 0.05}, name=f"serve-{port}", daemon=True
     )
     thread.start()
-    logger.info("serving %s at %s", root, url)
+    logger.debug("serving %s at %s", root, url)
     try:
         yield url
     finally:
         server.shutdown()
         server.server_close()
         thread.join(timeout=5)
-        logger.info("stopped serving %s at %s", root, url)
+        logger.debug("stopped serving %s at %s", root, url)
 
 
 def substitute_server(text: str, base_url: str) -> str:

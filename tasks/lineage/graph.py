@@ -18,20 +18,6 @@ from typing import Any
 
 from tasks.lineage import tags as tag
 
-MODEL_NAMES = {
-    "llm-pretrain": "mobilellama-base",
-    "llm-sft": "mobilellama-chat",
-    "vlm-align": "mobilevlm-aligned",
-    "vlm-instruct": "mobilevlm-instruct",
-}
-
-
-def model_name(recipe: str, stage_or_quant: str) -> str:
-    """Registered model name of a stage output (``tiny-mobilevlm-instruct``) or quant (``tiny-gguf-q8_0``)."""
-    if stage_or_quant in MODEL_NAMES:
-        return f"{recipe}-{MODEL_NAMES[stage_or_quant]}"
-    return f"{recipe}-gguf-{stage_or_quant}"
-
 
 def code_commit() -> str:
     """The git commit of the code (``unknown`` outside a checkout)."""

@@ -14,7 +14,7 @@ from typing import Any
 from tasks.core import nested
 from tasks.lineage import tags as tag
 from tasks.lineage import tracking
-from tasks.lineage.graph import code_commit, model_name, register
+from tasks.lineage.graph import code_commit, register
 
 log = logging.getLogger(__name__)
 """Set (to the weights' sha256) once a stage's checkpoint artifacts are completely uploaded."""
@@ -89,9 +89,11 @@ def _source_params(build_dir: Path) -> dict[str, str]:
 
 
 def register_stage(
-    mlflow: Any, recipe: str, stage: str, manifest: dict[str, Any], parent_model: str | None, retrain_run: str
-) -> str:
-    """Log the stage's final checkpoint on its run and register it; returns ``name@version``."""
+    mlflow: Any, name: str, recipe: str, stage: str, manifest: dict[str, Any], parent_model: str | None,
+    retrain_run: str,
+) -> str:  # fmt: skip
+    """Log the stage's final checkpoint on its run and register it as a version of model ``name``
+    (the recipe's name for that stage's output); returns ``name@version``."""
     run_id = manifest["mlflow_run_id"]
     run = mlflow.get_run(run_id)
     if run.data.tags.get(tag.CHECKPOINT_LOGGED) != manifest["final_sha256"]:  # a killed upload is redone
@@ -101,7 +103,7 @@ def register_stage(
     datasets = {b["spec"]: b["build_id"] for b in manifest["builds"]}
     return register(
         mlflow,
-        model_name(recipe, stage),
+        name,
         run_id,
         f"{run.info.artifact_uri}/checkpoint",
         manifest["stage_id"],
@@ -137,3 +139,33 @@ def log_export(mlflow: Any, export: Any, parent_run_id: str, model_version: str)
             tracking.log_summary(mlflow, run_id, numbers)
         mlflow.set_terminated(run_id, "FINISHED")
     return run_id
+
+
+def register_quant(
+    mlflow: Any,
+    name: str,
+    recipe: str,
+    quant: Any,
+    quant_run_id: str,
+    parent_run_id: str,
+    parent_model: str,
+    datasets: dict[str, str],
+) -> str:
+    """Nest the quant run under the retrain and register the GGUF as a version of model ``name``."""
+    run = mlflow.get_run(quant_run_id)
+    if "mlflow.parentRunId" not in run.data.tags:
+        mlflow.set_tag(quant_run_id, "mlflow.parentRunId", parent_run_id)
+    ref = register(
+        mlflow,
+        name,
+        quant_run_id,
+        run.info.artifact_uri,
+        quant.quant_id,
+        parent_model,
+        datasets,
+        f"{recipe} GGUF {quant.quant_type}",
+        parent_run_id,
+    )
+    mlflow.set_tag(quant_run_id, tag.MODEL_VERSION, ref)
+    mlflow.set_tag(quant_run_id, tag.CODE_COMMIT, code_commit())
+    return ref

@@ -308,7 +308,7 @@ def push(
     mlflow.set_terminated(run_id, "FINISHED")
     mlflow.set_tag(run_id, tag.COMPLETE, "true")
     kept = _converge(mlflow, exp_id, payload.identity, owner)
-    log.info("pushed result %s to MLflow run %s", payload.identity, kept)
+    log.debug("pushed result %s to MLflow run %s", payload.identity, kept)
     return kept
 
 
@@ -347,7 +347,7 @@ def log_quant(result: QuantResult, uri: str | None = None, experiment: str = EXP
         mlflow.set_terminated(run_id, "FINISHED")
         mlflow.set_tag(run_id, tag.COMPLETE, "true")
         run_id = _converge(mlflow, exp_id, result.quant_id, owner)
-    log.info("logged quant %s (%s) to MLflow run %s", result.quant_id, result.quant_type, run_id)
+    log.debug("logged quant %s (%s) to MLflow run %s", result.quant_id, result.quant_type, run_id)
     return run_id
 
 
@@ -447,4 +447,4 @@ def _download(mlflow: MlflowClient, run_id: str, folder: Path) -> None:
         if folder.exists():
             shutil.rmtree(folder)
         staged.rename(folder)
-    log.info("fetched quant artifacts of run %s into %s", run_id, folder)
+    log.debug("fetched quant artifacts of run %s into %s", run_id, folder)

@@ -236,17 +236,17 @@ def run_checks(checkpoint: Path, result: ExportResult, threads: int = 1) -> dict
 
 def _run_checks(checkpoint: Path, result: ExportResult) -> dict[str, Any]:
     checks: dict[str, Any] = {"logits": dataclasses.asdict(check_logits(checkpoint, result.llm))}
-    log.info("check logits: %s", checks["logits"])
+    log.debug("check logits: %s", checks["logits"])
     if result.mmproj is not None:
         checks["image_embeddings"] = dataclasses.asdict(
             check_image_embeddings(checkpoint, result.llm, result.mmproj)
         )
-        log.info("check image embeddings: %s", checks["image_embeddings"])
+        log.debug("check image embeddings: %s", checks["image_embeddings"])
         agreement = check_multimodal_agreement(checkpoint, result.llm, result.mmproj)
         checks["multimodal_agreement"] = {
             k: v for k, v in dataclasses.asdict(agreement).items() if k != "answers"
         }
-        log.info("check multimodal agreement: %s", checks["multimodal_agreement"])
+        log.debug("check multimodal agreement: %s", checks["multimodal_agreement"])
     manifest = read_json(result.out_dir / MANIFEST)
     atomic_write_json(result.out_dir / MANIFEST, {**manifest, "checks": checks})
     return checks

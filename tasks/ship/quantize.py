@@ -150,7 +150,7 @@ def _build(
         "tensor_types": tensor_type_check(llm, quant_type),
         "perplexity": asdict(perplexity_check(llm, source_path, eval_text or DEFAULT_EVAL_TEXT, threads)),
     }
-    log.info("quant %s checks: %s", quant_type, checks)
+    log.debug("quant %s checks: %s", quant_type, checks)
     return write_manifest(
         folder,
         "quant",

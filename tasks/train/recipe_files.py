@@ -23,7 +23,7 @@ from typing import Any, get_args, get_origin
 from pydantic import BaseModel, ConfigDict, ValidationError, create_model
 
 from tasks.core.yaml_lines import has, inner_model, line_of, parse_yaml, problems_of
-from tasks.train.recipe_schema import Recipe, StageConfig
+from tasks.train.recipe_schema import MODEL_NAMES, Recipe, StageConfig
 
 log = logging.getLogger(__name__)
 RECIPE_DIR = Path(__file__).resolve().parents[2] / "recipes"
@@ -78,7 +78,8 @@ def _file_model() -> type[BaseModel]:
     stage = _partial(StageConfig, ("name",))
     return create_model(
         "RecipeFile", __config__=ConfigDict(extra="forbid"), name=(str, ...), description=(str, ""),
-        base=(str | None, None), stages=(list[stage], []),
+        base=(str | None, None), stages=(list[stage], []), quant_types=(list[str] | None, None),
+        evaluate=(list[str] | None, None), model_names=(dict[str, str] | None, None),
     )  # fmt: skip
 
 
@@ -148,7 +149,15 @@ def load_recipe(name: str, files: dict[str, Path] | None = None) -> Recipe:
     files = files if files is not None else recipe_files()
     merged = _resolved(name, files, ())
     stages = tuple(_stage(s) for s in merged["stages"])
-    return Recipe(name, merged.get("description", ""), stages)
+    extra = {k: tuple(merged[k]) for k in ("quant_types", "evaluate") if merged.get(k) is not None}
+    if merged.get("model_names") is not None:
+        extra["model_names"] = {**MODEL_NAMES, **merged["model_names"]}
+    names = [s.name for s in stages]
+    for key in ("evaluate", "model_names"):
+        unknown = [n for n in merged.get(key) or () if n not in names]
+        if unknown:
+            raise RecipeError([f"{files[name]}: {key}: {unknown} are not stages of recipe {name}: {names}"])
+    return Recipe(name, merged.get("description", ""), stages, **extra)
 
 
 def _resolved(name: str, files: dict[str, Path], chain: tuple[str, ...]) -> dict[str, Any]:

@@ -129,6 +129,15 @@ class StageConfig:
         return self.global_batch // per_step
 
 
+MODEL_NAMES = {
+    "llm-pretrain": "mobilellama-base",
+    "llm-sft": "mobilellama-chat",
+    "vlm-align": "mobilevlm-aligned",
+    "vlm-instruct": "mobilevlm-instruct",
+}
+"""Default registered model names of the stages' outputs (``<recipe>-<name>``)."""
+
+
 @dataclass(frozen=True)
 class Recipe:
     """A named end-to-end training recipe."""
@@ -139,6 +148,12 @@ class Recipe:
     """What it reproduces."""
     stages: tuple[StageConfig, ...]
     """Stages in order."""
+    quant_types: tuple[str, ...] = ("q4_k_s", "q8_0")
+    """llama.cpp types a retrain quantizes to by default (the paper's 4-bit q4_k_s and q8_0)."""
+    evaluate: tuple[str, ...] = ("llm-pretrain", "vlm-instruct")
+    """Stages whose output is evaluated on their datasets' held-out split."""
+    model_names: dict[str, str] = dataclasses.field(default_factory=lambda: dict(MODEL_NAMES))
+    """Registered model name (after ``<recipe>-``) of each stage's output."""
 
     def stage(self, name: str) -> StageConfig:
         """The stage called ``name``."""
@@ -165,6 +180,13 @@ class Recipe:
                 )
         start = names.index(from_stage) if from_stage is not None else len(names)
         return tuple(n for i, n in enumerate(names) if i >= start or n in force)
+
+    def model_name(self, stage_or_quant: str) -> str:
+        """Registered model name of a stage output (``tiny-mobilevlm-instruct``) or of a quantization
+        (``tiny-gguf-q8_0``)."""
+        if stage_or_quant in self.model_names:
+            return f"{self.name}-{self.model_names[stage_or_quant]}"
+        return f"{self.name}-gguf-{stage_or_quant}"
 
 
 def stage_dict(stage: StageConfig) -> dict[str, Any]:

@@ -13,6 +13,7 @@ import json
 import logging
 import math
 import os
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -97,28 +98,70 @@ class StagePlan:
         return Path(self.out_dir)
 
 
+@dataclass
+class StageSummary:
+    """What a retrain or ``mvlm train`` reports of one stage."""
+
+    stage: str
+    """Stage name."""
+    stage_id: str
+    """Stage identity."""
+    reused: bool
+    """True when a finished output of this identity already existed."""
+    first_loss: float
+    """Loss of the first step."""
+    final_loss: float
+    """Loss of the last step."""
+    final: str
+    """Final checkpoint folder."""
+    evaluation: dict[str, float] | None = None
+    """Held-out metrics, for the stages the recipe evaluates."""
+
+
+@dataclass
+class StageOutcome:
+    """One stage that ran (or was reused): its plan, its ``stage.json`` manifest and its summary."""
+
+    plan: StagePlan
+    """The plan it ran with."""
+    manifest: dict[str, Any]
+    """The finished stage's manifest (``stage.json``)."""
+    summary: StageSummary
+    """What is reported."""
+
+
 # --- driver side: checks and planning ------------------------------------------------------------
 
 
-def resolve_builds(stage: StageConfig, data_root: Path, spec_dir: str | None = None) -> list[BuildRef]:
-    """The current verified build of every dataset of the stage; StageError names what is missing."""
+def resolve_builds(
+    stage: StageConfig, data_root: Path, spec_dir: str | None = None, known: Mapping[str, str] | None = None
+) -> list[BuildRef]:
+    """The current verified build of every dataset of the stage; StageError names what is missing.
+
+    ``known`` maps spec names to the build folders a retrain's data step just built or verified:
+    those are read as they are, without fingerprinting their sources again.
+    """
     refs = []
     for ds in stage.datasets:
-        try:
-            spec_path, _ = find_spec(ds.spec, spec_dir)
-        except KeyError as err:
-            raise StageError(f"stage {stage.name}: {err.args[0]}") from err
-        ctx = make_context(spec_path, data_root)
-        manifest = verify_build(ctx.out, deep=False)
+        if known and ds.spec in known:
+            where = Path(known[ds.spec])
+        else:
+            try:
+                spec_path, _ = find_spec(ds.spec, spec_dir)
+            except KeyError as err:
+                raise StageError(f"stage {stage.name}: {err.args[0]}") from err
+            where = make_context(spec_path, data_root).out
+        manifest = verify_build(where, deep=False)
         if manifest is None:
             raise StageError(
-                f"stage {stage.name} reads dataset {ds.spec!r}, which has no finished build {ctx.build_id} "
+                f"stage {stage.name} reads dataset {ds.spec!r}, which has no finished build {where.name} "
                 f"under {data_root}; run `mvlm data build {ds.spec}` first"
             )
         tok = manifest.get("tokenizer") or {}
         ref = BuildRef(
-            ds.spec, ctx.build_id, str(ctx.out), manifest["kind"], ds.weight, tok.get("hash"), tok.get("path")
-        )
+            ds.spec, manifest["build_id"], str(where), manifest["kind"], ds.weight, tok.get("hash"),
+            tok.get("path"),
+        )  # fmt: skip
         refs.append(ref)
     return refs
 
@@ -215,12 +258,13 @@ def loader_config(
 
 def plan_stage(
     recipe: Recipe, stage: StageConfig, init: dict[str, str], data_root: Path, runs_root: Path,
-    tokenizer_path: str | None = None,
+    tokenizer_path: str | None = None, known_builds: Mapping[str, str] | None = None,
 ) -> tuple[StagePlan, list[BuildRef]]:  # fmt: skip
-    """Check inputs and compute the stage's identity and plan (no MLflow run yet)."""
+    """Check inputs and compute the stage's identity and plan (no MLflow run yet); ``known_builds``
+    as in ``resolve_builds``."""
     from tasks.train.deepspeed_config import deepspeed_config
 
-    builds = resolve_builds(stage, data_root)
+    builds = resolve_builds(stage, data_root, known=known_builds)
     tokenizer_path = tokenizer_path or next((b.tokenizer_path for b in builds if b.tokenizer_path), None)
     if tokenizer_path is None:
         raise StageError(
@@ -447,6 +491,8 @@ def _run_stage_locked(plan: StagePlan) -> dict[str, Any]:
     check_checkpoints(plan)  # once, here: the ranks only load what this leaves in `latest`
     ensure_ray()
     stage = plan.stage
+    log.info("stage %s: training %d steps on %d Ray Train workers (%s)", stage["name"], plan.total_steps,
+             stage["num_workers"], plan.out)  # fmt: skip
     use_gpu = bool(stage["resources_per_worker"].get("GPU"))
     trainer = TorchTrainer(
         train_worker,
