@@ -118,7 +118,8 @@ def build(
             s["name"], s["build_id"], _status(s), str(t.get("read", 0)),
             str(t.get("kept", 0)), str(t.get("rejected", 0)), str(s["shards"]),
         )  # fmt: skip
-    console.print(table)
+    if table.row_count:
+        console.print(table)
     if failed:
         raise typer.Exit(1)
 

@@ -45,7 +45,7 @@ def test_a_user_error_is_one_message_and_the_traceback_is_in_the_log(tmp_path: P
     specs = tmp_path / "specs"
     specs.mkdir()
     (specs / "mine.yaml").write_text(
-        "name: mine\nkind: image_text\nprofile: tiny\nimage_size: 64\nshard_samples: 16\n"
+        "name: mine\nkind: image_text\nprofile: tiny\nlicense: CC0-1.0\nimage_size: 64\nshard_samples: 16\n"
         "subsets:\n  - {name: a, source: {type: llava_json, path: mine/pretrain.json, image_root: mine}}\n"
     )
     env = {

@@ -120,7 +120,10 @@ def expand_files(data_root: str | Path, patterns: list[str]) -> list[str]:
         matches = sorted(globlib.glob(resolved)) if any(c in resolved for c in "*?[") else [resolved]
         matches = [m for m in matches if os.path.isfile(m)]
         if not matches:
-            raise BuildError(f"source path {pattern!r} matched no file (looked for {resolved})")
+            raise BuildError(
+                f"source path {pattern!r} matched no file (looked for {resolved}); put the file there or "
+                "fix the path in the spec"
+            )
         files.extend(matches)
     return files
 
