@@ -29,7 +29,8 @@ from PIL import Image
 
 from model.tokenizer import load_tokenizer
 from tasks.data.bounded_read import bounded_lines
-from tasks.data.build import BuildContext, BuildResult, Unit, build_dataset
+from tasks.data.build import BuildResult, build_dataset
+from tasks.data.builder import BuildContext, Unit
 from tasks.data.shards import read_tar_samples
 from tasks.data.specs import parse_spec
 
