@@ -122,7 +122,7 @@ def quantize_command(
             f"ratio {ppl['ratio']:.4f}",
         )
     if mlflow:
-        from tasks.lineage.push import tracking_uri
+        from tasks.lineage.tracking import tracking_uri
 
         table.add_row("MLflow run", f"{_log_quant(result)} at {tracking_uri()}")
     console.print(table)
@@ -130,7 +130,8 @@ def quantize_command(
 
 def _log_quant(result: Any) -> str:
     """Log a quant to MLflow, or fail with what to do when the server is down."""
-    from tasks.lineage.push import log_quant, reachable, tracking_uri
+    from tasks.lineage.push import log_quant
+    from tasks.lineage.tracking import reachable, tracking_uri
 
     uri = tracking_uri()
     if not reachable(uri):

@@ -9,6 +9,7 @@ run of the quant run through the on-disk outbox, so an unreachable server loses 
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 import time
@@ -59,7 +60,7 @@ def push_results_task(payload: Any, uri: str | None) -> dict[str, Any]:
 
 def existing_result(identity: str, uri: str | None) -> str | None:
     """Run id of a complete result with ``identity`` when MLflow is reachable and has one."""
-    from tasks.lineage.push import client, experiment_id, find_run, reachable, tracking_uri
+    from tasks.lineage.tracking import client, experiment_id, find_run, reachable, tracking_uri
 
     uri = tracking_uri(uri)
     if not reachable(uri):
@@ -124,7 +125,6 @@ def deploy(
     this machine or with the same checkout path) or a git URL for remote runners. ``env`` is passed
     to every flow run (MLFLOW_TRACKING_URI, MVLM_RUNS_ROOT, ...).
     """
-    import asyncio
 
     from tasks.ship.bench import load_pools
 

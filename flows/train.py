@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import shutil
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -73,13 +74,12 @@ def run_stage_task(plan: Any) -> dict[str, Any]:
 
 
 @task(name="evaluate-stage", cache_policy=NONE)
-def evaluate_task(plan: Any, manifest: dict[str, Any]) -> dict[str, Any]:
+def evaluate_task(plan: Any, manifest: dict[str, Any], question_types: dict) -> dict[str, Any]:
     """Held-out perplexity (text stages) or exact-match accuracy (instruction stages), logged to MLflow."""
     from tasks.core.identity import read_json
     from tasks.lineage import tracking
     from tasks.lineage.tracking import EXPERIMENT
-    from tasks.testkit.samples import classify_question
-    from tasks.train.evaluate import evaluate_checkpoint, write_result
+    from tasks.train.evaluate import evaluate_checkpoint, pattern_classifier, write_result
     from tasks.train.stage import BuildRef, sources
 
     path = plan.out / "evaluation.json"
@@ -87,12 +87,12 @@ def evaluate_task(plan: Any, manifest: dict[str, Any]) -> dict[str, Any]:
         return read_json(path)
     builds = [BuildRef(**b) for b in plan.builds]
     kind = "text" if all(b.kind == "text" for b in builds) else "instruct"
-    result = evaluate_checkpoint(  # per-type accuracies where questions are the sample world's types
+    result = evaluate_checkpoint(  # per-type accuracies for the recipe's question types
         Path(manifest["final"]),
         sources(builds, "heldout"),
         kind,
         plan.stage["eval_samples"],
-        classify_question,
+        pattern_classifier(question_types),
     )
     mlflow = tracking.client(plan.mlflow_uri)
     name = f"{plan.recipe}/{plan.stage['name']}/eval"
@@ -115,7 +115,6 @@ def run_stages(
     finished output exists; ``known_builds`` (spec -> build folder) are the builds a retrain's data
     step just made, read without fingerprinting their sources again.
     """
-    import shutil
 
     from tasks.train.recipes import get_recipe
     from tasks.train.stage import StageError, StageOutcome, StageSummary, finished_stage
@@ -147,7 +146,7 @@ def run_stages(
             s.name, plan.stage_id, reused, manifest["first_loss"], manifest["final_loss"], manifest["final"]
         )
         if s.name in recipe.evaluate:
-            summary.evaluation = evaluate_task(plan, manifest)["metrics"]
+            summary.evaluation = evaluate_task(plan, manifest, recipe.question_types)["metrics"]
         done.append(StageOutcome(plan, manifest, summary))
         previous = manifest["final"]
         if only is not None:

@@ -6,6 +6,7 @@ Public entry points: ``build(name, **overrides)``, ``save(module, path)``, ``loa
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -88,6 +89,5 @@ def _part(key: str) -> str:
 
 
 def _shape(row: Any) -> dict[str, Any]:
-    import dataclasses
 
     return {k: v for k, v in dataclasses.asdict(row).items() if k not in ("name", "hub_id")}

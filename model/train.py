@@ -10,6 +10,7 @@ import logging
 import math
 import os
 import random
+import shutil
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -157,7 +158,6 @@ def save_checkpoint(
 
 def prune_checkpoints(ckpt_dir: Path, keep: int) -> list[Path]:
     """Delete ``step-N`` folders beyond the newest ``keep``; returns what was deleted."""
-    import shutil
 
     steps = sorted((p for p in Path(ckpt_dir).glob("step-*") if p.is_dir()), key=lambda p: int(p.name[5:]))
     old = steps[: max(0, len(steps) - max(keep, 1))]

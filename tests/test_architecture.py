@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ast
 import subprocess
 import sys
 from pathlib import Path
@@ -72,3 +73,29 @@ def test_no_import_circles_between_modules() -> None:
     # a package's __init__ that re-exports its modules is not a circle of code
     edges = {m: {n for n in deps if not m.startswith(n + ".")} for m, deps in edges.items()}
     assert circles(edges) == []
+
+
+def local_stdlib_imports(source: str) -> list[str]:
+    """``import`` statements of standard-library modules made inside a function."""
+    found = []
+    for fn in ast.walk(ast.parse(source)):
+        if isinstance(fn, (ast.FunctionDef, ast.AsyncFunctionDef)):
+            for node in ast.walk(fn):
+                if isinstance(node, (ast.Import, ast.ImportFrom)):
+                    name = node.module if isinstance(node, ast.ImportFrom) else node.names[0].name
+                    if name and name.split(".")[0] in sys.stdlib_module_names:
+                        found.append(f"{node.lineno}: {ast.unparse(node)}")
+    return found
+
+
+def test_function_local_imports_are_only_for_heavy_modules() -> None:
+    """Imports inside functions keep the CLI and light steps from loading torch, Ray, MLflow or
+    Prefect; the standard library is cheap and is imported at the top of the module."""
+    assert local_stdlib_imports("def f():\n    import os\n") == ["2: import os"]
+    found = {
+        str(path.relative_to(REPO)): hits
+        for package in PACKAGES
+        for path in sorted((REPO / package).rglob("*.py"))
+        if (hits := local_stdlib_imports(path.read_text(encoding="utf-8")))
+    }
+    assert not found, found

@@ -123,7 +123,7 @@ def test_twenty_runners_push_exactly_once_through_a_server_kill(tmp_path: Path) 
     from mlflow import MlflowClient
     from mlflow.entities import ViewType
 
-    from tasks.lineage.push import experiment_id
+    from tasks.lineage.tracking import experiment_id
 
     root = tmp_path / "mlflow"
     root.mkdir()
@@ -222,7 +222,7 @@ def _only_run(uri: str, identity: str):
     from mlflow import MlflowClient
     from mlflow.entities import ViewType
 
-    from tasks.lineage.push import experiment_id
+    from tasks.lineage.tracking import experiment_id
 
     mlflow = MlflowClient(tracking_uri=uri)
     exp = experiment_id(mlflow)
@@ -263,7 +263,8 @@ def test_orphans_of_a_lost_create_answer_are_adopted_then_removed(tmp_path: Path
     """Two runs the host created without hearing back (an HTTP retry of create): one is reused, one goes."""
     from mlflow import MlflowClient
 
-    from tasks.lineage.push import Outbox, experiment_id, flush
+    from tasks.lineage.push import Outbox, flush
+    from tasks.lineage.tracking import experiment_id
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     outbox = Outbox(tmp_path / "outbox")

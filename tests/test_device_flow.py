@@ -22,7 +22,8 @@ from mlflow import MlflowClient
 from typer.testing import CliRunner
 
 from tasks.lineage import tags as tag
-from tasks.lineage.push import experiment_id, log_quant
+from tasks.lineage.push import log_quant
+from tasks.lineage.tracking import experiment_id
 
 pytest_plugins = ("export_fixtures",)
 pytestmark = pytest.mark.usefixtures("fast_mlflow_client", "one_torch_thread")

@@ -12,12 +12,12 @@ from tasks.lineage.push import (
     ArtifactError,
     Outbox,
     Payload,
-    experiment_id,
     fetch_quant,
     flush,
     log_quant,
     push,
 )
+from tasks.lineage.tracking import experiment_id
 
 pytest_plugins = ("export_fixtures",)
 pytestmark = pytest.mark.usefixtures("fast_mlflow_client")

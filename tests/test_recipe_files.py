@@ -98,6 +98,25 @@ model_names: {vlm-instruct: my-vlm}
         load_recipe("typo", recipe_files([tmp_path, RECIPE_DIR]))
 
 
+def test_the_tiny_recipe_names_the_sample_worlds_question_types(tmp_path: Path) -> None:
+    from model.image import COLOURS
+    from tasks.testkit.samples import KINDS, QUESTION_TEMPLATES
+    from tasks.train.evaluate import pattern_classifier
+
+    classify = pattern_classifier(load_recipe("tiny", recipe_files([RECIPE_DIR])).question_types)
+    assert classify is not None and pattern_classifier({}) is None
+    for kind, templates in QUESTION_TEMPLATES.items():
+        for template in templates:
+            for colour in COLOURS:
+                for shape in KINDS:
+                    question = "<image>\n" + template.format(colour=colour, kind=shape)
+                    assert classify(question) == kind, question
+    assert classify("<image>\nWhat is the meaning of life?") is None
+    _write(tmp_path, "badre", "name: badre\nbase: tiny\nquestion_types: {colour: ['What (colour']}\n")
+    with pytest.raises(RecipeError, match=r"badre.yaml: question_types.colour: 'What \(colour' is not a"):
+        load_recipe("badre", recipe_files([tmp_path, RECIPE_DIR]))
+
+
 @pytest.mark.parametrize(
     ("text", "expected"),
     [

@@ -14,6 +14,7 @@ driver's). Without a plan the cost of a point is one ``os.environ`` lookup.
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import time
@@ -47,7 +48,6 @@ def hit(name: str) -> None:
 
 
 def _hit(folder: Path, name: str) -> None:
-    import fcntl
 
     if name not in POINTS:
         raise ValueError(f"unknown fault point {name!r}; add it to tasks.core.faults.POINTS")

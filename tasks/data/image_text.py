@@ -22,6 +22,7 @@ or ports, so a resumed build is byte-identical). ``preview.png`` shows up to 16 
 from __future__ import annotations
 
 import contextlib
+import gzip
 import hashlib
 import io
 import json
@@ -229,7 +230,6 @@ def read_url_list(path: str, src: UrlListSource, filters: Filters | None = None)
 def _read_tsv(path: str, src: UrlListSource, limit: int) -> list[ListRow]:
     """A TSV list (``.gz`` too): header line, then ``url<TAB>caption`` lines; no line read past ``limit``
     bytes. Blank lines are skipped; ``row N`` counts the rows that parsed."""
-    import gzip
 
     rows: list[ListRow] = []
     bad: list[ListRow] = []

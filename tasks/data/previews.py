@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any
 
@@ -26,7 +27,6 @@ def token_chart(manifest: dict[str, Any], out: Path) -> Path:
     ax.set_title(f"{manifest['name']} ({manifest['build_id']}): {measure} per source")
     ax.tick_params(axis="x", labelrotation=30, labelsize=8)
     fig.tight_layout()
-    import os
 
     tmp = out.with_name(f".{out.stem}.{os.getpid()}.tmp.png")  # two processes may draw it at once
     fig.savefig(tmp, metadata={"Software": None})

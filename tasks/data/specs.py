@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import re
+import socket
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -378,8 +379,6 @@ def resolve_env(value: str | None) -> str | None:
     if not match:
         return value
     if match.group(1) not in os.environ:
-        import socket
-
         raise KeyError(
             f"environment variable {match.group(1)} is not set in process {os.getpid()} on "
             f"{socket.gethostname()} (referenced as {value}); every process that reads the source "

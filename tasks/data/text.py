@@ -15,7 +15,7 @@ import logging
 import re
 import unicodedata
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from typing import Any
 
 import numpy as np
@@ -368,7 +368,6 @@ class _ShardStream:
             self._write()
 
     def _write(self) -> None:
-        from dataclasses import asdict
 
         rel = f"shards/{self.split}/{self.unit.subset}-{self.unit.index:05d}-{len(self.records):05d}.tar"
         done = finished_shard(self.ctx.out, rel)

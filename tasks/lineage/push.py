@@ -36,7 +36,9 @@ import dataclasses
 import json
 import logging
 import os
+import shutil
 import socket
+import tempfile
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -436,8 +438,6 @@ def _verified(folder: Path, expected: dict[str, str]) -> bool:
 
 
 def _download(mlflow: MlflowClient, run_id: str, folder: Path) -> None:
-    import shutil
-    import tempfile
 
     folder.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=folder.parent) as tmp:

@@ -10,7 +10,11 @@ at call time, never at import.
 
 from __future__ import annotations
 
+import hashlib
 import logging
+import os
+import tempfile
+import time
 import urllib.request
 from pathlib import Path
 from typing import Any
@@ -42,6 +46,10 @@ def reachable(uri: str, timeout: float = 3.0) -> bool:
         return False
 
 
+# SQLite stores this process has created or upgraded (keyed by pid, so a forked child checks again).
+_READY_STORES: set[tuple[int, str]] = set()
+
+
 def client(uri: str | None = None) -> Any:
     """An MlflowClient bound to ``uri`` (default from settings; nothing global is changed). A SQLite
     store is created or upgraded under a machine-wide lock per database."""
@@ -55,12 +63,16 @@ def client(uri: str | None = None) -> Any:
     # under one lock per database.
     from tasks.core.locks import exclusive
 
+    key = (os.getpid(), uri)
     db = Path(uri.removeprefix("sqlite:///"))
+    if key in _READY_STORES and db.exists():  # made or upgraded by this process: no lock, no queries
+        return MlflowClient(tracking_uri=uri)
     db.parent.mkdir(parents=True, exist_ok=True)
     with exclusive(db.parent / f".{db.name}.init.lock"):
         mlflow = MlflowClient(tracking_uri=uri)
         mlflow.search_experiments(max_results=1)
         mlflow.search_registered_models(max_results=1)  # the registry's store, on the same database
+    _READY_STORES.add(key)
     return mlflow
 
 
@@ -118,8 +130,6 @@ def run_for(
     only one creates. Across machines two may still both create: after creating, the run of the
     identity (``canonical``) is kept and a later copy is deleted by its creator.
     """
-    import hashlib
-    import tempfile
 
     from tasks.core.locks import exclusive
 
@@ -180,7 +190,6 @@ def log_metrics(
     With a fixed ``timestamp_ms`` a repeated call is a no-op (MLflow drops a metric whose key, step,
     value and timestamp all exist), which is how one-off summaries stay exactly once across crashes.
     """
-    import time
 
     from mlflow.entities import Metric
 

@@ -14,7 +14,7 @@ import math
 import re
 from collections import Counter
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -145,6 +145,20 @@ def exact_match(
     return EvalResult("exact_match", metrics, dict(total), examples)
 
 
+def pattern_classifier(types: dict[str, tuple[str, ...]]) -> Callable[[str], str | None] | None:
+    """A question's type: the first type one of whose patterns the question (its image token
+    removed) fully matches, else None; None when no types are given."""
+    if not types:
+        return None
+    compiled = [(kind, re.compile(p)) for kind, patterns in types.items() for p in patterns]
+
+    def classify(text: str) -> str | None:
+        question = text.removeprefix("<image>").strip()
+        return next((kind for kind, pattern in compiled if pattern.fullmatch(question)), None)
+
+    return classify
+
+
 def evaluate_checkpoint(
     checkpoint: Path, sources: tuple[Source, ...], kind: str, limit: int,
     classify: Callable[[str], str | None] | None = None,
@@ -166,7 +180,6 @@ def evaluate_checkpoint(
 
 def write_result(result: EvalResult, path: Path) -> Path:
     """The result as JSON next to the stage."""
-    from dataclasses import asdict
 
     from tasks.core.identity import atomic_write_json
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
+import re
 import types
 import typing
 from functools import cache
@@ -80,6 +81,7 @@ def _file_model() -> type[BaseModel]:
         "RecipeFile", __config__=ConfigDict(extra="forbid"), name=(str, ...), description=(str, ""),
         base=(str | None, None), stages=(list[stage], []), quant_types=(list[str] | None, None),
         evaluate=(list[str] | None, None), model_names=(dict[str, str] | None, None),
+        question_types=(dict[str, list[str]] | None, None),
     )  # fmt: skip
 
 
@@ -152,12 +154,25 @@ def load_recipe(name: str, files: dict[str, Path] | None = None) -> Recipe:
     extra = {k: tuple(merged[k]) for k in ("quant_types", "evaluate") if merged.get(k) is not None}
     if merged.get("model_names") is not None:
         extra["model_names"] = {**MODEL_NAMES, **merged["model_names"]}
+    if merged.get("question_types") is not None:
+        extra["question_types"] = _question_types(merged["question_types"], files[name])
     names = [s.name for s in stages]
     for key in ("evaluate", "model_names"):
         unknown = [n for n in merged.get(key) or () if n not in names]
         if unknown:
             raise RecipeError([f"{files[name]}: {key}: {unknown} are not stages of recipe {name}: {names}"])
     return Recipe(name, merged.get("description", ""), stages, **extra)
+
+
+def _question_types(given: dict[str, list[str]], path: Path) -> dict[str, tuple[str, ...]]:
+    for kind, patterns in given.items():
+        for pattern in patterns:
+            try:
+                re.compile(pattern)
+            except re.error as err:
+                raise RecipeError([f"{path}: question_types.{kind}: {pattern!r} is not a regular "
+                                   f"expression ({err}); fix the pattern"]) from None  # fmt: skip
+    return {kind: tuple(patterns) for kind, patterns in given.items()}
 
 
 def _resolved(name: str, files: dict[str, Path], chain: tuple[str, ...]) -> dict[str, Any]:

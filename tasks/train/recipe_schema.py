@@ -154,6 +154,9 @@ class Recipe:
     """Stages whose output is evaluated on their datasets' held-out split."""
     model_names: dict[str, str] = dataclasses.field(default_factory=lambda: dict(MODEL_NAMES))
     """Registered model name (after ``<recipe>-``) of each stage's output."""
+    question_types: dict[str, tuple[str, ...]] = dataclasses.field(default_factory=dict)
+    """Question type -> regular expressions an evaluated question (without its image token) fully
+    matches; the instruction evaluation reports an accuracy per type beside the overall one."""
 
     def stage(self, name: str) -> StageConfig:
         """The stage called ``name``."""

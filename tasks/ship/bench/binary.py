@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import re
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -147,7 +148,6 @@ class BinaryBackend:
         return phase_from_perf(parse_perf(result.stderr), wall, parse_encode_ms(result.stderr))
 
     def _picture(self) -> str:
-        import tempfile
 
         path = Path(tempfile.gettempdir()) / "mvlm-bench-336.png"
         if not path.is_file():

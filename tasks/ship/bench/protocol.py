@@ -8,11 +8,14 @@ tokens/s over repetitions (mean and stddev).
 from __future__ import annotations
 
 import dataclasses
+import multiprocessing
 import platform
 import resource
 import statistics
 import time
 from collections.abc import Sequence
+from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -176,9 +179,6 @@ class PythonBackend:
         """Measure ``llm`` (and the VLM prompt when ``mmproj`` is given)."""
         if not self.isolated:
             return self.measure(llm, mmproj, settings)
-        import multiprocessing
-        from concurrent.futures import ProcessPoolExecutor
-        from concurrent.futures.process import BrokenProcessPool
 
         with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
             try:
