@@ -1,0 +1,1 @@
+"""Quality: the papers' evaluation sets, their official scoring rules, the evaluation harness."""
