@@ -91,8 +91,10 @@ def _kind_of(mask: np.ndarray) -> str:
 def _expected_answer(record: ImageRecord, question: str) -> str:
     """The answer the metadata gives to an instruct question."""
     kind = classify_question(question)
-    words = question.removeprefix("<image>\n").rstrip("?").split()
+    words = question.removeprefix("<image>\n").split("\n")[0].rstrip("?").split()
     shapes = record.shapes
+    if kind == "exists":
+        return "yes" if any((s.colour, s.kind) == (words[3], words[4]) for s in shapes) else "no"
     if kind == "count":
         return COUNT_WORDS[record.count]
     if kind == "colour":

@@ -9,7 +9,7 @@ from tasks.quality.scoring import AnswersError, EvalItem, average, score, textvq
 
 
 def item(qid: str, truth: object, **kw: object) -> EvalItem:
-    return EvalItem(str(qid), "q", None, truth, **kw)  # type: ignore[arg-type]
+    return EvalItem(str(qid), qid, "q", None, truth, **kw)  # type: ignore[arg-type]
 
 
 def test_gqa_is_exact_match_after_lowercasing_and_a_trailing_period() -> None:

@@ -38,8 +38,11 @@ MMBENCH_ROTATION = 1_000_000
 class EvalItem:
     """One question of an evaluation set, with what its scorer needs."""
 
-    question_id: str
-    """The id answers are matched by (the authors' ``question_id``)."""
+    key: str
+    """Unique within the set; answers are matched by it (the authors' ``question_id``, with the
+    question's first line for MME and TextVQA, whose ids repeat per image)."""
+    question_id: str | int
+    """The authors' ``question_id`` as their files have it (written back in answers files)."""
     prompt: str
     """The text the model is asked (question, options, hint and the benchmark's instruction)."""
     image: str | None
@@ -75,7 +78,7 @@ class AnswersError(ValueError):
 
 def check_answers(items: Sequence[EvalItem], answers: Mapping[str, str], where: str) -> None:
     """Refuse answers out of step with the questions: every question answered, nothing else."""
-    ids = {i.question_id for i in items}
+    ids = {i.key for i in items}
     missing = sorted(ids - answers.keys())
     extra = sorted(answers.keys() - ids)
     problems = []
@@ -94,7 +97,7 @@ def _pct(right: int, total: int) -> float:
 
 def score_gqa(items: Sequence[EvalItem], answers: Mapping[str, str]) -> BenchmarkScore:
     """Exact match after GQA's normalisation, over testdev-balanced."""
-    correct = {i.question_id: gqa_normalise(answers[i.question_id]) == gqa_normalise(i.truth) for i in items}
+    correct = {i.key: gqa_normalise(answers[i.key]) == gqa_normalise(i.truth) for i in items}
     acc = _pct(sum(correct.values()), len(items))
     return BenchmarkScore("gqa", acc, {"accuracy": acc}, {"questions": len(items)}, correct)
 
@@ -112,7 +115,7 @@ def textvqa_accuracy(prediction: str, truths: Sequence[str]) -> float:
 
 def score_textvqa(items: Sequence[EvalItem], answers: Mapping[str, str]) -> BenchmarkScore:
     """Mean VQA accuracy over the questions (TextVQA val)."""
-    per = {i.question_id: textvqa_accuracy(answers[i.question_id], i.truth) for i in items}
+    per = {i.key: textvqa_accuracy(answers[i.key], i.truth) for i in items}
     acc = 100.0 * sum(per.values()) / len(items) if items else 0.0
     correct = {q: a > 0 for q, a in per.items()}
     return BenchmarkScore("textvqa", acc, {"accuracy": acc}, {"questions": len(items)}, correct)
@@ -140,10 +143,10 @@ def score_pope(items: Sequence[EvalItem], answers: Mapping[str, str]) -> Benchma
     metrics: dict[str, float] = {}
     correct = {}
     for split, rows in sorted(by_split.items()):
-        predicted = [pope_yes_no(answers[i.question_id]) for i in rows]
+        predicted = [pope_yes_no(answers[i.key]) for i in rows]
         for key, value in pope_metrics([i.truth for i in rows], predicted).items():
             metrics[f"{split}/{key}"] = value
-        correct |= {i.question_id: p == i.truth for i, p in zip(rows, predicted, strict=True)}
+        correct |= {i.key: p == i.truth for i, p in zip(rows, predicted, strict=True)}
     f1 = 100.0 * sum(metrics[f"{s}/f1"] for s in by_split) / len(by_split) if by_split else 0.0
     metrics["f1"] = f1
     counts = {"questions": len(items)} | {f"{s}/questions": len(r) for s, r in by_split.items()}
@@ -153,11 +156,11 @@ def score_pope(items: Sequence[EvalItem], answers: Mapping[str, str]) -> Benchma
 def score_mme(items: Sequence[EvalItem], answers: Mapping[str, str]) -> BenchmarkScore:
     """Per subtask accuracy (questions) + accuracy+ (images with every question right), x100;
     perception is the sum over its ten subtasks (out of 2000), cognition over its four."""
-    correct = {i.question_id: mme_yes_no(answers[i.question_id]) == i.truth.lower() for i in items}
-    unreadable = sum(mme_yes_no(answers[i.question_id]) == "other" for i in items)
+    correct = {i.key: mme_yes_no(answers[i.key]) == i.truth.lower() for i in items}
+    unreadable = sum(mme_yes_no(answers[i.key]) == "other" for i in items)
     by_task: dict[str, dict[str, list[bool]]] = defaultdict(lambda: defaultdict(list))
     for item in items:
-        by_task[item.group["subtask"]][item.group["image"]].append(correct[item.question_id])
+        by_task[item.group["subtask"]][item.group["image"]].append(correct[item.key])
     metrics: dict[str, float] = {}
     for task, images in sorted(by_task.items()):
         flat = [ok for oks in images.values() for ok in oks]
@@ -174,10 +177,10 @@ def score_mme(items: Sequence[EvalItem], answers: Mapping[str, str]) -> Benchmar
 
 def score_sqa(items: Sequence[EvalItem], answers: Mapping[str, str]) -> BenchmarkScore:
     """Option accuracy; the headline is over the questions with an image (SQA-IMG)."""
-    letters = {i.question_id: sqa_letter(answers[i.question_id].strip(), "".join(i.options)) for i in items}
-    correct = {i.question_id: letters[i.question_id] == i.truth for i in items}
+    letters = {i.key: sqa_letter(answers[i.key].strip(), "".join(i.options)) for i in items}
+    correct = {i.key: letters[i.key] == i.truth for i in items}
     with_image = [i for i in items if i.group.get("has_image", "1") == "1"]
-    img = _pct(sum(correct[i.question_id] for i in with_image), len(with_image))
+    img = _pct(sum(correct[i.key] for i in with_image), len(with_image))
     metrics = {"img_accuracy": img, "accuracy": _pct(sum(correct.values()), len(items))}
     counts = {"questions": len(items), "image_questions": len(with_image),
               "unreadable": sum(v is None for v in letters.values())}  # fmt: skip
@@ -187,14 +190,14 @@ def score_sqa(items: Sequence[EvalItem], answers: Mapping[str, str]) -> Benchmar
 def score_mmbench(items: Sequence[EvalItem], answers: Mapping[str, str]) -> BenchmarkScore:
     """Circular evaluation: a question counts as right only when every rotation of its options
     (the rows sharing its base index) is answered right; also per category and single-pass."""
-    letters = {i.question_id: mmbench_letter(answers[i.question_id], i.options) for i in items}
-    correct = {i.question_id: letters[i.question_id] == i.truth for i in items}
+    letters = {i.key: mmbench_letter(answers[i.key], i.options) for i in items}
+    correct = {i.key: letters[i.key] == i.truth for i in items}
     groups: dict[str, list[EvalItem]] = defaultdict(list)
     for item in items:
         groups[item.group["base"]].append(item)
-    circular = {b: all(correct[i.question_id] for i in rows) for b, rows in groups.items()}
+    circular = {b: all(correct[i.key] for i in rows) for b, rows in groups.items()}
     first = [i for i in items if int(i.question_id) < MMBENCH_ROTATION]
-    single = _pct(sum(correct[i.question_id] for i in first), len(first))
+    single = _pct(sum(correct[i.key] for i in first), len(first))
     metrics = {"circular_accuracy": _pct(sum(circular.values()), len(groups)), "single_pass_accuracy": single}
     by_category: dict[str, list[bool]] = defaultdict(list)
     for base, rows in groups.items():

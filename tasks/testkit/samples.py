@@ -13,8 +13,11 @@ Layout under ``out_dir`` (all written atomically; ``samples.json`` last, as the 
 * ``cc3m/urls.tsv`` - ``url<TAB>caption`` with URLs ``{LOCAL_SERVER}/images/{id}.jpg`` (good), then
   rows for missing files (404) and for the corrupt files;
 * ``llava/pretrain.json`` - LLaVA-Pretrain-558K style caption conversations;
-* ``llava/instruct.json`` - LLaVA-Instruct style 1..3-round conversations (colour, shape, count, position);
+* ``llava/instruct.json`` - LLaVA-Instruct style 1..3-round conversations (colour, shape, count, position,
+  existence), a share of questions ending with LLaVA-1.5's short-answer instruction;
 * ``sharegpt/chat.json`` - ShareGPT style text-only dialogues about the same world;
+* ``eval/`` - tiny replicas of the six benchmarks (GQA, POPE, MME, ScienceQA, TextVQA, MMBench) in
+  their published layouts, on images drawn apart from the training images (``eval_samples.py``);
 * ``tokenizer/`` - the tiny LLaMA-style tokenizer trained on all of the text above;
 * ``samples.json`` - the ``SampleSummary``: counts, seed, config, image metadata, sha256 of every file.
 """
@@ -41,7 +44,7 @@ from tasks.data.local_server import LOCAL_SERVER_PLACEHOLDER
 
 logger = logging.getLogger(__name__)
 
-GENERATOR_VERSION = "samples/1"
+GENERATOR_VERSION = "samples/2"
 """Bump when the bytes written for the same config change."""
 
 RGB = tuple[int, int, int]
@@ -139,8 +142,21 @@ QUESTION_TEMPLATES: dict[str, tuple[str, ...]] = {
     "shape": ("What shape is in the picture?", "Which shape is {colour}?"),
     "count": ("How many shapes are there?",),
     "position": ("Where is the {colour} {kind}?",),
+    "exists": ("Is there a {colour} {kind} in the image?",),
 }
-"""Instruct question wordings per question type (answers: colour, kind, count word, position word)."""
+"""Instruct question wordings per question type (answers: colour, kind, count word, position word,
+yes or no)."""
+
+SHORT_ANSWER = "Answer the question using a single word or phrase."
+"""The instruction LLaVA-1.5's mixture (and the benchmarks' question files) put after short-answer
+questions; a share of instruct questions carry it, as in LLaVA-665K."""
+SHORT_ANSWER_SHARE = 0.3
+"""Share of instruct questions followed by ``SHORT_ANSWER`` on its own line."""
+
+
+def exists_question(colour: str, kind: str) -> str:
+    """The object-existence question (answered yes or no), as POPE asks it."""
+    return QUESTION_TEMPLATES["exists"][0].format(colour=colour, kind=kind)
 
 PRETRAIN_REQUESTS: tuple[str, ...] = (
     "Describe the image briefly.",
@@ -183,6 +199,8 @@ class SampleConfig:
     """CC3M rows whose URL points at a file that is not a valid image (random bytes or empty)."""
     n_chats: int = 100
     """ShareGPT text-only dialogues."""
+    n_eval_images: int = 96
+    """Images of the six benchmark replicas under ``eval/`` (drawn apart from the training images)."""
     vocab_size: int = 1024
     """Tokenizer vocabulary size (the ``tiny-llama`` row uses 1024)."""
 
@@ -407,7 +425,7 @@ def caption_for(shapes: Sequence[Shape]) -> str:
     return parts[0] if len(parts) == 1 else ", ".join(parts[:-1]) + " and " + parts[-1]
 
 
-def _plan_image(
+def plan_image(
     index: int, count: int, rng: random.Random, config: SampleConfig
 ) -> tuple[ImageRecord, Image.Image]:
     """Draw ``count`` shapes for image ``index`` at random and render it."""
@@ -470,7 +488,7 @@ def make_images(config: SampleConfig) -> tuple[list[ImageRecord], dict[str, byte
     rng = _rng(config, "images")
     records, files = [], {}
     for index, count in enumerate(_shape_counts(config)):
-        record, image = _plan_image(index, count, rng, config)
+        record, image = plan_image(index, count, rng, config)
         records.append(record)
         files[f"{record.id}.jpg"] = encode_jpeg(image, config.jpeg_quality)
     files.update(_corrupt_files(config))
@@ -488,7 +506,7 @@ def _unique_shapes(record: ImageRecord, key: Callable[[Shape], Any]) -> list[Sha
     return [s for s in record.shapes if counts[key(s)] == 1]
 
 
-def _question_candidates(record: ImageRecord) -> list[tuple[str, str, str]]:
+def question_candidates(record: ImageRecord) -> list[tuple[str, str, str]]:
     """Every (type, question, answer) the image answers unambiguously."""
     if record.count == 1:
         s = record.shapes[0]
@@ -509,16 +527,35 @@ def _question_candidates(record: ImageRecord) -> list[tuple[str, str, str]]:
     return found
 
 
-def instruct_rounds(record: ImageRecord, rng: random.Random) -> list[tuple[str, str, str]]:
-    """1..3 (type, question, answer) rounds; single-shape images always get colour and shape."""
-    candidates = _question_candidates(record)
+def _existence_round(record: ImageRecord, rng: random.Random, config: SampleConfig) -> tuple[str, str, str]:
+    """An object-existence round: a shape the image has, or one it lacks (half the time one that
+    shares a colour or a kind with a shape it has, as POPE's adversarial negatives do)."""
+    present = {(s.colour, s.kind) for s in record.shapes}
+    if rng.random() < 0.5:
+        colour, kind = rng.choice(sorted(present))
+        return "exists", exists_question(colour, kind), "yes"
+    absent = sorted({(c, k) for c in config.colours for k in config.kinds} - present)
+    near = [o for o in absent if any(o[0] == c or o[1] == k for c, k in present)]
+    colour, kind = rng.choice(near if near and rng.random() < 0.5 else absent)
+    return "exists", exists_question(colour, kind), "no"
+
+
+def instruct_rounds(
+    record: ImageRecord, rng: random.Random, config: SampleConfig
+) -> list[tuple[str, str, str]]:
+    """1..3 (type, question, answer) rounds; single-shape images always get colour and shape, half
+    the images an existence round; a share of questions ends with ``SHORT_ANSWER``."""
+    candidates = question_candidates(record)
     if record.count == 1:
         rounds = candidates[:2]
         rng.shuffle(rounds)
         if rng.random() < 0.5:
             rounds.append(rng.choice(candidates[2:]))
-        return rounds
-    return rng.sample(candidates, rng.randint(1, min(3, len(candidates))))
+    else:
+        rounds = rng.sample(candidates, rng.randint(1, min(3, len(candidates))))
+    if rng.random() < 0.5:
+        rounds = [*rounds[:2], _existence_round(record, rng, config)]
+    return [(t, f"{q}\n{SHORT_ANSWER}" if rng.random() < SHORT_ANSWER_SHARE else q, a) for t, q, a in rounds]
 
 
 def _turns(pairs: Iterable[tuple[str, str]], image: bool) -> list[dict[str, str]]:
@@ -551,7 +588,7 @@ def make_instruct(
     entries: list[dict[str, Any]] = []
     types: Counter[str] = Counter()
     for r in records:
-        rounds = instruct_rounds(r, rng)
+        rounds = instruct_rounds(r, rng, config)
         types.update(t for t, _, _ in rounds)
         entries.append(
             {
@@ -565,7 +602,7 @@ def make_instruct(
 
 def classify_question(text: str) -> str | None:
     """The question type (colour, shape, count, position) of an instruct question, or None."""
-    question = text.removeprefix("<image>\n").strip()
+    question = text.removeprefix("<image>\n").strip().split("\n", 1)[0]
     for kind, templates in QUESTION_TEMPLATES.items():
         for template in templates:
             pattern = re.escape(template).replace(r"\{colour\}", r"\w+").replace(r"\{kind\}", r"\w+")
@@ -1073,17 +1110,25 @@ def _write_images(out_dir: Path, files: dict[str, bytes]) -> None:
             (tmp / name).write_bytes(data)
 
 
+def _write_tree(folder: Path, files: dict[str, bytes]) -> None:
+    """Write a folder of files (relative path -> bytes) as a whole, replacing an earlier one."""
+    with atomic_path(folder) as tmp:
+        for rel, data in files.items():
+            (tmp / rel).parent.mkdir(parents=True, exist_ok=True)
+            (tmp / rel).write_bytes(data)
+
+
 def _file_hashes(out_dir: Path, relpaths: Iterable[str]) -> dict[str, str]:
     """sha256 of each listed file."""
     return {rel: sha256_file(out_dir / rel) for rel in sorted(relpaths)}
 
 
-def _written_files(out_dir: Path, image_files: Iterable[str]) -> list[str]:
+def _written_files(out_dir: Path, image_files: Iterable[str], eval_files: Iterable[str]) -> list[str]:
     """Relative paths of every file of the layout (``samples.json`` excluded)."""
     fixed = [f"redpajama/{s}.jsonl" for s in REDPAJAMA_SUBSETS]
     fixed += ["cc3m/urls.tsv", "llava/pretrain.json", "llava/instruct.json", "sharegpt/chat.json"]
     tokenizer = [p.relative_to(out_dir).as_posix() for p in (out_dir / "tokenizer").iterdir() if p.is_file()]
-    return [f"images/{n}" for n in image_files] + fixed + tokenizer
+    return [f"images/{n}" for n in image_files] + [f"eval/{n}" for n in eval_files] + fixed + tokenizer
 
 
 def load_summary(out_dir: Path) -> SampleSummary | None:
@@ -1123,6 +1168,10 @@ def make_samples(out_dir: Path, config: SampleConfig = SampleConfig()) -> Sample
         return existing
     records, image_files = make_images(config)
     _write_images(out_dir, image_files)
+    from tasks.testkit.eval_samples import make_eval_sets  # it builds on this module's shape world
+
+    eval_files = make_eval_sets(config)
+    _write_tree(out_dir / "eval", eval_files)
     all_docs, subset_counts = [], {}
     for subset in REDPAJAMA_SUBSETS:
         docs, subset_counts[subset] = make_subset(subset, config)
@@ -1159,7 +1208,7 @@ def make_samples(out_dir: Path, config: SampleConfig = SampleConfig()) -> Sample
         tokenizer_vocab_size=vocab,
         tokenizer_hash=tok_hash,
     )
-    summary.files = _file_hashes(out_dir, _written_files(out_dir, image_files))
+    summary.files = _file_hashes(out_dir, _written_files(out_dir, image_files, eval_files))
     atomic_write_json(out_dir / "samples.json", summary.to_json())
     logger.info(
         "wrote samples to %s in %.1fs: %d images, %d docs, vocab %d",

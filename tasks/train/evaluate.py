@@ -96,64 +96,45 @@ def _questions(samples: list[dict]) -> list[tuple[str, str, bytes | None]]:
 
 @torch.no_grad()
 def exact_match(
-    model: Any, tokenizer: Any, sources: tuple[Source, ...], image_size: int, image_mode: str,
-    limit: int = 200, batch: int = 16, max_new_tokens: int = 8,
-    classify: Callable[[str], str | None] | None = None,
+    model: Any, tokenizer: Any, sources: tuple[Source, ...], limit: int = 200, batch: int = 16,
+    max_new_tokens: int = 8, classify: Callable[[str], str | None] | None = None,
 ) -> EvalResult:  # fmt: skip
     """Greedy answers to held-out instruction rounds scored by exact match."""
     from PIL import Image
 
-    from model.conversation import tokenize_prompt
-    from model.image import preprocess_image
+    from model.answering import greedy_answers
 
-    model.eval()
     questions = _questions(_samples(sources, limit))
     if not questions:
         raise ValueError("no held-out instruction samples to evaluate (is heldout_fraction 0 in the spec?)")
     right, total = Counter(), Counter()
     examples = []
-    for i in range(0, len(questions), batch):
-        chunk = questions[i : i + batch]
-        prompts = [tokenize_prompt(p, tokenizer) for p, _, _ in chunk]
-        longest = max(map(len, prompts))
-        ids = torch.tensor([[tokenizer.pad_token_id] * (longest - len(p)) + p for p in prompts])
-        mask = torch.tensor([[0] * (longest - len(p)) + [1] * len(p) for p in prompts])
-        images = [
-            preprocess_image(Image.open(io.BytesIO(img)), image_size, image_mode)
-            for _, _, img in chunk
-            if img
-        ]
-        out = model.generate(
-            input_ids=ids, attention_mask=mask, images=torch.stack(images) if images else None,
-            max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tokenizer.pad_token_id,
-            eos_token_id=tokenizer.eos_token_id,
-        )  # fmt: skip
-        if not images:
-            out = out[:, longest:]
-        for (prompt, answer, _), tokens in zip(chunk, out, strict=True):
-            got = normalise_answer(tokenizer.decode(tokens, skip_special_tokens=True))
-            ok = got == normalise_answer(answer)
-            question = prompt.rsplit("USER:", 1)[-1].removesuffix("ASSISTANT:").strip()
-            for key in ("all", (classify(question) if classify else None)):
-                if key:
-                    total[key] += 1
-                    right[key] += ok
-            if len(examples) < 12:
-                examples.append({"question": question, "expected": answer, "answer": got})
+    pictures = [Image.open(io.BytesIO(img)) if img else None for _, _, img in questions]
+    got_all = greedy_answers(model, tokenizer, [p for p, _, _ in questions], pictures, max_new_tokens, batch)
+    for (prompt, answer, _), text in zip(questions, got_all, strict=True):
+        got = normalise_answer(text)
+        ok = got == normalise_answer(answer)
+        question = prompt.rsplit("USER:", 1)[-1].removesuffix("ASSISTANT:").strip()
+        for key in ("all", (classify(question) if classify else None)):
+            if key:
+                total[key] += 1
+                right[key] += ok
+        if len(examples) < 12:
+            examples.append({"question": question, "expected": answer, "answer": got})
     metrics = {"accuracy": right["all"] / total["all"]}
     metrics |= {f"accuracy/{k}": right[k] / total[k] for k in total if k != "all"}
     return EvalResult("exact_match", metrics, dict(total), examples)
 
 
 def pattern_classifier(types: dict[str, tuple[str, ...]]) -> Callable[[str], str | None] | None:
-    """A question's type: the first type one of whose patterns the question (its image token
-    removed) fully matches, else None; None when no types are given."""
+    """A question's type: the first type one of whose patterns the question's first line (after
+    its image token; later lines are instructions) fully matches, else None; None without types."""
     if not types:
         return None
     compiled = [(kind, re.compile(p)) for kind, patterns in types.items() for p in patterns]
 
     def classify(text: str) -> str | None:
-        question = text.removeprefix("<image>").strip()
+        question = text.removeprefix("<image>").strip().split("\n", 1)[0]
         return next((kind for kind, pattern in compiled if pattern.fullmatch(question)), None)
 
     return classify
@@ -173,9 +154,7 @@ def evaluate_checkpoint(
     if kind == "text":
         return perplexity(vlm, sources, limit)
     tokenizer = load_tokenizer(checkpoint)
-    vision = vlm.config.vision_config or {}
-    return exact_match(vlm, tokenizer, sources, vision.get("image_size", 0), vlm.config.image_aspect_ratio,
-                       limit=limit, classify=classify)  # fmt: skip
+    return exact_match(vlm, tokenizer, sources, limit=limit, classify=classify)
 
 
 def write_result(result: EvalResult, path: Path) -> Path:

@@ -1,0 +1,50 @@
+"""Batched greedy answers of a MobileVLM to prompts, with or without an image (KV cache on)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from PIL import Image
+
+from model.conversation import tokenize_prompt
+from model.image import preprocess_images
+
+
+@torch.no_grad()
+def greedy_answers(
+    vlm: Any, tokenizer: Any, prompts: Sequence[str], images: Sequence[Image.Image | None],
+    max_new_tokens: int, batch: int = 16,
+) -> list[str]:  # fmt: skip
+    """The decoded answer to each rendered prompt (``<image>`` where its image goes), greedy, in
+    batches of prompts that all have an image or all have none, left-padded."""
+    if len(prompts) != len(images):
+        raise ValueError(f"{len(prompts)} prompts but {len(images)} images")
+    vlm.eval()
+    vision = vlm.config.vision_config or {}
+    size, mode = vision.get("image_size", 0), vlm.config.image_aspect_ratio
+    answers: list[str | None] = [None] * len(prompts)
+    for with_image in (True, False):
+        order = [i for i, img in enumerate(images) if (img is not None) == with_image]
+        for start in range(0, len(order), batch):
+            chunk = order[start : start + batch]
+            ids = [tokenize_prompt(prompts[i], tokenizer) for i in chunk]
+            pixels = preprocess_images([images[i] for i in chunk], size, mode) if with_image else None
+            tokens = _generate(vlm, tokenizer, ids, pixels, max_new_tokens)
+            for i, row in zip(chunk, tokens, strict=True):
+                answers[i] = tokenizer.decode(row, skip_special_tokens=True).strip()
+    return [a or "" for a in answers]
+
+
+def _generate(vlm: Any, tokenizer: Any, ids: list[list[int]], pixels: torch.Tensor | None,
+              max_new_tokens: int) -> torch.Tensor:  # fmt: skip
+    longest = max(map(len, ids))
+    pad = tokenizer.pad_token_id
+    input_ids = torch.tensor([[pad] * (longest - len(p)) + p for p in ids])
+    mask = torch.tensor([[0] * (longest - len(p)) + [1] * len(p) for p in ids])
+    out = vlm.generate(
+        input_ids=input_ids, attention_mask=mask, images=pixels, max_new_tokens=max_new_tokens,
+        do_sample=False, pad_token_id=pad, eos_token_id=tokenizer.eos_token_id,
+    )  # fmt: skip
+    return out if pixels is not None else out[:, longest:]
