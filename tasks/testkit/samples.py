@@ -158,6 +158,7 @@ def exists_question(colour: str, kind: str) -> str:
     """The object-existence question (answered yes or no), as POPE asks it."""
     return QUESTION_TEMPLATES["exists"][0].format(colour=colour, kind=kind)
 
+
 PRETRAIN_REQUESTS: tuple[str, ...] = (
     "Describe the image briefly.",
     "Write a short caption for this image.",
