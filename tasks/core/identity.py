@@ -28,6 +28,7 @@ CODE_VERSIONS: dict[str, str] = {
     "exporter": "1",
     "quantizer": "1",
     "bench-protocol": "2",
+    "evaluator": "1",
 }
 
 

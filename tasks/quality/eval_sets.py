@@ -182,7 +182,8 @@ def read_mme(r: _Reader) -> list[EvalItem]:
         subtask, question = str(row["category"]), first_line(row["text"])
         stem = Path(str(row["image"])).stem
         truths = _mme_truths(release, subtask, stem)
-        truth = truths.get(f"{question} {MME_ASK}") or truths.get(f"{question}  {MME_ASK}")
+        asked = next((q for q in (f"{question} {MME_ASK}", f"{question}  {MME_ASK}") if q in truths), "")
+        truth = truths.get(asked)
         key = f"{row['question_id']}|{question}"
         if truth not in ("Yes", "No"):
             r.reject(
@@ -190,7 +191,7 @@ def read_mme(r: _Reader) -> list[EvalItem]:
             )
         elif r.new_key(key, where) and (image := r.image(release, row["image"], where)):
             prompt = with_instruction(row["text"], r.spec.instruction)
-            group = {"subtask": subtask, "image": str(row["image"])}
+            group = {"subtask": subtask, "image": str(row["image"]), "mme_question": asked}
             items.append(EvalItem(key, row["question_id"], prompt, image, truth.lower(), group))
     return items
 
@@ -276,7 +277,8 @@ def read_mmbench(r: _Reader) -> list[EvalItem]:
             elif r.new_key(key := str(int(row["index"])), where):
                 question = row["question"] if _none(row["hint"]) else f"{row['hint']}\n{row['question']}"
                 question += "".join(f"\n{c}. {text}" for c, text in options.items())
-                group = {"base": str(int(key) % MMBENCH_ROTATION), "category": row["category"]}
+                group = {"base": str(int(key) % MMBENCH_ROTATION), "category": row["category"],
+                         "question": row["question"]}  # fmt: skip
                 image = f"base64:{row['image'].strip()}"
                 if bad := image_reject(image):
                     r.reject(bad[0], where, bad[1])

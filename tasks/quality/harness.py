@@ -1,0 +1,211 @@
+"""One harness for every model and backend: read an evaluation set, ask every question, write the
+answers (the authors' format and the official servers' files), score by the official rules.
+
+An evaluation's identity is the model's identity, the set's identity (its spec and the content of
+every question, reference and image it asks), the backend and the code version; a finished
+evaluation with the same identity is read back instead of re-run.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from tasks.core.identity import atomic_write_json, canonical_json, code_version, hash_json, sha256_file
+from tasks.data.image_checks import ImageRejected
+from tasks.quality.backends import Answerer, ModelRef, open_answerer
+from tasks.quality.eval_files import load_image
+from tasks.quality.eval_sets import EvalSet, read_eval_set
+from tasks.quality.eval_specs import EvalSpec
+from tasks.quality.predictions import read_answers, write_answers, write_official
+from tasks.quality.scoring import BenchmarkScore, EvalItem, score
+
+log = logging.getLogger(__name__)
+ANSWERS_FILE = "answers.jsonl"
+RESULT_FILE = "result.json"
+CHUNK = 64
+"""Questions whose images are loaded at a time."""
+
+
+class EvalRunError(RuntimeError):
+    """An evaluation that could not finish (an image that no longer decodes, a backend failure)."""
+
+
+@dataclass
+class BenchmarkRun:
+    """One model answering one evaluation set."""
+
+    eval_set: str
+    """The evaluation spec's name."""
+    benchmark: str
+    """Which of the six benchmarks."""
+    eval_identity: str
+    """Content identity of the set as asked (spec, questions, references, images)."""
+    model: str
+    """What answered: a checkpoint or GGUF path, or a registered model version."""
+    backend: str
+    """``pytorch`` or ``llama.cpp/<quant type>``."""
+    identity: str
+    """Identity of this evaluation (model, set, backend, code version)."""
+    score: BenchmarkScore
+    """Scores by the official rules."""
+    questions: int
+    """Questions asked."""
+    seconds: float
+    """Wall time answering (without reading the set or scoring)."""
+    folder: str
+    """Where the answers, official files and this result are."""
+    rejects: dict[str, int] = field(default_factory=dict)
+    """Questions of the files set aside when reading, by reason."""
+    official_files: list[str] = field(default_factory=list)
+    """The files the benchmark's evaluation server or official tool reads."""
+
+    @property
+    def questions_per_s(self) -> float:
+        """Answering throughput."""
+        return self.questions / self.seconds if self.seconds > 0 else 0.0
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> BenchmarkRun:
+        """Read back a result written by ``run_benchmark``."""
+        return cls(**(data | {"score": BenchmarkScore(**data["score"])}))
+
+
+def eval_set_identity(eval_set: EvalSet) -> str:
+    """Hash of the spec and of every item as asked: key, prompt, reference and image bytes."""
+    digest = hashlib.sha256(canonical_json(eval_set.spec.model_dump(mode="json")).encode())
+    seen: dict[str, str] = {}
+    for item in eval_set.items:
+        image = item.image or ""
+        if image and not image.startswith("base64:"):
+            image = seen.setdefault(image, sha256_file(image))
+        elif image:
+            image = hashlib.sha256(image.encode()).hexdigest()
+        digest.update(canonical_json([item.key, item.prompt, item.truth, image, item.options]).encode())
+    return digest.hexdigest()[:16]
+
+
+def run_identity(model_identity: str, eval_identity: str, backend: str) -> str:
+    """Identity of one model x set x backend evaluation."""
+    return hash_json({"model": model_identity, "eval": eval_identity, "backend": backend,
+                      "code": code_version("evaluator")})  # fmt: skip
+
+
+def ask(answerer: Answerer, items: Sequence[EvalItem], max_new_tokens: int,
+        progress: Callable[[int], None] | None = None) -> dict[str, str]:  # fmt: skip
+    """Item key -> the answerer's answer, asked in chunks with their images loaded."""
+    answers: dict[str, str] = {}
+    for start in range(0, len(items), CHUNK):
+        chunk = items[start : start + CHUNK]
+        images = [_image(item) for item in chunk]
+        got = answerer.answer([item.prompt for item in chunk], images, max_new_tokens)
+        answers.update(zip((item.key for item in chunk), got, strict=True))
+        if progress:
+            progress(len(chunk))
+    return answers
+
+
+def _image(item: EvalItem) -> Any:
+    if item.image is None:
+        return None
+    try:
+        return load_image(item.image)
+    except ImageRejected as err:
+        where = item.image if not item.image.startswith("base64:") else f"question {item.key}"
+        raise EvalRunError(f"{where}: {err.args[1]} (it was readable when the set was read)") from None
+
+
+def run_benchmark(
+    answerer: Answerer, eval_set: EvalSet, folder: Path, model: str, model_identity: str,
+    progress: Callable[[int], None] | None = None, eval_identity: str | None = None,
+) -> BenchmarkRun:  # fmt: skip
+    """Ask ``eval_set`` with ``answerer``, write answers + official files + result under ``folder``
+    and return the scores; a result with the same identity already there is returned as it is."""
+    spec = eval_set.spec
+    eval_identity = eval_identity or eval_set_identity(eval_set)
+    identity = run_identity(model_identity, eval_identity, answerer.name)
+    if (done := _finished(folder, identity)) is not None:
+        log.info("%s on %s: already evaluated (%s)", answerer.name, spec.name, identity)
+        return done
+    start = time.perf_counter()
+    answers = ask(answerer, eval_set.items, spec.max_new_tokens, progress)
+    seconds = time.perf_counter() - start
+    answers_file = write_answers(folder / ANSWERS_FILE, spec.benchmark, eval_set.items, answers, model)
+    scored = score(
+        spec.benchmark, eval_set.items, read_answers(answers_file, spec.benchmark), str(answers_file)
+    )
+    official = write_official(spec.benchmark, eval_set.items, answers, folder)
+    run = BenchmarkRun(spec.name, spec.benchmark, eval_identity, model, answerer.name, identity, scored,
+                       len(eval_set.items), seconds, str(folder), eval_set.rejects.counts(),
+                       [str(p) for p in official])  # fmt: skip
+    atomic_write_json(folder / RESULT_FILE, asdict(run))
+    return run
+
+
+def _finished(folder: Path, identity: str) -> BenchmarkRun | None:
+    path = folder / RESULT_FILE
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    if data.get("identity") != identity or not (folder / ANSWERS_FILE).is_file():
+        return None
+    return BenchmarkRun.from_json(data)
+
+
+def score_file(eval_set: EvalSet, answers_file: Path) -> BenchmarkScore:
+    """Score an existing answers file (any tool's, in the authors' jsonl format) by the set's rules."""
+    spec = eval_set.spec
+    return score(
+        spec.benchmark, eval_set.items, read_answers(answers_file, spec.benchmark), str(answers_file)
+    )
+
+
+def evaluate_model(
+    ref: ModelRef, specs: Sequence[EvalSpec], data_root: Path, out_root: Path, template: str = "v1",
+    threads: int = 2, progress: Callable[[str, int, int], None] | None = None,
+) -> list[BenchmarkRun]:  # fmt: skip
+    """Every set of ``specs`` asked of one model, in order; the sets are all read (and any bad one
+    refused) before the model is loaded. ``progress(set name, done, total)`` follows the questions."""
+    sets = [read_eval_set(spec, data_root) for spec in specs]
+    folder = out_root / ref.identity / ref.backend.replace("/", "-")
+    answerer = None
+    runs = []
+    try:
+        for eval_set in sets:
+            name, total, done = eval_set.spec.name, len(eval_set.items), [0]
+
+            def step(n: int, name: str = name, total: int = total, done: list[int] = done) -> None:
+                done[0] += n
+                if progress:
+                    progress(name, done[0], total)
+
+            eval_identity = eval_set_identity(eval_set)
+            done_before = _finished(folder / name, run_identity(ref.identity, eval_identity, ref.backend))
+            if answerer is None and done_before is None:
+                answerer = open_answerer(ref, template, threads)
+            runs.append(run_benchmark(answerer or _Unused(ref.backend), eval_set, folder / name,
+                                      str(ref.path), ref.identity, step, eval_identity))  # fmt: skip
+    finally:
+        if answerer is not None:
+            answerer.close()
+    return runs
+
+
+@dataclass
+class _Unused:
+    """Stands in for a model that is not loaded because every result is already there."""
+
+    name: str
+
+    def answer(self, questions: Sequence[str], images: Sequence[Any], max_new_tokens: int) -> list[str]:
+        raise EvalRunError(f"{self.name}: the model was not loaded (internal error: a result went missing)")
+
+    def close(self) -> None:
+        return None
