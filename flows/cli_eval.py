@@ -95,8 +95,8 @@ def run_command(
                 ids.setdefault(name, bar.add_task(name, total=total))
                 bar.update(ids[name], completed=done)
 
-            runs = evaluate_model(ref, specs, settings.data_root, settings.runs_root / "eval", template, threads,
-                                  progress)  # fmt: skip
+            out = settings.runs_root / "eval"
+            runs = evaluate_model(ref, specs, settings.data_root, out, template, threads, progress)
     except (ModelRefError, EvalSetError, EvalRunError) as err:
         raise _fail(str(err)) from err
     table = Table("set", "score", "metrics", "questions", "q/s", title=f"{ref.backend} {ref.path}")

@@ -116,8 +116,8 @@ def _mmbench_submission(items: Sequence[EvalItem], answers: Mapping[str, str], p
     sheet.append(["index", "question", "A", "B", "C", "D", "prediction", "answer", "split"])
     for item in items:
         options = [item.options.get(c, "") for c in "ABCD"]
-        sheet.append([item.question_id, item.group.get("question", ""), *options, answers[item.key], item.truth,
-                      item.group.get("split", "dev")])  # fmt: skip
+        question = item.group.get("question", "")
+        sheet.append([item.question_id, question, *options, answers[item.key], item.truth, "dev"])
     with atomic_path(path) as tmp:
         book.save(tmp)
     return path
