@@ -54,7 +54,7 @@ SIZES = {
 def build_data(root: Path, seq_len: int) -> Path:
     """Samples + a tiny-redpajama build at ``seq_len``; returns the spec folder."""
     from tasks.data.build import build_dataset
-    from tasks.testkit.samples import make_samples
+    from tasks.testkit.sample_tree import make_samples
 
     if not (root / "samples").is_dir():
         make_samples(root / "samples")

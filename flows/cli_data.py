@@ -76,7 +76,8 @@ def make_samples_cmd(
     data_root: DataRoot = None,
 ) -> None:
     """Generate the tiny profile's sample data and tokenizer (deterministic for a seed)."""
-    from tasks.testkit.samples import SampleConfig, make_samples
+    from tasks.testkit.sample_tree import make_samples
+    from tasks.testkit.samples import SampleConfig
 
     target = out_dir or _data_root(data_root) / "samples"
     summary = make_samples(target, SampleConfig(seed=seed))

@@ -74,7 +74,7 @@ def prefect_api():
 def samples_root(tmp_path_factory) -> Path:
     """A data root holding ``samples/`` from ``make_samples`` (default config), shared by the session."""
 
-    from tasks.testkit.samples import make_samples
+    from tasks.testkit.sample_tree import make_samples
 
     root = Path(tmp_path_factory.mktemp("data_root"))
     make_samples(root / "samples")

@@ -13,7 +13,7 @@ from flows.cli import app
 from tasks.core.identity import read_json
 from tasks.data.catalog import query
 from tasks.data.specs import load_all
-from tasks.testkit.samples import load_summary
+from tasks.testkit.sample_tree import load_summary
 
 pytestmark = pytest.mark.usefixtures("prefect_api", "ray_local")
 

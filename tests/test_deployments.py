@@ -191,7 +191,7 @@ def test_deploy_all_and_a_worker_runs_a_scheduled_build(
     from prefect.states import Scheduled
 
     from tasks.ship.bench import load_pools
-    from tasks.testkit.samples import make_samples
+    from tasks.testkit.sample_tree import make_samples
 
     started = time.monotonic()
     port = _free_port()

@@ -16,7 +16,8 @@ from tasks.data.build import BuildError, BuildResult, build_dataset
 from tasks.data.image_checks import resize_image
 from tasks.data.image_text import HostPolicy, sample_key, split_for, url_problem
 from tasks.data.img2dataset_runner import Img2DatasetNotFound, failure_reason, find_img2dataset, read_stats
-from tasks.testkit.samples import SampleConfig, make_samples
+from tasks.testkit.sample_tree import make_samples
+from tasks.testkit.samples import SampleConfig
 
 N_GOOD, N_MISSING, N_CORRUPT = 24, 3, 2
 REFUSED_URLS = (

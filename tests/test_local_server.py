@@ -14,7 +14,8 @@ import pytest
 from PIL import Image
 
 from tasks.data.local_server import LOCAL_SERVER_PLACEHOLDER, serve_directory, substitute_server
-from tasks.testkit.samples import SampleConfig, make_samples
+from tasks.testkit.sample_tree import make_samples
+from tasks.testkit.samples import SampleConfig
 
 # Ignore any proxy settings of the environment: requests must go straight to the loopback server.
 _OPENER = urllib.request.build_opener(urllib.request.ProxyHandler({}))

@@ -13,6 +13,7 @@ from PIL import Image
 from model.conversation import VICUNA_SYSTEM
 from model.tokenizer import load_tokenizer, tokenizer_hash
 from tasks.core.identity import sha256_file
+from tasks.testkit.sample_tree import make_samples
 from tasks.testkit.samples import (
     BACKGROUNDS,
     COUNT_WORDS,
@@ -24,7 +25,6 @@ from tasks.testkit.samples import (
     SampleSummary,
     caption_for,
     classify_question,
-    make_samples,
 )
 
 N = SampleConfig().n_images

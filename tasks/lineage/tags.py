@@ -9,7 +9,7 @@ from __future__ import annotations
 IDENTITY = "mvlm.identity"
 """Identity of the result a run records (a build, stage, export, quant or benchmark id)."""
 KIND = "mvlm.kind"
-"""What a run records: retrain, build, stage, evaluation, export, quant, device-bench."""
+"""What a run records: retrain, build, stage, evaluation (held-out), benchmark-eval, export, quant, bench."""
 COMPLETE = "mvlm.push_complete"
 """``"true"`` once every part of a pushed payload is in MLflow (a run without it is unfinished)."""
 OWNER = "mvlm.pushed_by"
@@ -59,6 +59,15 @@ MMPROJ_FILE = "mvlm.mmproj_file"
 """File name of the vision projector GGUF (VLMs only)."""
 LLAMA_CPP_BUILD = "mvlm.llama_cpp_build"
 """llama.cpp build number that quantized or measured."""
+
+EVAL_SET = "mvlm.eval_set"
+"""Evaluation spec name (evaluation runs)."""
+BACKEND = "mvlm.backend"
+"""What answered an evaluation: ``pytorch`` or ``llama.cpp/<type>``."""
+GATE = "mvlm.gate"
+"""On a retrain run: ``PASS`` or ``FAIL``, the gate's verdict on its models."""
+GATE_FAILURES = "mvlm.gate_failures"
+"""On a retrain run: JSON list of the thresholds that failed."""
 
 
 def search(tag: str, value: str) -> str:

@@ -24,6 +24,9 @@ from tasks.lineage import tags as tag
 
 log = logging.getLogger(__name__)
 EXPERIMENT = "mobilevlm"
+EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
+EXPERIMENT_KIND = "custom_model_development"
+"""The MLflow UI's kind for training experiments (without it, 3.x opens the GenAI overview)."""
 """One experiment for every step, so the UI nests each retrain's steps under its parent run."""
 MAX_PARAM = 500
 
@@ -77,20 +80,24 @@ def client(uri: str | None = None) -> Any:
 
 
 def experiment_id(mlflow: Any, name: str = EXPERIMENT) -> str:
-    """The id of experiment ``name``, created if missing; a SQLite store keeps its artifacts beside the
+    """The id of experiment ``name``, created if missing and marked as model training (the UI opens
+    it on runs and models, not the GenAI traces view); a SQLite store keeps its artifacts beside the
     database (``mlartifacts/<name>``). Two processes may both find it missing: the loser's create
     fails on the unique name and it reads the winner's experiment instead."""
     from mlflow.exceptions import MlflowException
 
     found = mlflow.get_experiment_by_name(name)
     if found:
+        if found.tags.get(EXPERIMENT_KIND_TAG) != EXPERIMENT_KIND:  # stores made before the kind was set
+            mlflow.set_experiment_tag(found.experiment_id, EXPERIMENT_KIND_TAG, EXPERIMENT_KIND)
         return found.experiment_id
     uri = mlflow.tracking_uri
     location = None
     if uri.startswith("sqlite:///"):
         location = (Path(uri.removeprefix("sqlite:///")).parent / "mlartifacts" / name).as_uri()
     try:
-        return mlflow.create_experiment(name, artifact_location=location)
+        return mlflow.create_experiment(name, artifact_location=location,
+                                        tags={EXPERIMENT_KIND_TAG: EXPERIMENT_KIND})  # fmt: skip
     except MlflowException:  # another process created it in between
         found = mlflow.get_experiment_by_name(name)
         if found is None:

@@ -18,9 +18,11 @@ from pathlib import Path
 from typing import Any
 
 from tasks.core.identity import atomic_write_json, canonical_json, code_version, hash_json, sha256_file
+from tasks.data.builder import BuildError
+from tasks.data.downloads import ensure_downloads
 from tasks.data.image_checks import ImageRejected
 from tasks.quality.backends import Answerer, ModelRef, open_answerer
-from tasks.quality.eval_files import load_image
+from tasks.quality.eval_files import EvalSetError, load_image
 from tasks.quality.eval_sets import EvalSet, read_eval_set
 from tasks.quality.eval_specs import EvalSpec
 from tasks.quality.predictions import read_answers, write_answers, write_official
@@ -167,13 +169,23 @@ def score_file(eval_set: EvalSet, answers_file: Path) -> BenchmarkScore:
     )
 
 
+def fetched(spec: EvalSpec, data_root: Path) -> EvalSpec:
+    """``spec`` once its ``downloads`` are fetched (or found finished) under ``data_root``."""
+    if spec.downloads:
+        try:
+            ensure_downloads(spec, data_root)  # type: ignore[arg-type]  (the same download fields)
+        except BuildError as err:
+            raise EvalSetError(f"eval {err}") from None
+    return spec
+
+
 def evaluate_model(
     ref: ModelRef, specs: Sequence[EvalSpec], data_root: Path, out_root: Path, template: str = "v1",
     threads: int = 2, progress: Callable[[str, int, int], None] | None = None,
 ) -> list[BenchmarkRun]:  # fmt: skip
     """Every set of ``specs`` asked of one model, in order; the sets are all read (and any bad one
     refused) before the model is loaded. ``progress(set name, done, total)`` follows the questions."""
-    sets = [read_eval_set(spec, data_root) for spec in specs]
+    sets = [read_eval_set(fetched(spec, data_root), data_root) for spec in specs]
     folder = out_root / ref.identity / ref.backend.replace("/", "-")
     answerer = None
     runs = []

@@ -70,7 +70,8 @@ def make_gqa(pool, config: SampleConfig) -> dict[str, bytes]:
     files, questions, answers = {}, [], {}
     for record, image in pool:
         files[f"gqa/images/{record.id}.jpg"] = _jpeg(image, config)
-        for _, question, answer in rng.sample(question_candidates(record), 2):
+        candidates = question_candidates(record)  # one only when every shape looks alike
+        for _, question, answer in rng.sample(candidates, min(2, len(candidates))):
             qid = f"{len(questions) + 201300000}"
             questions.append(
                 {

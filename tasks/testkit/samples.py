@@ -1,6 +1,7 @@
 """Sample data for the tiny CPU profile, in the formats of the real MobileVLM datasets.
 
-``make_samples(out_dir)`` writes a small, deterministic world of coloured shapes that a tiny LLaMA
+The shape world of the tiny CPU profile's samples (``tasks.testkit.sample_tree.make_samples``
+writes them): a small, deterministic world of coloured shapes that a tiny LLaMA
 (width 64) with a tiny CLIP ViT (56 px) can learn from: every caption and answer states exactly what
 the pixels show, and answers are single lowercase words so exact-match accuracy can be measured.
 
@@ -30,16 +31,13 @@ import logging
 import math
 import random
 import re
-import time
 from collections import Counter
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 from typing import Any
 
 from PIL import Image, ImageDraw
 
-from tasks.core.identity import atomic_path, atomic_write_json, atomic_write_text, sha256_file
 from tasks.data.local_server import LOCAL_SERVER_PLACEHOLDER
 
 logger = logging.getLogger(__name__)
@@ -1053,12 +1051,12 @@ def make_chats(config: SampleConfig) -> list[dict[str, Any]]:
 # --------------------------------------------------------------------------------------------------
 
 
-def _jsonl(docs: Iterable[dict[str, Any]]) -> str:
+def jsonl_text(docs: Iterable[dict[str, Any]]) -> str:
     """JSON lines with sorted keys."""
     return "".join(json.dumps(d, sort_keys=True, ensure_ascii=False) + "\n" for d in docs)
 
 
-def _json(obj: Any) -> str:
+def json_text(obj: Any) -> str:
     """Indented, key-sorted JSON text."""
     return json.dumps(obj, indent=2, sort_keys=True, ensure_ascii=False) + "\n"
 
@@ -1092,131 +1090,3 @@ def tokenizer_corpus(
         texts += [t["value"].removeprefix("<image>\n") for t in entry["conversations"]]
     texts += [VICUNA_SYSTEM, "USER:", "ASSISTANT:", *PRETRAIN_REQUESTS]
     return texts
-
-
-def _write_tokenizer(out_dir: Path, texts: list[str], vocab_size: int) -> tuple[int, str]:
-    """Train the tokenizer into ``out_dir/tokenizer`` (folder swapped in atomically); its size and hash."""
-    from model.tokenizer import tokenizer_hash, train_tokenizer
-
-    with atomic_path(out_dir / "tokenizer") as tmp:
-        tokenizer = train_tokenizer(texts, vocab_size=vocab_size, out_dir=tmp)
-    return len(tokenizer), tokenizer_hash(tokenizer)
-
-
-def _write_images(out_dir: Path, files: dict[str, bytes]) -> None:
-    """Write ``images/`` as a whole (stale files of an earlier config disappear with the old folder)."""
-    with atomic_path(out_dir / "images") as tmp:
-        tmp.mkdir()
-        for name, data in files.items():
-            (tmp / name).write_bytes(data)
-
-
-def _write_tree(folder: Path, files: dict[str, bytes]) -> None:
-    """Write a folder of files (relative path -> bytes) as a whole, replacing an earlier one."""
-    with atomic_path(folder) as tmp:
-        for rel, data in files.items():
-            (tmp / rel).parent.mkdir(parents=True, exist_ok=True)
-            (tmp / rel).write_bytes(data)
-
-
-def _file_hashes(out_dir: Path, relpaths: Iterable[str]) -> dict[str, str]:
-    """sha256 of each listed file."""
-    return {rel: sha256_file(out_dir / rel) for rel in sorted(relpaths)}
-
-
-def _written_files(out_dir: Path, image_files: Iterable[str], eval_files: Iterable[str]) -> list[str]:
-    """Relative paths of every file of the layout (``samples.json`` excluded)."""
-    fixed = [f"redpajama/{s}.jsonl" for s in REDPAJAMA_SUBSETS]
-    fixed += ["cc3m/urls.tsv", "llava/pretrain.json", "llava/instruct.json", "sharegpt/chat.json"]
-    tokenizer = [p.relative_to(out_dir).as_posix() for p in (out_dir / "tokenizer").iterdir() if p.is_file()]
-    return [f"images/{n}" for n in image_files] + [f"eval/{n}" for n in eval_files] + fixed + tokenizer
-
-
-def load_summary(out_dir: Path) -> SampleSummary | None:
-    """The summary in ``out_dir/samples.json``, or None when absent or unreadable."""
-    path = Path(out_dir) / "samples.json"
-    try:
-        return SampleSummary.from_json(json.loads(path.read_text()))
-    except (OSError, ValueError, KeyError, TypeError):
-        return None
-
-
-def is_complete(out_dir: Path, config: SampleConfig) -> SampleSummary | None:
-    """The existing summary when ``out_dir`` holds this config's samples with every file intact, else None."""
-    summary = load_summary(out_dir)
-    if summary is None or summary.generator != GENERATOR_VERSION or summary.config != config_json(config):
-        return None
-    for rel, digest in summary.files.items():
-        path = Path(out_dir) / rel
-        if not path.is_file() or sha256_file(path) != digest:
-            logger.info("samples in %s: %s is missing or changed; regenerating", out_dir, rel)
-            return None
-    return summary
-
-
-def make_samples(out_dir: Path, config: SampleConfig = SampleConfig()) -> SampleSummary:
-    """Generate the tiny profile's sample data under ``out_dir`` (see the module docstring for the layout).
-
-    Deterministic: the same config writes the same bytes. When ``out_dir/samples.json`` already
-    describes this config and every listed file still has its recorded sha256, nothing is rewritten.
-    """
-    config.validate()
-    out_dir = Path(out_dir)
-    start = time.perf_counter()
-    existing = is_complete(out_dir, config)
-    if existing is not None:
-        logger.info("samples in %s are complete for this config; skipping", out_dir)
-        return existing
-    records, image_files = make_images(config)
-    _write_images(out_dir, image_files)
-    from tasks.testkit.eval_samples import make_eval_sets  # it builds on this module's shape world
-
-    eval_files = make_eval_sets(config)
-    _write_tree(out_dir / "eval", eval_files)
-    all_docs, subset_counts = [], {}
-    for subset in REDPAJAMA_SUBSETS:
-        docs, subset_counts[subset] = make_subset(subset, config)
-        atomic_write_text(out_dir / "redpajama" / f"{subset}.jsonl", _jsonl(docs))
-        all_docs += docs
-    urls_text, url_counts = make_urls_tsv(records, config)
-    atomic_write_text(out_dir / "cc3m" / "urls.tsv", urls_text)
-    pretrain = make_pretrain(records, config)
-    instruct, question_types = make_instruct(records, config)
-    chats = make_chats(config)
-    for rel, data in (
-        ("llava/pretrain.json", pretrain),
-        ("llava/instruct.json", instruct),
-        ("sharegpt/chat.json", chats),
-    ):
-        atomic_write_text(out_dir / rel, _json(data))
-    texts = tokenizer_corpus(all_docs, records, [*pretrain, *instruct, *chats])
-    vocab, tok_hash = _write_tokenizer(out_dir, texts, config.vocab_size)
-    summary = SampleSummary(
-        generator=GENERATOR_VERSION,
-        seed=config.seed,
-        config=config_json(config),
-        n_images=len(records),
-        n_single_shape=sum(r.count == 1 for r in records),
-        images=records,
-        redpajama=subset_counts,
-        cc3m=url_counts,
-        pretrain_samples=len(pretrain),
-        instruct_samples=len(instruct),
-        instruct_rounds=sum(len(e["conversations"]) // 2 for e in instruct),
-        instruct_questions={t: question_types.get(t, 0) for t in QUESTION_TEMPLATES},
-        chats=len(chats),
-        chat_turns=sum(len(c["conversations"]) for c in chats),
-        tokenizer_vocab_size=vocab,
-        tokenizer_hash=tok_hash,
-    )
-    summary.files = _file_hashes(out_dir, _written_files(out_dir, image_files, eval_files))
-    atomic_write_json(out_dir / "samples.json", summary.to_json())
-    logger.info(
-        "wrote samples to %s in %.1fs: %d images, %d docs, vocab %d",
-        out_dir,
-        time.perf_counter() - start,
-        len(records),
-        len(all_docs),
-        vocab,
-    )
-    return summary

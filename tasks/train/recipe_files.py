@@ -24,7 +24,7 @@ from typing import Any, get_args, get_origin
 from pydantic import BaseModel, ConfigDict, ValidationError, create_model
 
 from tasks.core.yaml_lines import has, inner_model, line_of, parse_yaml, problems_of
-from tasks.train.recipe_schema import MODEL_NAMES, Recipe, StageConfig
+from tasks.train.recipe_schema import MODEL_NAMES, Gate, Recipe, StageConfig
 
 log = logging.getLogger(__name__)
 RECIPE_DIR = Path(__file__).resolve().parents[2] / "recipes"
@@ -81,7 +81,8 @@ def _file_model() -> type[BaseModel]:
         "RecipeFile", __config__=ConfigDict(extra="forbid"), name=(str, ...), description=(str, ""),
         base=(str | None, None), stages=(list[stage], []), quant_types=(list[str] | None, None),
         evaluate=(list[str] | None, None), model_names=(dict[str, str] | None, None),
-        question_types=(dict[str, list[str]] | None, None),
+        question_types=(dict[str, list[str]] | None, None), eval_sets=(list[str] | None, None),
+        gate=(_partial(Gate) | None, None),
     )  # fmt: skip
 
 
@@ -151,7 +152,12 @@ def load_recipe(name: str, files: dict[str, Path] | None = None) -> Recipe:
     files = files if files is not None else recipe_files()
     merged = _resolved(name, files, ())
     stages = tuple(_stage(s) for s in merged["stages"])
-    extra = {k: tuple(merged[k]) for k in ("quant_types", "evaluate") if merged.get(k) is not None}
+    extra = {
+        k: tuple(merged[k]) for k in ("quant_types", "evaluate", "eval_sets") if merged.get(k) is not None
+    }
+    if merged.get("gate") is not None:
+        extra["gate"] = _build(Gate, {k: v for k, v in merged["gate"].items() if v is not None})
+    _check_eval_sets(merged.get("eval_sets") or (), extra.get("gate"), files[name])
     if merged.get("model_names") is not None:
         extra["model_names"] = {**MODEL_NAMES, **merged["model_names"]}
     if merged.get("question_types") is not None:
@@ -162,6 +168,22 @@ def load_recipe(name: str, files: dict[str, Path] | None = None) -> Recipe:
         if unknown:
             raise RecipeError([f"{files[name]}: {key}: {unknown} are not stages of recipe {name}: {names}"])
     return Recipe(name, merged.get("description", ""), stages, **extra)
+
+
+def _check_eval_sets(names: Any, gate: Gate | None, path: Path) -> None:
+    """Every set a recipe names is an evaluation spec; every gate minimum is one of its sets."""
+    from tasks.quality.eval_specs import EvalSpecError, load_eval_specs
+
+    try:
+        known = load_eval_specs()
+    except EvalSpecError as err:
+        raise RecipeError(err.problems) from None
+    if unknown := [n for n in names if n not in known]:
+        raise RecipeError([f"{path}: eval_sets: {unknown} are not evaluation specs; known: {sorted(known)} "
+                           "(add a file to eval_specs/ or fix the name)"])  # fmt: skip
+    if gate and (stray := [n for n in gate.min_scores if n not in (*names, "average")]):
+        raise RecipeError([f"{path}: gate.min_scores: {stray} are not in the recipe's eval_sets "
+                           f"{list(names)} (or 'average')"])  # fmt: skip
 
 
 def _question_types(given: dict[str, list[str]], path: Path) -> dict[str, tuple[str, ...]]:

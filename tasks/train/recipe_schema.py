@@ -129,6 +129,21 @@ class StageConfig:
         return self.global_batch // per_step
 
 
+@dataclass(frozen=True)
+class Gate:
+    """What a retrain's model must score to become the champion. Scores are the benchmarks' headline
+    figures (percent; MME perception out of 2000); drops are in points, MME counted as score / 20 as
+    in the papers' average, so that one threshold means the same on every set."""
+
+    min_scores: dict[str, float] = field(default_factory=dict)
+    """Evaluation set name (or ``average``: the papers' average of all six) -> lowest headline that
+    passes, for the PyTorch model."""
+    max_drop_vs_champion: float | None = None
+    """Largest drop, on any set, of the PyTorch model against the current champion (None: no check)."""
+    max_quant_drop: float | None = None
+    """Largest drop, on any set, from the PyTorch model to each quantization (None: no check)."""
+
+
 MODEL_NAMES = {
     "llm-pretrain": "mobilellama-base",
     "llm-sft": "mobilellama-chat",
@@ -157,6 +172,10 @@ class Recipe:
     question_types: dict[str, tuple[str, ...]] = dataclasses.field(default_factory=dict)
     """Question type -> regular expressions an evaluated question (without its image token) fully
     matches; the instruction evaluation reports an accuracy per type beside the overall one."""
+    eval_sets: tuple[str, ...] = ()
+    """Evaluation specs (``eval_specs/``) the final model and every quantization answer in a retrain."""
+    gate: Gate = Gate()
+    """Thresholds on those scores that decide whether the retrain's models become the champion."""
 
     def stage(self, name: str) -> StageConfig:
         """The stage called ``name``."""
