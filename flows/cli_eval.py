@@ -33,8 +33,9 @@ eval_app = typer.Typer(
 
 
 def register(app: typer.Typer) -> None:
-    """Attach the ``eval`` group to the root app."""
+    """Attach the ``eval`` group and ``scorecard`` to the root app."""
     app.add_typer(eval_app, name="eval")
+    app.command("scorecard")(scorecard_command)
 
 
 def _fail(message: str) -> typer.Exit:
@@ -156,3 +157,32 @@ def list_command() -> None:
     for name, (_, spec) in sorted(specs.items()):
         table.add_row(name, spec.benchmark, spec.profile, spec.license, spec.files["questions"])
     console.print(table)
+
+
+def scorecard_command(
+    target: Annotated[
+        str | None, typer.Argument(help="Retrain run id, or MODEL@VERSION / MODEL@ALIAS (default: latest).")
+    ] = None,
+) -> None:
+    """Print a retrain's scorecard: its models on the six benchmarks beside the champion and the papers."""
+    import tempfile
+
+    from flows.quality import verdict
+    from tasks.lineage import tracking
+    from tasks.lineage.quality_runs import ScorecardNotFound, retrain_run_of, scorecard_data
+    from tasks.quality.scorecard import ScorecardRow, table
+
+    mlflow = tracking.client()
+    try:
+        run_id = retrain_run_of(mlflow, target)
+        with tempfile.TemporaryDirectory() as folder:
+            data = scorecard_data(mlflow, run_id, folder)
+    except ScorecardNotFound as err:
+        raise _fail(str(err)) from err
+    header, cells = table([ScorecardRow(**row) for row in data["rows"]])
+    out = Table(
+        *header, title=f"scorecard of retrain {run_id}", caption=verdict(data.get("gate") or {}) or None
+    )
+    for row in cells:
+        out.add_row(*row)
+    console.print(out)

@@ -30,9 +30,13 @@ def retrain(
     quant: Annotated[list[str] | None, typer.Option(help="llama.cpp quant type (repeatable).")] = None,
     bench_timeout: Annotated[float, typer.Option(help="Seconds to wait for each device benchmark.")] = 600,
     until: Annotated[
-        Literal["data", "train", "export", "quantize", "benchmark"] | None,
+        Literal["data", "train", "export", "quantize", "evaluate", "benchmark"] | None,
         typer.Option(help="Stop after this step (default: run everything); a rerun continues from there."),
     ] = None,
+    require_gate: Annotated[
+        bool,
+        typer.Option(help="Exit 3 when the gate fails (a failed gate is otherwise reported, not an error)."),
+    ] = False,
 ) -> None:
     """Data, training stages, evaluation, export, quantization and device benchmarks, reusing what exists."""
     from flows.retrain import RetrainError
@@ -44,6 +48,8 @@ def retrain(
         report_failure(err)
         raise typer.Exit(1) from err
     print_summary(result)
+    if require_gate and result.get("gate") and not result["gate"]["passed"]:
+        raise typer.Exit(3)
 
 
 def print_summary(result: dict[str, Any]) -> None:
@@ -73,6 +79,8 @@ def print_summary(result: dict[str, Any]) -> None:
             quants.add_row(q["quant_type"], size, q["model_version"], b["pool"], b["status"], *speeds)
     for table in (data, stages, quants):
         console.print(table)
+    if result.get("evaluations"):
+        console.print(_scorecard(result))
     if result.get("lineage"):
         console.print(f"lineage: {result['lineage']}")
     if result.get("stopped_after"):
@@ -87,6 +95,20 @@ def print_summary(result: dict[str, Any]) -> None:
     )
     if log_file() is not None:
         console.print(f"full log (library and Ray output): {log_file()}", highlight=False)
+
+
+def _scorecard(result: dict[str, Any]) -> Table:
+    """The scorecard (ours, the champion before this retrain, the papers') with the gate's verdict."""
+    from flows.quality import verdict
+    from tasks.quality.scorecard import rows_for, table
+
+    gate = result.get("gate") or {}
+    champion = {"model_version": gate.get("champion_before"), "scores": gate.get("champion_scores")}
+    header, cells = table(rows_for(result["evaluations"], result["quants"], result["benchmarks"], champion))
+    out = Table(*header, title="scorecard", caption=verdict(gate) or None)
+    for row in cells:
+        out.add_row(*row)
+    return out
 
 
 def _num(value: Any) -> str:

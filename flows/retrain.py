@@ -16,14 +16,15 @@ from typing import TYPE_CHECKING, Any, Literal
 from prefect import flow, task
 from prefect.cache_policies import NONE
 
+from flows.quality import evaluate_task, gate_task, scorecard_task
 from tasks.lineage import tags as tag
 
 if TYPE_CHECKING:
     from tasks.train.recipes import Recipe
 
 log = logging.getLogger(__name__)
-Step = Literal["data", "train", "export", "quantize", "benchmark"]
-STEPS: tuple[str, ...] = ("data", "train", "export", "quantize", "benchmark")
+Step = Literal["data", "train", "export", "quantize", "evaluate", "benchmark"]
+STEPS: tuple[str, ...] = ("data", "train", "export", "quantize", "evaluate", "benchmark")
 """The retrain's steps in order; ``until`` stops after one of them."""
 
 
@@ -58,7 +59,13 @@ class RetrainSummary:
     export: str | None = None
     """GGUF export folder."""
     quants: list[dict[str, Any]] = field(default_factory=list)
-    """Quantizations: type, MLflow run, model version, bytes."""
+    """Quantizations: type, MLflow run, model version, bytes, GGUF path."""
+    evaluations: list[dict[str, Any]] = field(default_factory=list)
+    """The recipe's benchmarks per model (PyTorch first, then each quantization): scores and runs."""
+    gate: dict[str, Any] | None = None
+    """The gate's verdict: passed, failures, aliases moved, the champion before this retrain."""
+    scorecard: dict[str, str] | None = None
+    """Scorecard files (html, png, json), also artifacts of the retrain run."""
     benchmarks: list[dict[str, Any]] = field(default_factory=list)
     """Device benchmark results (or why they are pending) per quantization and pool."""
     lineage: str | None = None
@@ -116,7 +123,8 @@ def quantize_task(
     ref = register_quant(
         tracking.client(), name, recipe.name, quant, run_id, parent_run_id, parent_model, datasets
     )
-    return {"quant_type": quant_type, "run_id": run_id, "model_version": ref, "bytes": _size(quant.out_dir)}
+    return {"quant_type": quant_type, "run_id": run_id, "model_version": ref, "bytes": _size(quant.out_dir),
+            "gguf": str(quant.llm)}  # fmt: skip
 
 
 def _size(folder: Path) -> int:
@@ -190,8 +198,8 @@ def retrain(
     ``from_stage`` retrains that stage and every later one; ``force`` names stages to retrain;
     ``pools`` are device work pools to benchmark on (default host-cpu); ``quant_types`` default to
     the recipe's (``quant_types`` in its file: the paper's q4_k_s+q8_0 unless it says otherwise).
-    ``until`` stops after that step (``data``, ``train``, ``export``, ``quantize``; default: run
-    everything): the summary's
+    ``until`` stops after that step (``data``, ``train``, ``export``, ``quantize``, ``evaluate``;
+    default: run everything): the summary's
     ``stopped_after`` says where, and a rerun without it continues from there (reusing what exists).
 
     One retrain of a recipe runs at a time per runs root (a second one waits for the lock); the
@@ -263,9 +271,21 @@ def _retrain(
     ]
     if until == "quantize":
         return _stopped(done, "quantize")
+    if recipe.eval_sets:
+        models = [("pytorch", final["final"], done.models[-1])]
+        models += [(q["quant_type"], q["gguf"], q["model_version"]) for q in done.quants]
+        done.evaluations = [
+            _step(f"evaluate:{label}", evaluate_task, recipe, label, path, ref, parent, data_root, runs_root)
+            for label, path, ref in models
+        ]
+        done.gate = _step("gate", gate_task, recipe, done.evaluations, datasets, parent)
+    if until == "evaluate":
+        return _stopped(done, "evaluate")
     done.benchmarks = [
         bench_task(q, pool, bench_timeout_s) for q in done.quants for pool in pools or ["host-cpu"]
     ]
+    if done.evaluations:
+        done.scorecard = scorecard_task(dataclasses.asdict(done), recipe_name, runs_root)
     done.device_chart = device_chart_task(parent, runs_root)
     done.lineage = lineage_task(done.models[-1], parent, runs_root)
     _finished(parent)

@@ -94,3 +94,25 @@ def tiny_retrain(samples_root: Path, tmp_path_factory, ray_local, prefect_api) -
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("MVLM_WORK_DIR", str(work))
         return work, retrain("tiny")
+
+
+@pytest.fixture(scope="module")
+def env(tiny_retrain: tuple[Path, dict]):
+    """The session's tiny retrain work dir; MVLM_WORK_DIR points at it for the module that asks."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("MVLM_WORK_DIR", str(tiny_retrain[0]))
+        yield tiny_retrain[0]
+
+
+@pytest.fixture(scope="module")
+def retrained(env: Path, tiny_retrain: tuple[Path, dict]) -> dict:
+    """The summary of the session's tiny retrain."""
+    return tiny_retrain[1]
+
+
+@pytest.fixture(scope="module")
+def mlflow(retrained: dict):
+    """An MLflow client on the tiny retrain's store."""
+    from tasks.lineage import tracking
+
+    return tracking.client()

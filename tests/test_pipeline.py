@@ -18,26 +18,6 @@ from tasks.lineage import tags as tag
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("ray_local", "prefect_api")]
 
 
-@pytest.fixture(scope="module")
-def env(tiny_retrain: tuple[Path, dict]):
-    """The session's tiny retrain work dir; MVLM_WORK_DIR points at it for the module."""
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("MVLM_WORK_DIR", str(tiny_retrain[0]))
-        yield tiny_retrain[0]
-
-
-@pytest.fixture(scope="module")
-def retrained(env: Path, tiny_retrain: tuple[Path, dict]) -> dict:
-    return tiny_retrain[1]
-
-
-@pytest.fixture(scope="module")
-def mlflow(retrained: dict):
-    from tasks.lineage import tracking
-
-    return tracking.client()
-
-
 def _children(mlflow, parent_id: str) -> list:
     from tasks.lineage import tracking
 
@@ -294,6 +274,12 @@ def test_mlflow_ui_shows_the_retrain_with_children_datasets_and_models(
     text = _page_text(f"{mlflow_ui}/#/experiments/{exp}/runs/{stage_run}", tmp_path)
     models = text.split("About this run", 1)[1].split("Registered models", 1)[1][:300]
     assert retrained["models"][-1].split("@")[0] in models, models
+    # The scorecard is an artifact of the retrain run; the model page shows the gate's aliases.
+    parent = retrained["parent_run_id"]
+    text = _page_text(f"{mlflow_ui}/#/experiments/{exp}/runs/{parent}/artifacts", tmp_path)
+    assert "scorecard" in text, text[-2000:]
+    text = _page_text(f"{mlflow_ui}/#/models/{name}", tmp_path)
+    assert "@ champion" in text or "champion" in text.split("Version", 1)[-1], text[-2000:]
 
 
 # --- README claims: --force / --from / --stage (last: they retrain a stage of the shared run) ---------

@@ -52,7 +52,7 @@ def _split(ref: str) -> tuple[str, str]:
 
 
 def record_scores(mlflow: Any, model_version: str, scores: Mapping[str, float], description: str) -> None:
-    """Put the scores on the model version (``mvlm.score.<set>`` tags) and describe it."""
+    """Put the scores on the model version (``mvlm.score.<set>`` tags) and its description."""
     name, version = _split(model_version)
     for eval_set, value in scores.items():
         mlflow.set_model_version_tag(name, version, f"{SCORE_PREFIX}{eval_set}", f"{value:.4f}")
@@ -83,15 +83,10 @@ def move_aliases(mlflow: Any, versions: Sequence[str], passed: bool) -> list[str
     return moved
 
 
-def describe(recipe: str, stage: str, datasets: Mapping[str, str], scores: Mapping[str, float]) -> str:
-    """A model version's description: recipe, stage, datasets and scores, one line each."""
-    lines = [
-        f"recipe {recipe}, {stage}",
-        "datasets: " + ", ".join(f"{k} ({v[:8]})" for k, v in sorted(datasets.items())),
-    ]
-    if scores:
-        lines.append("scores: " + ", ".join(f"{k} {v:.1f}" for k, v in scores.items()))
-    return "\n".join(lines)
+def describe(recipe: str, what: str, datasets: Mapping[str, str]) -> str:
+    """The first lines of a model version's description: recipe and stage, the datasets it saw."""
+    seen = ", ".join(f"{k} ({v[:8]})" for k, v in sorted(datasets.items()))
+    return f"recipe {recipe}, {what}\ndatasets: {seen}"
 
 
 def evaluation_runs(mlflow: Any, parent_run_id: str) -> list[dict[str, Any]]:
@@ -112,3 +107,90 @@ def gate_tags(mlflow: Any, parent_run_id: str, passed: bool, failures: Sequence[
     """The gate's verdict on the retrain run."""
     mlflow.set_tag(parent_run_id, tag.GATE, "PASS" if passed else "FAIL")
     mlflow.set_tag(parent_run_id, tag.GATE_FAILURES, json.dumps(list(failures))[:5000])
+
+
+def evaluation_entry(label: str, model_version: str, runs: Sequence[BenchmarkRun],
+                     run_ids: Sequence[str]) -> dict[str, Any]:  # fmt: skip
+    """One model's evaluations as the retrain summary keeps them."""
+    return {"model": label, "model_version": model_version, "backend": runs[0].backend if runs else "",
+            "runs": [{"eval_set": r.eval_set, "benchmark": r.benchmark, "score": r.score.headline,
+                      "questions": r.questions, "questions_per_s": r.questions_per_s, "run_id": run_id,
+                      "folder": r.folder} for r, run_id in zip(runs, run_ids, strict=True)]}  # fmt: skip
+
+
+def decide(
+    mlflow: Any, gate: Any, evaluations: Sequence[Mapping[str, Any]], descriptions: Mapping[str, str],
+    parent_run_id: str,
+) -> dict[str, Any]:  # fmt: skip
+    """Apply the recipe's gate to a retrain's evaluations (the first is the PyTorch model, the rest
+    its quantizations) against the champion before it; record scores and descriptions on the
+    versions, move ``candidate`` (and ``champion`` on a pass) and tag the retrain run."""
+    from tasks.quality.gate import check_gate
+
+    final = evaluations[0]
+    name = final["model_version"].rpartition("@")[0]
+    before, champion = champion_scores(mlflow, name)
+    if before == final["model_version"]:  # a rerun of the retrain that made the champion
+        before, champion = None, {}
+    benchmarks = {run["eval_set"]: run["benchmark"] for e in evaluations for run in e["runs"]}
+    scores = {e["model"]: {run["eval_set"]: run["score"] for run in e["runs"]} for e in evaluations}
+    quants = {label: s for label, s in scores.items() if label != final["model"]}
+    champion = {k: v for k, v in champion.items() if k in benchmarks}
+    result = check_gate(gate, benchmarks, scores[final["model"]], quants, champion or None)
+    for entry in evaluations:
+        own = scores[entry["model"]]
+        line = ", ".join(f"{k} {v:.1f}" for k, v in own.items())
+        record_scores(
+            mlflow, entry["model_version"], own, f"{descriptions.get(entry['model'], '')}\nscores: {line}"
+        )
+    aliases = move_aliases(mlflow, [e["model_version"] for e in evaluations], result.passed)
+    gate_tags(mlflow, parent_run_id, result.passed, result.failures)
+    return {"passed": result.passed, "failures": result.failures, "checks": result.checks, "aliases": aliases,
+            "champion_before": before,
+            "champion_scores": {benchmarks[k]: v for k, v in champion.items()}}  # fmt: skip
+
+
+class ScorecardNotFound(LookupError):
+    """No retrain run or scorecard for what the user named."""
+
+
+def retrain_run_of(mlflow: Any, target: str | None) -> str:
+    """The retrain run a scorecard target names: a run id, ``name@version`` or ``name@alias`` of a
+    model it registered, or (None) the latest retrain run that has a scorecard."""
+    from mlflow.exceptions import MlflowException
+
+    if target is None:
+        retrains = tag.search(tag.KIND, "retrain")
+        runs = mlflow.search_runs([tracking.experiment_id(mlflow)], filter_string=retrains,
+                                  order_by=["attributes.start_time DESC"], max_results=50)  # fmt: skip
+        for run in runs:
+            if tag.GATE in run.data.tags:
+                return run.info.run_id
+        raise ScorecardNotFound("no retrain has a scorecard yet: run `mvlm retrain RECIPE` with eval_sets")
+    if "@" not in target:
+        try:
+            return mlflow.get_run(target).info.run_id
+        except MlflowException:
+            raise ScorecardNotFound(f"no run {target!r}: pass a retrain run id or MODEL@VERSION") from None
+    name, version = _split(target)
+    try:
+        found = (mlflow.get_model_version(name, version) if version.isdigit()
+                 else mlflow.get_model_version_by_alias(name, version))  # fmt: skip
+    except MlflowException:
+        raise ScorecardNotFound(f"no registered model version {target!r} (`mvlm lineage {name}` lists "
+                                "what exists)") from None  # fmt: skip
+    run_id = found.tags.get(tag.RETRAIN_RUN_ID)
+    if not run_id:
+        raise ScorecardNotFound(f"{target} was not registered by a retrain (no {tag.RETRAIN_RUN_ID} tag)")
+    return run_id
+
+
+def scorecard_data(mlflow: Any, run_id: str, folder: str) -> dict[str, Any]:
+    """The scorecard JSON artifact of a retrain run (gate and rows), downloaded into ``folder``."""
+    files = [a.path for a in mlflow.list_artifacts(run_id, "scorecard") if a.path.endswith(".json")]
+    if not files:
+        raise ScorecardNotFound(f"retrain run {run_id} has no scorecard (its recipe names no eval_sets, or "
+                                "it stopped before the evaluate step)")  # fmt: skip
+    path = mlflow.download_artifacts(run_id, files[0], folder)
+    with open(path, encoding="utf-8") as handle:
+        return json.load(handle)
