@@ -153,3 +153,26 @@ def test_a_spec_with_the_wrong_files_names_the_line_and_the_roles() -> None:
     with pytest.raises(EvalSpecError) as err:
         parse_eval_spec(text, "x.yaml")
     assert "x.yaml:" in str(err.value) and "missing ['labels', 'images']" in str(err.value)
+
+
+def test_the_chance_levels_the_readme_states_for_the_gqa_replica(replicas: Path) -> None:
+    """Uniform answers of the question's type score 25.9%; each type's most common answer 39.1%."""
+    from collections import Counter
+
+    from tasks.testkit.samples import COUNT_WORDS, POSITIONS
+
+    config = SampleConfig()
+    universe = {
+        "colour": config.colours,
+        "shape": config.kinds,
+        "count": COUNT_WORDS[1:4],
+        "position": POSITIONS,
+    }
+    items = read_eval_set(_spec("tiny-gqa"), replicas).items
+    kinds = {i.key: next(k for k, words in universe.items() if i.truth in words) for i in items}
+    uniform = sum(1 / len(universe[kinds[i.key]]) for i in items) / len(items)
+    by_kind: dict[str, Counter] = {}
+    for i in items:
+        by_kind.setdefault(kinds[i.key], Counter())[i.truth] += 1
+    majority = sum(c.most_common(1)[0][1] for c in by_kind.values()) / len(items)
+    assert (round(100 * uniform, 1), round(100 * majority, 1)) == (25.9, 39.1)

@@ -72,7 +72,7 @@ def _recipe(tmp_path: Path, gate: str) -> Path:
 def test_recipe_eval_sets_and_gate_are_checked_against_the_eval_specs(tmp_path: Path) -> None:
     tiny = load_recipe("tiny")
     assert tiny.eval_sets == ("tiny-gqa", "tiny-sqa", "tiny-textvqa", "tiny-pope", "tiny-mme", "tiny-mmbench")
-    assert tiny.gate.min_scores == {"tiny-pope": 70, "tiny-gqa": 40} and tiny.gate.max_quant_drop == 10.0
+    assert tiny.gate.min_scores == {"tiny-gqa": 40} and tiny.gate.max_quant_drop == 10.0
     path = _recipe(tmp_path, "eval_sets: [tiny-gqa, tiny-gqq]\n")
     with pytest.raises(RecipeError, match=r"eval_sets: \['tiny-gqq'\] are not evaluation specs"):
         load_recipe("tiny", {"tiny": path})

@@ -28,10 +28,9 @@ def test_the_final_model_and_both_quantizations_answer_all_six_sets(retrained: d
         assert [run["eval_set"] for run in entry["runs"]] == list(SETS)
         assert all(run["questions"] > 0 and run["questions_per_s"] > 0 for run in entry["runs"])
     pytorch = _scores(retrained["evaluations"][0])
-    # Far above chance: POPE's always-yes F1 is 66.7 (a coin is 50); GQA's answers are words of the
-    # shape world, one of about 20 (colours, kinds, counts, positions, yes/no).
-    assert pytorch["tiny-pope"] >= 75, pytorch
-    assert pytorch["tiny-gqa"] >= 45, pytorch
+    # GQA-style: chance is 25.9% (a uniform answer of the question's type), answering each type's most
+    # common answer 39.1% (test_eval_sets computes both from the replica).
+    assert pytorch["tiny-gqa"] >= 1.7 * 25.9 and pytorch["tiny-gqa"] > 39.1, pytorch
     q8 = _scores(retrained["evaluations"][1])
     assert all(abs(q8[s] - pytorch[s]) <= 10 * (20 if s == "tiny-mme" else 1) for s in SETS), (q8, pytorch)
 
@@ -101,7 +100,7 @@ def test_a_worse_retrain_fails_the_gate_and_leaves_the_champion(retrained: dict,
     monkeypatch.setenv("MVLM_RECIPE_DIR", str(tmp_path))
     result = CliRunner().invoke(app, ["retrain", "tiny", "--require-gate", "--quant", "q8_0"])
     assert result.exit_code == 3, result.output
-    assert "gate FAIL: tiny-pope:" in " ".join(result.output.split())
+    assert "gate FAIL: tiny-gqa:" in " ".join(result.output.split())
     name, version = retrained["models"][-1].split("@")
     assert mlflow.get_model_version_by_alias(name, "champion").version == version
     candidate = mlflow.get_model_version_by_alias(name, "candidate").version

@@ -133,7 +133,7 @@ def run_benchmark(
     eval_identity = eval_identity or eval_set_identity(eval_set)
     identity = run_identity(model_identity, eval_identity, answerer.name)
     if (done := _finished(folder, identity)) is not None:
-        log.info("%s on %s: already evaluated (%s)", answerer.name, spec.name, identity)
+        log.debug("%s on %s: already evaluated (%s)", answerer.name, spec.name, identity)
         return done
     start = time.perf_counter()
     answers = ask(answerer, eval_set.items, spec.max_new_tokens, progress)
@@ -207,6 +207,9 @@ def evaluate_model(
     finally:
         if answerer is not None:
             answerer.close()
+    asked = sum(r.questions for r in runs)
+    log.info("%s: %d questions of %d sets %s", ref.backend, asked, len(runs),
+             "asked" if answerer is not None else "already answered; reusing")  # fmt: skip
     return runs
 
 
