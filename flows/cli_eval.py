@@ -3,6 +3,7 @@ scores any tool's answers file by the same rules."""
 
 from __future__ import annotations
 
+import tempfile
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -165,8 +166,6 @@ def scorecard_command(
     ] = None,
 ) -> None:
     """Print a retrain's scorecard: its models on the six benchmarks beside the champion and the papers."""
-    import tempfile
-
     from flows.quality import verdict
     from tasks.lineage import tracking
     from tasks.lineage.quality_runs import ScorecardNotFound, retrain_run_of, scorecard_data
