@@ -81,6 +81,7 @@ def print_summary(result: dict[str, Any]) -> None:
         console.print(table)
     if result.get("evaluations"):
         console.print(_scorecard(result))
+        console.print(_agreement(result["evaluations"]), highlight=False)
     if result.get("lineage"):
         console.print(f"lineage: {result['lineage']}")
     if result.get("stopped_after"):
@@ -109,6 +110,16 @@ def _scorecard(result: dict[str, Any]) -> Table:
     for row in cells:
         out.add_row(*row)
     return out
+
+
+def _agreement(evaluations: list[dict[str, Any]]) -> str:
+    """One line: how often each quantization gives the PyTorch model's answer."""
+    parts = []
+    for entry in evaluations[1:]:
+        shares = [run["vs_pytorch"]["same_answer"] for run in entry["runs"] if "vs_pytorch" in run]
+        if shares:
+            parts.append(f"{entry['model']} {100 * sum(shares) / len(shares):.1f}%")
+    return "same answer as PyTorch (mean over sets): " + ", ".join(parts) if parts else ""
 
 
 def _num(value: Any) -> str:

@@ -34,6 +34,16 @@ def evaluate_task(
     return evaluation_entry(label, model_version, runs, run_ids)
 
 
+@task(name="compare-backends", cache_policy=NONE)
+def compare_task(evaluations: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The evaluations with each quantization's agreement with the PyTorch answers added."""
+    from tasks.lineage import tracking
+    from tasks.lineage.quality_runs import compare_backends
+
+    compare_backends(tracking.client(), evaluations)
+    return evaluations
+
+
 @task(name="gate", cache_policy=NONE)
 def gate_task(
     recipe: Recipe, evaluations: list[dict[str, Any]], datasets: dict[str, str], parent_run_id: str

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any, Literal
 from prefect import flow, task
 from prefect.cache_policies import NONE
 
-from flows.quality import evaluate_task, gate_task, scorecard_task
+from flows.quality import compare_task, evaluate_task, gate_task, scorecard_task
 from tasks.lineage import tags as tag
 
 if TYPE_CHECKING:
@@ -278,6 +278,7 @@ def _retrain(
             _step(f"evaluate:{label}", evaluate_task, recipe, label, path, ref, parent, data_root, runs_root)
             for label, path, ref in models
         ]
+        done.evaluations = _step("compare-backends", compare_task, done.evaluations)
         done.gate = _step("gate", gate_task, recipe, done.evaluations, datasets, parent)
     if until == "evaluate":
         return _stopped(done, "evaluate")

@@ -223,3 +223,17 @@ def test_llama_cpp_answers_text_questions_as_pytorch_does(data_root: Path, train
     spec = find_eval_spec("tiny-sqa")[1].model_copy(update={"limit": 6})
     (run,) = evaluate_model(ref, [spec], data_root, tmp_path)
     assert run.backend == "llama.cpp/f32" and run.questions == 6 and Path(run.folder, ANSWERS_FILE).is_file()
+
+
+def test_agreement_counts_identical_answers_and_verdicts(data_root: Path, tmp_path: Path) -> None:
+    from tasks.quality.harness import agreement
+
+    gqa = _set("tiny-gqa", data_root, limit=10)
+    n = len(gqa.items)
+    run_benchmark(Oracle(gqa.items), gqa, tmp_path / "a", "oracle", "m1")
+    run_benchmark(Oracle(gqa.items, wrong=3), gqa, tmp_path / "b", "oracle", "m2")
+    assert agreement(tmp_path / "a", tmp_path / "b") == {
+        "same_answer": (n - 3) / n,
+        "same_verdict": (n - 3) / n,
+    }
+    assert agreement(tmp_path / "b", tmp_path / "b") == {"same_answer": 1.0, "same_verdict": 1.0}

@@ -31,6 +31,8 @@ def test_the_final_model_and_both_quantizations_answer_all_six_sets(retrained: d
     # GQA-style: chance is 25.9% (a uniform answer of the question's type), answering each type's most
     # common answer 39.1% (test_eval_sets computes both from the replica).
     assert pytorch["tiny-gqa"] >= 1.7 * 25.9 and pytorch["tiny-gqa"] > 39.1, pytorch
+    for run in retrained["evaluations"][1]["runs"]:  # q8_0 gives PyTorch's answer almost always
+        assert run["vs_pytorch"]["same_answer"] >= 0.8, run
     q8 = _scores(retrained["evaluations"][1])
     assert all(abs(q8[s] - pytorch[s]) <= 10 * (20 if s == "tiny-mme" else 1) for s in SETS), (q8, pytorch)
 
@@ -43,6 +45,9 @@ def test_each_evaluation_is_a_child_run_with_scores_answers_and_its_set(retraine
     run = mlflow.get_run(first["run_id"])
     assert run.data.tags[tag.KIND] == "benchmark-eval" and run.data.tags[tag.BACKEND] == "pytorch"
     assert run.data.metrics["score"] == pytest.approx(first["score"])
+    quant = retrained["evaluations"][1]["runs"][0]
+    metrics = mlflow.get_run(quant["run_id"]).data.metrics
+    assert metrics["vs_pytorch.same_answer"] == pytest.approx(quant["vs_pytorch"]["same_answer"])
     inputs = [d.dataset for d in run.inputs.dataset_inputs]
     assert [(d.name, d.digest) for d in inputs] == [(first["eval_set"], run.data.params["eval_identity"])]
     files = {a.path for a in mlflow.list_artifacts(first["run_id"], "predictions")}
@@ -61,7 +66,7 @@ def test_the_gate_passes_and_moves_candidate_and_champion(retrained: dict, mlflo
     for entry in retrained["evaluations"]:
         name, version = entry["model_version"].split("@")
         for alias in ("candidate", "champion"):
-            assert mlflow.get_model_version_by_alias(name, alias).version == version
+            assert str(mlflow.get_model_version_by_alias(name, alias).version) == version
         mv = mlflow.get_model_version(name, version)
         assert float(mv.tags["mvlm.score.tiny-pope"]) == pytest.approx(_scores(entry)["tiny-pope"], abs=1e-3)
         assert mv.description.startswith("recipe tiny, ") and "scores: tiny-gqa " in mv.description
@@ -102,7 +107,7 @@ def test_a_worse_retrain_fails_the_gate_and_leaves_the_champion(retrained: dict,
     assert result.exit_code == 3, result.output
     assert "gate FAIL: tiny-gqa:" in " ".join(result.output.split())
     name, version = retrained["models"][-1].split("@")
-    assert mlflow.get_model_version_by_alias(name, "champion").version == version
+    assert str(mlflow.get_model_version_by_alias(name, "champion").version) == version
     candidate = mlflow.get_model_version_by_alias(name, "candidate").version
     assert int(candidate) > int(version)
     weak = mlflow.search_runs([tracking.experiment_id(mlflow)],

@@ -194,3 +194,17 @@ def scorecard_data(mlflow: Any, run_id: str, folder: str) -> dict[str, Any]:
     path = mlflow.download_artifacts(run_id, files[0], folder)
     with open(path, encoding="utf-8") as handle:
         return json.load(handle)
+
+
+def compare_backends(mlflow: Any, evaluations: Sequence[dict[str, Any]]) -> None:
+    """Each quantization's answers against the PyTorch model's on the same questions: ``vs_pytorch``
+    in its summary entries and ``vs_pytorch.*`` metrics on its evaluation runs."""
+    from tasks.quality.harness import agreement
+
+    reference = {run["eval_set"]: run for run in evaluations[0]["runs"]}
+    for entry in evaluations[1:]:
+        for run in entry["runs"]:
+            run["vs_pytorch"] = agreement(reference[run["eval_set"]]["folder"], run["folder"])
+            tracking.log_summary(
+                mlflow, run["run_id"], {f"vs_pytorch.{k}": v for k, v in run["vs_pytorch"].items()}
+            )

@@ -224,3 +224,17 @@ class _Unused:
 
     def close(self) -> None:
         return None
+
+
+def agreement(reference_folder: str | Path, other_folder: str | Path) -> dict[str, float]:
+    """How two models' answers to the same set compare, question by question: the share of
+    identical answers (after trimming and lowercasing) and of questions both got right or both wrong."""
+    runs = [BenchmarkRun.from_json(json.loads((Path(f) / RESULT_FILE).read_text(encoding="utf-8")))
+            for f in (reference_folder, other_folder)]  # fmt: skip
+    benchmark = runs[0].benchmark
+    ref, other = (read_answers(Path(r.folder) / ANSWERS_FILE, benchmark) for r in runs)
+    if ref.keys() != other.keys():
+        raise EvalRunError(f"{other_folder} did not answer the questions of {reference_folder}")
+    same = sum(ref[k].strip().lower() == other[k].strip().lower() for k in ref)
+    verdict = sum(runs[0].score.correct[k] == runs[1].score.correct[k] for k in ref)
+    return {"same_answer": same / len(ref), "same_verdict": verdict / len(ref)}
