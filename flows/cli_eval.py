@@ -7,26 +7,15 @@ import tempfile
 from pathlib import Path
 from typing import Annotated, Any
 
-import click
 import typer
 from rich.progress import Progress
 from rich.table import Table
-from typer.core import TyperGroup
 
+from flows.cli_groups import default_command_group, fail
 from flows.logs import console
 
-
-class _EvalGroup(TyperGroup):
-    """``mvlm eval MODEL ...`` runs; ``mvlm eval score|list`` are subcommands."""
-
-    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
-        if args and not args[0].startswith("-") and args[0] not in self.commands:
-            args = ["run", *args]
-        return super().parse_args(ctx, args)
-
-
 eval_app = typer.Typer(
-    cls=_EvalGroup,
+    cls=default_command_group("run"),
     no_args_is_help=True,
     help="The papers' six benchmarks: `mvlm eval MODEL --tasks tiny-gqa,tiny-pope` asks a checkpoint or "
     "GGUF; `mvlm eval score TASK ANSWERS` scores an answers file; `mvlm eval list` shows the sets.",
@@ -39,11 +28,6 @@ def register(app: typer.Typer) -> None:
     app.command("scorecard")(scorecard_command)
 
 
-def _fail(message: str) -> typer.Exit:
-    console.print(f"[red]error:[/red] {message}", markup=True, highlight=False, soft_wrap=True)
-    return typer.Exit(2)
-
-
 def _specs(tasks: str | None, profile: str) -> list[Any]:
     from tasks.quality.eval_specs import EvalSpecError, find_eval_spec, load_eval_specs
 
@@ -52,9 +36,9 @@ def _specs(tasks: str | None, profile: str) -> list[Any]:
             return [find_eval_spec(name.strip())[1] for name in tasks.split(",") if name.strip()]
         chosen = [spec for _, spec in load_eval_specs().values() if spec.profile == profile]
     except (EvalSpecError, KeyError) as err:
-        raise _fail(str(err).strip("'\"")) from err
+        raise fail(str(err).strip("'\"")) from err
     if not chosen:
-        raise _fail(f"no evaluation specs of profile {profile!r}; pass --tasks")
+        raise fail(f"no evaluation specs of profile {profile!r}; pass --tasks")
     return chosen
 
 
@@ -100,7 +84,7 @@ def run_command(
             out = settings.runs_root / "eval"
             runs = evaluate_model(ref, specs, settings.data_root, out, template, threads, progress)
     except (ModelRefError, EvalSetError, EvalRunError) as err:
-        raise _fail(str(err)) from err
+        raise fail(str(err)) from err
     table = Table("set", "score", "metrics", "questions", "q/s", title=f"{ref.backend} {ref.path}")
     for run in runs:
         table.add_row(
@@ -135,7 +119,7 @@ def score_command(
     try:
         scored = score_file(read_eval_set(spec, get_settings().data_root), predictions)
     except (EvalSetError, AnswersError) as err:
-        raise _fail(str(err)) from err
+        raise fail(str(err)) from err
     table = Table("metric", "value", title=f"{spec.name} ({spec.benchmark}): {predictions}")
     table.add_row("headline", f"{scored.headline:.2f}")
     for name, value in scored.metrics.items():
@@ -153,7 +137,7 @@ def list_command() -> None:
     try:
         specs = load_eval_specs()
     except EvalSpecError as err:
-        raise _fail(str(err)) from err
+        raise fail(str(err)) from err
     table = Table("name", "benchmark", "profile", "license", "questions file")
     for name, (_, spec) in sorted(specs.items()):
         table.add_row(name, spec.benchmark, spec.profile, spec.license, spec.files["questions"])
@@ -177,7 +161,7 @@ def scorecard_command(
         with tempfile.TemporaryDirectory() as folder:
             data = scorecard_data(mlflow, run_id, folder)
     except ScorecardNotFound as err:
-        raise _fail(str(err)) from err
+        raise fail(str(err)) from err
     header, cells = table([ScorecardRow(**row) for row in data["rows"]])
     out = Table(
         *header, title=f"scorecard of retrain {run_id}", caption=verdict(data.get("gate") or {}) or None

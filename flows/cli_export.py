@@ -9,27 +9,17 @@ import re
 from pathlib import Path
 from typing import Annotated, Any
 
-import click
 import typer
 from rich.table import Column, Table
-from typer.core import TyperGroup
 
+from flows.cli_groups import default_command_group, fail
 from flows.logs import console
 
 _RUN_ID = re.compile(r"^(?:runs:/)?([0-9a-f]{32})/?$")
 
 
-class _BenchGroup(TyperGroup):
-    """``mvlm bench MODEL ...`` submits; ``mvlm bench report|deploy|flush|pools`` are subcommands."""
-
-    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
-        if args and not args[0].startswith("-") and args[0] not in self.commands:
-            args = ["submit", *args]
-        return super().parse_args(ctx, args)
-
-
 bench_app = typer.Typer(
-    cls=_BenchGroup,
+    cls=default_command_group("submit"),
     no_args_is_help=True,
     help="Device benchmarks: `mvlm bench MODEL --pool host-cpu` submits one; `mvlm bench report` shows them.",
 )
@@ -40,11 +30,6 @@ def register(app: typer.Typer) -> None:
     app.command("export")(export_command)
     app.command("quantize")(quantize_command)
     app.add_typer(bench_app, name="bench")
-
-
-def _fail(message: str) -> typer.Exit:
-    console.print(f"[red]error:[/red] {message}", markup=True, highlight=False, soft_wrap=True)
-    return typer.Exit(2)
 
 
 # --- export / quantize ------------------------------------------------------------------------
@@ -70,7 +55,7 @@ def export_command(
     try:
         result = export_checkpoint(checkpoint, out, ExportConfig(dtype, mmproj_dtype), check=check)
     except (ExportError, GGUFExportError) as err:
-        raise _fail(str(err)) from err
+        raise fail(str(err)) from err
     table = Table(
         "field", "value", title=f"export {result.export_id}" + (" (reused)" if result.reused else "")
     )
@@ -103,7 +88,7 @@ def quantize_command(
     try:
         result = quantize(gguf, quant_type, out, eval_text=text, threads=threads)
     except QuantizeError as err:
-        raise _fail(str(err)) from err
+        raise fail(str(err)) from err
     checks = result.manifest.get("checks", {})
     table = Table(
         "field",
@@ -135,7 +120,7 @@ def _log_quant(result: Any) -> str:
 
     uri = tracking_uri()
     if not reachable(uri):
-        raise _fail(
+        raise fail(
             f"MLflow at {uri} is unreachable; start it (or set MLFLOW_TRACKING_URI) and rerun: the quant "
             "folder is reused and only the upload happens; or pass --no-mlflow"
         )
@@ -154,7 +139,7 @@ def _setting_overrides(pairs: list[str]) -> dict[str, Any]:
     for pair in pairs:
         key, sep, value = pair.partition("=")
         if not sep or key not in types:
-            raise _fail(f"--set {pair!r}: expected key=value with key in {sorted(types)}")
+            raise fail(f"--set {pair!r}: expected key=value with key in {sorted(types)}")
         kind = types[key]
         out[key] = (
             value.lower() in ("1", "true", "yes")
@@ -173,7 +158,7 @@ def _quant_run_id(model: str) -> str:
         return match.group(1)
     folder = Path(model)
     if not (folder / "manifest.json").is_file():
-        raise _fail(
+        raise fail(
             f"{model} is neither an MLflow run id nor a quant folder with manifest.json (see `mvlm quantize`)"
         )
     from tasks.core.identity import read_json
@@ -181,7 +166,7 @@ def _quant_run_id(model: str) -> str:
 
     manifest = read_json(folder / "manifest.json")
     if manifest.get("kind") != "quant":
-        raise _fail(f"{folder}/manifest.json is a {manifest.get('kind')!r} manifest; pass a quant folder")
+        raise fail(f"{folder}/manifest.json is a {manifest.get('kind')!r} manifest; pass a quant folder")
     mmproj = folder / manifest["mmproj"] if manifest.get("mmproj") else None
     result = QuantResult(
         manifest["id"], manifest["quant_type"], folder, folder / manifest["llm"], mmproj, True, manifest
@@ -219,7 +204,7 @@ def bench_submit(
     try:
         device_class(pool)
     except KeyError as err:
-        raise _fail(err.args[0]) from err
+        raise fail(err.args[0]) from err
     overrides = _setting_overrides(setting or [])
     run_id = _quant_run_id(model)
     here = local if local is not None else not os.environ.get("PREFECT_API_URL")

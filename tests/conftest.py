@@ -116,3 +116,17 @@ def mlflow(retrained: dict):
     from tasks.lineage import tracking
 
     return tracking.client()
+
+
+@pytest.fixture(scope="session")
+def eval_replicas(tmp_path_factory) -> Path:
+    """A data root holding only ``samples/eval/``: the six benchmark replicas (default config)."""
+    from tasks.testkit.eval_samples import make_eval_sets
+    from tasks.testkit.samples import SampleConfig
+
+    root = Path(tmp_path_factory.mktemp("eval_root"))
+    for relative, data in make_eval_sets(SampleConfig()).items():
+        path = root / "samples" / "eval" / relative
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(data)
+    return root

@@ -19,21 +19,9 @@ from tasks.quality.eval_specs import find_eval_spec
 from tasks.quality.harness import ANSWERS_FILE, run_benchmark, score_file
 from tasks.quality.predictions import read_answers
 from tasks.quality.scoring import AnswersError, EvalItem
-from tasks.testkit.eval_samples import make_eval_sets
-from tasks.testkit.samples import SampleConfig
 
 pytest_plugins = ("export_fixtures",)
 BENCHMARKS = ("gqa", "sqa", "textvqa", "pope", "mme", "mmbench")
-
-
-@pytest.fixture(scope="module")
-def data_root(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("eval_root")
-    for relative, data in make_eval_sets(SampleConfig()).items():
-        path = root / "samples" / "eval" / relative
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_bytes(data)
-    return root
 
 
 def _set(name: str, root: Path, **changes: Any) -> EvalSet:
@@ -73,9 +61,9 @@ class AlwaysYes(Oracle):
 
 
 @pytest.mark.parametrize("benchmark", BENCHMARKS)
-def test_a_perfect_answerer_scores_full_marks_on_each_replica(data_root: Path, tmp_path: Path,
+def test_a_perfect_answerer_scores_full_marks_on_each_replica(eval_replicas: Path, tmp_path: Path,
                                                               benchmark: str) -> None:  # fmt: skip
-    eval_set = _set(f"tiny-{benchmark}", data_root)
+    eval_set = _set(f"tiny-{benchmark}", eval_replicas)
     run = run_benchmark(Oracle(eval_set.items), eval_set, tmp_path, "oracle", "m1")
     full = (
         2000.0 * len({i.group.get("subtask") for i in eval_set.items}) / 10 if benchmark == "mme" else 100.0
@@ -87,24 +75,24 @@ def test_a_perfect_answerer_scores_full_marks_on_each_replica(data_root: Path, t
     assert score_file(eval_set, tmp_path / ANSWERS_FILE).headline == run.score.headline
 
 
-def test_always_yes_is_chance_on_pope_and_mme(data_root: Path, tmp_path: Path) -> None:
-    pope = _set("tiny-pope", data_root)
+def test_always_yes_is_chance_on_pope_and_mme(eval_replicas: Path, tmp_path: Path) -> None:
+    pope = _set("tiny-pope", eval_replicas)
     run = run_benchmark(AlwaysYes(pope.items), pope, tmp_path / "pope", "yes", "m1")
     for split in ("adversarial", "popular", "random"):
         assert (
             run.score.metrics[f"{split}/accuracy"] == 0.5 and run.score.metrics[f"{split}/yes_ratio"] == 1.0
         )
         assert run.score.metrics[f"{split}/f1"] == pytest.approx(2 / 3)  # precision 1/2, recall 1
-    mme = _set("tiny-mme", data_root)
+    mme = _set("tiny-mme", eval_replicas)
     run = run_benchmark(AlwaysYes(mme.items), mme, tmp_path / "mme", "yes", "m1")
     subtasks = len({i.group["subtask"] for i in mme.items})
     assert run.score.headline == pytest.approx(50.0 * subtasks)  # accuracy 50, accuracy+ 0 per subtask
 
 
 def test_a_finished_evaluation_is_reused_and_a_different_model_is_not(
-    data_root: Path, tmp_path: Path
+    eval_replicas: Path, tmp_path: Path
 ) -> None:
-    gqa = _set("tiny-gqa", data_root, limit=10)
+    gqa = _set("tiny-gqa", eval_replicas, limit=10)
     first = Oracle(gqa.items, wrong=3)
     run = run_benchmark(first, gqa, tmp_path, "oracle", "m1")
     assert run.score.headline == pytest.approx(100 * (len(gqa.items) - 3) / len(gqa.items))
@@ -116,13 +104,13 @@ def test_a_finished_evaluation_is_reused_and_a_different_model_is_not(
     assert other.identity != run.identity and other.eval_identity == run.eval_identity
 
 
-def test_the_set_identity_follows_image_bytes(data_root: Path, tmp_path: Path) -> None:
+def test_the_set_identity_follows_image_bytes(eval_replicas: Path, tmp_path: Path) -> None:
     import shutil
 
     from tasks.quality.harness import eval_set_identity
 
     copy = tmp_path / "root"
-    shutil.copytree(data_root, copy)
+    shutil.copytree(eval_replicas, copy)
     before = eval_set_identity(_set("tiny-gqa", copy))
     image = sorted((copy / "samples/eval/gqa/images").iterdir())[0]
     from PIL import Image
@@ -131,18 +119,18 @@ def test_the_set_identity_follows_image_bytes(data_root: Path, tmp_path: Path) -
     assert eval_set_identity(_set("tiny-gqa", copy)) != before
 
 
-def test_official_files_gqa_json_mme_txt_and_mmbench_xlsx(data_root: Path, tmp_path: Path) -> None:
-    gqa = _set("tiny-gqa", data_root, limit=4)
+def test_official_files_gqa_json_mme_txt_and_mmbench_xlsx(eval_replicas: Path, tmp_path: Path) -> None:
+    gqa = _set("tiny-gqa", eval_replicas, limit=4)
     run = run_benchmark(Oracle(gqa.items), gqa, tmp_path / "gqa", "oracle", "m1")
     predictions = json.loads(Path(run.official_files[0]).read_text())
     assert [p["questionId"] for p in predictions] == [str(i.question_id) for i in gqa.items]
     assert [p["prediction"] for p in predictions] == [i.truth for i in gqa.items]
-    mme = _set("tiny-mme", data_root, limit=3)
+    mme = _set("tiny-mme", eval_replicas, limit=3)
     run = run_benchmark(Oracle(mme.items), mme, tmp_path / "mme", "oracle", "m1")
     lines = [line.split("\t") for f in run.official_files for line in Path(f).read_text().splitlines()]
     assert len(lines) == len(mme.items) and all(len(parts) == 4 for parts in lines)
     assert all(parts[1].endswith("Please answer yes or no.") and parts[2] == parts[3] for parts in lines)
-    mmbench = _set("tiny-mmbench", data_root, limit=2)
+    mmbench = _set("tiny-mmbench", eval_replicas, limit=2)
     run = run_benchmark(Oracle(mmbench.items), mmbench, tmp_path / "mmb", "oracle", "m1")
     from openpyxl import load_workbook
 
@@ -152,8 +140,8 @@ def test_official_files_gqa_json_mme_txt_and_mmbench_xlsx(data_root: Path, tmp_p
     assert all(row[6] == row[7] for row in rows[1:]), "prediction column = answer for a perfect model"
 
 
-def test_answers_out_of_step_or_repeated_are_clear_errors(data_root: Path, tmp_path: Path) -> None:
-    gqa = _set("tiny-gqa", data_root, limit=3)
+def test_answers_out_of_step_or_repeated_are_clear_errors(eval_replicas: Path, tmp_path: Path) -> None:
+    gqa = _set("tiny-gqa", eval_replicas, limit=3)
     path = tmp_path / "a.jsonl"
     rows = [{"question_id": i.question_id, "text": i.truth} for i in gqa.items]
     path.write_text("".join(json.dumps(r) + "\n" for r in rows[:-1]))
@@ -167,9 +155,9 @@ def test_answers_out_of_step_or_repeated_are_clear_errors(data_root: Path, tmp_p
         read_answers(path, "gqa")
 
 
-def test_mvlm_eval_score_scores_another_tools_answers(data_root: Path, tmp_path: Path, monkeypatch) -> None:
-    monkeypatch.setenv("MVLM_DATA_ROOT", str(data_root))
-    pope = _set("tiny-pope", data_root)
+def test_mvlm_eval_score_scores_other_answers(eval_replicas: Path, tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.setenv("MVLM_DATA_ROOT", str(eval_replicas))
+    pope = _set("tiny-pope", eval_replicas)
     path = tmp_path / "answers.jsonl"
     rows = [{"question_id": i.question_id, "prompt": i.prompt, "text": "no" if n % 4 == 0 else _truth_text(i)}
             for n, i in enumerate(pope.items)]  # fmt: skip
@@ -186,24 +174,24 @@ def test_mvlm_eval_score_scores_another_tools_answers(data_root: Path, tmp_path:
 
 
 def test_pytorch_batches_give_the_answers_of_one_question_at_a_time(
-    data_root: Path, trained_vlm: Path
+    eval_replicas: Path, trained_vlm: Path
 ) -> None:
     from tasks.quality.backends import TorchAnswerer
     from tasks.quality.harness import ask
 
-    items = _set("tiny-sqa", data_root, limit=12).items
+    items = _set("tiny-sqa", eval_replicas, limit=12).items
     batched = ask(TorchAnswerer(trained_vlm, batch=8), items, 6)
     single = ask(TorchAnswerer(trained_vlm, batch=1), items, 6)
     assert batched == single and len(batched) == 12 and any(batched.values())
 
 
 @pytest.mark.slow
-def test_llama_cpp_answers_text_questions_as_pytorch_does(data_root: Path, trained_vlm: Path,
+def test_llama_cpp_answers_text_questions_as_pytorch_does(eval_replicas: Path, trained_vlm: Path,
                                                           f32_export, tmp_path: Path) -> None:  # fmt: skip
     from tasks.quality.backends import LlamaCppAnswerer, TorchAnswerer, resolve_model
     from tasks.quality.harness import evaluate_model
 
-    sqa = _set("tiny-sqa", data_root)
+    sqa = _set("tiny-sqa", eval_replicas)
     text_only = [i for i in sqa.items if i.image is None][:6]
     with_image = [i for i in sqa.items if i.image is not None][:4]
     torch_answers = TorchAnswerer(trained_vlm, batch=1).answer([i.prompt for i in text_only], [None] * 6, 6)
@@ -221,14 +209,14 @@ def test_llama_cpp_answers_text_questions_as_pytorch_does(data_root: Path, train
         ref.backend == "llama.cpp/f32" and ref.mmproj == f32_export.mmproj and ref.checkpoint == trained_vlm
     )
     spec = find_eval_spec("tiny-sqa")[1].model_copy(update={"limit": 6})
-    (run,) = evaluate_model(ref, [spec], data_root, tmp_path)
+    (run,) = evaluate_model(ref, [spec], eval_replicas, tmp_path)
     assert run.backend == "llama.cpp/f32" and run.questions == 6 and Path(run.folder, ANSWERS_FILE).is_file()
 
 
-def test_agreement_counts_identical_answers_and_verdicts(data_root: Path, tmp_path: Path) -> None:
+def test_agreement_counts_identical_answers_and_verdicts(eval_replicas: Path, tmp_path: Path) -> None:
     from tasks.quality.harness import agreement
 
-    gqa = _set("tiny-gqa", data_root, limit=10)
+    gqa = _set("tiny-gqa", eval_replicas, limit=10)
     n = len(gqa.items)
     run_benchmark(Oracle(gqa.items), gqa, tmp_path / "a", "oracle", "m1")
     run_benchmark(Oracle(gqa.items, wrong=3), gqa, tmp_path / "b", "oracle", "m2")

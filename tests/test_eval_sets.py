@@ -1,4 +1,4 @@
-"""Evaluation sets: the six tiny replicas read in the published layouts, and bad files refused or
+"""Evaluation sets: the six tiny eval_replicas read in the published layouts, and bad files refused or
 counted, never scored silently."""
 
 from __future__ import annotations
@@ -12,7 +12,6 @@ import pytest
 from tasks.quality.eval_files import EvalSetError
 from tasks.quality.eval_sets import read_eval_set
 from tasks.quality.eval_specs import EvalSpecError, find_eval_spec, load_eval_specs, parse_eval_spec
-from tasks.testkit.eval_samples import make_eval_sets
 from tasks.testkit.samples import SampleConfig
 
 EXPECTED = {"tiny-gqa": 192, "tiny-mmbench": 176, "tiny-mme": 192, "tiny-pope": 288, "tiny-sqa": 96,
@@ -20,20 +19,10 @@ EXPECTED = {"tiny-gqa": 192, "tiny-mmbench": 176, "tiny-mme": 192, "tiny-pope": 
 """Questions of each replica (from make_eval_sets' plan: 96 evaluation images)."""
 
 
-@pytest.fixture(scope="module")
-def replicas(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("eval_root")
-    for relative, data in make_eval_sets(SampleConfig()).items():
-        path = root / "samples" / "eval" / relative
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_bytes(data)
-    return root
-
-
 @pytest.fixture
-def root(replicas: Path, tmp_path: Path) -> Path:
-    """A private copy of the replicas a test may break."""
-    shutil.copytree(replicas, tmp_path / "root", symlinks=True)
+def root(eval_replicas: Path, tmp_path: Path) -> Path:
+    """A private copy of the eval_replicas a test may break."""
+    shutil.copytree(eval_replicas, tmp_path / "root", symlinks=True)
     return tmp_path / "root"
 
 
@@ -59,38 +48,38 @@ def test_every_eval_spec_file_is_valid_and_the_tiny_profile_has_all_six_benchmar
 
 
 @pytest.mark.parametrize("name", sorted(EXPECTED))
-def test_each_replica_reads_in_full_with_no_rejects(replicas: Path, name: str) -> None:
-    eval_set = read_eval_set(_spec(name), replicas)
+def test_each_replica_reads_in_full_with_no_rejects(eval_replicas: Path, name: str) -> None:
+    eval_set = read_eval_set(_spec(name), eval_replicas)
     assert len(eval_set.items) == EXPECTED[name]
     assert eval_set.rejects.items == []
     assert len({item.key for item in eval_set.items}) == len(eval_set.items)
     assert all(eval_set.spec.instruction in item.prompt for item in eval_set.items)
 
 
-def test_replica_content_follows_the_benchmarks(replicas: Path) -> None:
-    pope = read_eval_set(_spec("tiny-pope"), replicas).items
+def test_replica_content_follows_the_benchmarks(eval_replicas: Path) -> None:
+    pope = read_eval_set(_spec("tiny-pope"), eval_replicas).items
     assert {i.group["split"] for i in pope} == {"adversarial", "popular", "random"}
     assert sum(i.truth == "yes" for i in pope) == len(pope) // 2  # POPE is balanced
-    mme = read_eval_set(_spec("tiny-mme"), replicas).items
+    mme = read_eval_set(_spec("tiny-mme"), eval_replicas).items
     per_image: dict[str, set[str]] = {}
     for item in mme:
         per_image.setdefault(item.group["image"], set()).add(item.truth)
     assert all(truths == {"yes", "no"} for truths in per_image.values()), "MME pairs a yes and a no per image"
-    mmbench = read_eval_set(_spec("tiny-mmbench"), replicas).items
+    mmbench = read_eval_set(_spec("tiny-mmbench"), eval_replicas).items
     bases: dict[str, list[str]] = {}
     for item in mmbench:
         bases.setdefault(item.group["base"], []).append(item.options[item.truth])
     assert all(len(set(answers)) == 1 and len(answers) >= 3 for answers in bases.values()), (
         "every circular copy has the same right option text"
     )
-    textvqa = read_eval_set(_spec("tiny-textvqa"), replicas).items
+    textvqa = read_eval_set(_spec("tiny-textvqa"), eval_replicas).items
     assert all("Reference OCR token:" in i.prompt for i in textvqa)
 
 
-def test_limit_keeps_whole_mme_images_and_mmbench_rotations(replicas: Path) -> None:
-    mme = read_eval_set(_spec("tiny-mme", limit=5), replicas).items
+def test_limit_keeps_whole_mme_images_and_mmbench_rotations(eval_replicas: Path) -> None:
+    mme = read_eval_set(_spec("tiny-mme", limit=5), eval_replicas).items
     assert len({i.group["image"] for i in mme}) == 5 and len(mme) == 10
-    mmbench = read_eval_set(_spec("tiny-mmbench", limit=3), replicas).items
+    mmbench = read_eval_set(_spec("tiny-mmbench", limit=3), eval_replicas).items
     assert len({i.group["base"] for i in mmbench}) == 3
     assert all(len(i.options) == sum(j.group["base"] == i.group["base"] for j in mmbench) for i in mmbench)
 
@@ -155,7 +144,7 @@ def test_a_spec_with_the_wrong_files_names_the_line_and_the_roles() -> None:
     assert "x.yaml:" in str(err.value) and "missing ['labels', 'images']" in str(err.value)
 
 
-def test_the_chance_levels_the_readme_states_for_the_gqa_replica(replicas: Path) -> None:
+def test_the_chance_levels_the_readme_states_for_the_gqa_replica(eval_replicas: Path) -> None:
     """Uniform answers of the question's type score 25.9%; each type's most common answer 39.1%."""
     from collections import Counter
 
@@ -168,7 +157,7 @@ def test_the_chance_levels_the_readme_states_for_the_gqa_replica(replicas: Path)
         "count": COUNT_WORDS[1:4],
         "position": POSITIONS,
     }
-    items = read_eval_set(_spec("tiny-gqa"), replicas).items
+    items = read_eval_set(_spec("tiny-gqa"), eval_replicas).items
     kinds = {i.key: next(k for k, words in universe.items() if i.truth in words) for i in items}
     uniform = sum(1 / len(universe[kinds[i.key]]) for i in items) / len(items)
     by_kind: dict[str, Counter] = {}

@@ -81,6 +81,18 @@ def inner_model(annotation: Any) -> type[BaseModel] | None:
     return None
 
 
+def model_at(root: type[BaseModel], loc: tuple) -> type[BaseModel] | None:
+    """The schema model at a location under ``root`` (list indices skipped), for listing allowed keys."""
+    model: type[BaseModel] | None = root
+    for part in loc:
+        if isinstance(part, int):
+            continue
+        if model is None or part not in model.model_fields:
+            return None
+        model = inner_model(model.model_fields[part].annotation)
+    return model
+
+
 def explain(error: dict, model: type[BaseModel] | None) -> str:
     """A pydantic error in our words (``model``: the schema where the error is, to list allowed keys)."""
     kind, msg = error["type"], error["msg"]

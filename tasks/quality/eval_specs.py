@@ -14,7 +14,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from tasks.core.yaml_lines import inner_model, parse_yaml, problems_of
+from tasks.core.yaml_lines import model_at, parse_yaml, problems_of
 from tasks.data.specs import Download
 
 EVAL_SPEC_DIR = Path(__file__).resolve().parents[2] / "eval_specs"
@@ -100,14 +100,7 @@ class EvalSpecError(ValueError):
 
 
 def _model_at(loc: tuple) -> type[BaseModel] | None:
-    model: type[BaseModel] | None = EvalSpec
-    for part in loc:
-        if isinstance(part, int):
-            continue
-        if model is None or part not in model.model_fields:
-            return None
-        model = inner_model(model.model_fields[part].annotation)
-    return model
+    return model_at(EvalSpec, loc)
 
 
 def parse_eval_spec(text: str, file: str = "<eval spec>") -> EvalSpec:

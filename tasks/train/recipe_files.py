@@ -23,7 +23,7 @@ from typing import Any, get_args, get_origin
 
 from pydantic import BaseModel, ConfigDict, ValidationError, create_model
 
-from tasks.core.yaml_lines import has, inner_model, line_of, parse_yaml, problems_of
+from tasks.core.yaml_lines import has, line_of, model_at, parse_yaml, problems_of
 from tasks.train.recipe_schema import MODEL_NAMES, Gate, Recipe, StageConfig
 
 log = logging.getLogger(__name__)
@@ -87,14 +87,7 @@ def _file_model() -> type[BaseModel]:
 
 
 def _model_at(loc: tuple) -> type[BaseModel] | None:
-    model: type[BaseModel] | None = _file_model()
-    for part in loc:
-        if isinstance(part, int):
-            continue
-        if model is None or part not in model.model_fields:
-            return None
-        model = inner_model(model.model_fields[part].annotation)
-    return model
+    return model_at(_file_model(), loc)
 
 
 # --- reading ---------------------------------------------------------------------------------------
