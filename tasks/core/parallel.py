@@ -11,6 +11,7 @@ import os
 from collections.abc import Callable, Sequence
 from typing import Any, TypeVar
 
+from rich import get_console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 log = logging.getLogger(__name__)
@@ -91,5 +92,6 @@ def _progress() -> Progress:
         MofNCompleteColumn(),
         TimeElapsedColumn(),
         transient=True,
-        disable=os.environ.get("MVLM_NO_PROGRESS") == "1",
+        # bars only on a terminal: piped into a file, a transient bar leaves an empty line behind
+        disable=os.environ.get("MVLM_NO_PROGRESS") == "1" or not get_console().is_terminal,
     )

@@ -391,7 +391,7 @@ def build_text(ctx: BuildContext, fan_out: FanOut) -> list[UnitResult]:
         return [finished_unit(ctx, u.index) for u in units]
     scans = fan_out(scan_unit, units, ctx, label=f"{ctx.spec.name}: scan")
     drops = find_duplicates(scans) if ctx.spec.dedup.exact else [set() for _ in units]
-    log.info(
+    log.debug(  # the build table shows kept and rejected
         "%s: %d documents read, %d duplicated across files",
         ctx.spec.name,
         sum(s["read"] for s in scans),

@@ -13,6 +13,7 @@ import json
 import logging
 import time
 from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -101,16 +102,25 @@ def run_identity(model_identity: str, eval_identity: str, backend: str) -> str:
 
 def ask(answerer: Answerer, items: Sequence[EvalItem], max_new_tokens: int,
         progress: Callable[[int], None] | None = None) -> dict[str, str]:  # fmt: skip
-    """Item key -> the answerer's answer, asked in chunks with their images loaded."""
+    """Item key -> the answerer's answer, asked in chunks; the next chunk's images are decoded in a
+    thread while the model answers the current one."""
     answers: dict[str, str] = {}
-    for start in range(0, len(items), CHUNK):
-        chunk = items[start : start + CHUNK]
-        images = [_image(item) for item in chunk]
-        got = answerer.answer([item.prompt for item in chunk], images, max_new_tokens)
-        answers.update(zip((item.key for item in chunk), got, strict=True))
-        if progress:
-            progress(len(chunk))
+    chunks = [items[start : start + CHUNK] for start in range(0, len(items), CHUNK)]
+    with ThreadPoolExecutor(max_workers=1) as loader:
+        pending = loader.submit(_images, chunks[0]) if chunks else None
+        for number, chunk in enumerate(chunks):
+            images = pending.result()
+            if number + 1 < len(chunks):
+                pending = loader.submit(_images, chunks[number + 1])
+            got = answerer.answer([item.prompt for item in chunk], images, max_new_tokens)
+            answers.update(zip((item.key for item in chunk), got, strict=True))
+            if progress:
+                progress(len(chunk))
     return answers
+
+
+def _images(chunk: Sequence[EvalItem]) -> list[Any]:
+    return [_image(item) for item in chunk]
 
 
 def _image(item: EvalItem) -> Any:

@@ -166,7 +166,7 @@ def export_checkpoint(
             manifest = write_manifest(
                 tmp, "export", export_id, inputs, config=dataclasses.asdict(config), **files
             )
-        log.info("exported %s -> %s (export %s)", checkpoint, out, export_id)
+        log.info("exported %s/%s to GGUF: %s", checkpoint.parent.parent.name, checkpoint.parent.name, out)
     else:
         log.info("export %s already in %s and verified; reusing", export_id, out)
     result = _result(out, manifest, reused)

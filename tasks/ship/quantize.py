@@ -124,7 +124,7 @@ def quantize(
         with atomic_path(out) as tmp:
             tmp.mkdir()
             manifest = _build(gguf_path, tmp, quant_type, ftype, quant_id, source, eval_text, threads)
-        log.info("quantized %s -> %s (%s, quant %s)", gguf_path, out, quant_type, quant_id)
+        log.info("quantized %s to %s: %s", gguf_path.name, quant_type, out)
     else:
         log.info("quant %s already in %s and verified; reusing", quant_id, out)
     mmproj = manifest.get("mmproj")

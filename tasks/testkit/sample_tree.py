@@ -150,7 +150,7 @@ def make_samples(out_dir: Path, config: SampleConfig | None = None) -> SampleSum
     )
     summary.files = _file_hashes(out_dir, _written_files(out_dir, image_files, eval_files))
     atomic_write_json(out_dir / "samples.json", summary.to_json())
-    logger.info(
+    logger.debug(  # the CLI prints its own one-line summary
         "wrote samples to %s in %.1fs: %d images, %d docs, vocab %d",
         out_dir,
         time.perf_counter() - start,
