@@ -73,6 +73,12 @@ def test_recipe_eval_sets_and_gate_are_checked_against_the_eval_specs(tmp_path: 
     tiny = load_recipe("tiny")
     assert tiny.eval_sets == ("tiny-gqa", "tiny-sqa", "tiny-textvqa", "tiny-pope", "tiny-mme", "tiny-mmbench")
     assert tiny.gate.min_scores == {"tiny-gqa": 40} and tiny.gate.max_quant_drop == 10.0
+    real = load_recipe("mobilevlm-1.7b")
+    assert (
+        real.eval_sets == ("gqa", "sqa", "textvqa", "pope", "mme", "mmbench")
+        and real.gate.min_scores["average"] < 58.7
+    )
+    assert load_recipe("mobilevlm-3b").eval_sets == real.eval_sets  # from its base, with its own gate
     path = _recipe(tmp_path, "eval_sets: [tiny-gqa, tiny-gqq]\n")
     with pytest.raises(RecipeError, match=r"eval_sets: \['tiny-gqq'\] are not evaluation specs"):
         load_recipe("tiny", {"tiny": path})
