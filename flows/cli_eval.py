@@ -150,10 +150,9 @@ def scorecard_command(
     ] = None,
 ) -> None:
     """Print a retrain's scorecard: its models on the six benchmarks beside the champion and the papers."""
-    from flows.quality import verdict
     from tasks.lineage import tracking
     from tasks.lineage.quality_runs import ScorecardNotFound, retrain_run_of, scorecard_data
-    from tasks.quality.scorecard import ScorecardRow, table
+    from tasks.quality.scorecard import ScorecardRow
 
     mlflow = tracking.client()
     try:
@@ -162,10 +161,17 @@ def scorecard_command(
             data = scorecard_data(mlflow, run_id, folder)
     except ScorecardNotFound as err:
         raise fail(str(err)) from err
-    header, cells = table([ScorecardRow(**row) for row in data["rows"]])
-    out = Table(
-        *header, title=f"scorecard of retrain {run_id}", caption=verdict(data.get("gate") or {}) or None
-    )
+    rows = [ScorecardRow(**row) for row in data["rows"]]
+    console.print(scorecard_table(rows, f"scorecard of retrain {run_id}", data.get("gate") or {}))
+
+
+def scorecard_table(rows: list[Any], title: str, gate: dict[str, Any]) -> Table:
+    """The scorecard rows as a table, the gate's verdict as its caption."""
+    from flows.quality import verdict
+    from tasks.quality.scorecard import table
+
+    header, cells = table(rows)
+    out = Table(*header, title=title, caption=verdict(gate) or None)
     for row in cells:
         out.add_row(*row)
-    console.print(out)
+    return out

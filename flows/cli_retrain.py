@@ -100,16 +100,10 @@ def print_summary(result: dict[str, Any]) -> None:
 
 def _scorecard(result: dict[str, Any]) -> Table:
     """The scorecard (ours, the champion before this retrain, the papers') with the gate's verdict."""
-    from flows.quality import verdict
-    from tasks.quality.scorecard import rows_for, table
+    from flows.cli_eval import scorecard_table
+    from flows.quality import scorecard_rows
 
-    gate = result.get("gate") or {}
-    champion = {"model_version": gate.get("champion_before"), "scores": gate.get("champion_scores")}
-    header, cells = table(rows_for(result["evaluations"], result["quants"], result["benchmarks"], champion))
-    out = Table(*header, title="scorecard", caption=verdict(gate) or None)
-    for row in cells:
-        out.add_row(*row)
-    return out
+    return scorecard_table(scorecard_rows(result), "scorecard", result.get("gate") or {})
 
 
 def _agreement(evaluations: list[dict[str, Any]]) -> str:

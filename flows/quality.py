@@ -64,11 +64,10 @@ def scorecard_task(summary: dict[str, Any], recipe_name: str, runs_root: str) ->
     """The scorecard (HTML, PNG and its rows as JSON) as artifacts of the retrain run."""
     from tasks.core.identity import atomic_write_json
     from tasks.lineage import tracking
-    from tasks.quality.scorecard import rows_for, write_scorecard
+    from tasks.quality.scorecard import write_scorecard
 
     gate = summary.get("gate") or {}
-    champion = {"model_version": gate.get("champion_before"), "scores": gate.get("champion_scores")}
-    rows = rows_for(summary["evaluations"], summary["quants"], summary["benchmarks"], champion)
+    rows = scorecard_rows(summary)
     parent = summary["parent_run_id"]
     folder = Path(runs_root) / "reports"
     stem = f"scorecard-{recipe_name}-{parent[:8]}"
@@ -78,6 +77,15 @@ def scorecard_task(summary: dict[str, Any], recipe_name: str, runs_root: str) ->
     for path in (page, png, data):
         mlflow.log_artifact(parent, str(path), "scorecard")
     return {"html": str(page), "png": str(png), "json": str(data)}
+
+
+def scorecard_rows(summary: dict[str, Any]) -> list[Any]:
+    """The scorecard rows of a retrain summary: its models, the champion before it, the papers'."""
+    from tasks.quality.scorecard import rows_for
+
+    gate = summary.get("gate") or {}
+    champion = {"model_version": gate.get("champion_before"), "scores": gate.get("champion_scores")}
+    return rows_for(summary["evaluations"], summary["quants"], summary["benchmarks"], champion)
 
 
 def verdict(gate: dict[str, Any]) -> str:

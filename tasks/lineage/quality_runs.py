@@ -128,7 +128,7 @@ def decide(
     from tasks.quality.gate import check_gate
 
     final = evaluations[0]
-    name = final["model_version"].rpartition("@")[0]
+    name, _ = _split(final["model_version"])
     before, champion = champion_scores(mlflow, name)
     if before == final["model_version"]:  # a rerun of the retrain that made the champion
         before, champion = None, {}

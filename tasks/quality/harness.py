@@ -13,7 +13,6 @@ import json
 import logging
 import time
 from collections.abc import Callable, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -102,25 +101,16 @@ def run_identity(model_identity: str, eval_identity: str, backend: str) -> str:
 
 def ask(answerer: Answerer, items: Sequence[EvalItem], max_new_tokens: int,
         progress: Callable[[int], None] | None = None) -> dict[str, str]:  # fmt: skip
-    """Item key -> the answerer's answer, asked in chunks; the next chunk's images are decoded in a
-    thread while the model answers the current one."""
+    """Item key -> the answerer's answer, asked in chunks with their images loaded."""
     answers: dict[str, str] = {}
-    chunks = [items[start : start + CHUNK] for start in range(0, len(items), CHUNK)]
-    with ThreadPoolExecutor(max_workers=1) as loader:
-        pending = loader.submit(_images, chunks[0]) if chunks else None
-        for number, chunk in enumerate(chunks):
-            images = pending.result()
-            if number + 1 < len(chunks):
-                pending = loader.submit(_images, chunks[number + 1])
-            got = answerer.answer([item.prompt for item in chunk], images, max_new_tokens)
-            answers.update(zip((item.key for item in chunk), got, strict=True))
-            if progress:
-                progress(len(chunk))
+    for start in range(0, len(items), CHUNK):
+        chunk = items[start : start + CHUNK]
+        images = [_image(item) for item in chunk]
+        got = answerer.answer([item.prompt for item in chunk], images, max_new_tokens)
+        answers.update(zip((item.key for item in chunk), got, strict=True))
+        if progress:
+            progress(len(chunk))
     return answers
-
-
-def _images(chunk: Sequence[EvalItem]) -> list[Any]:
-    return [_image(item) for item in chunk]
 
 
 def _image(item: EvalItem) -> Any:
@@ -149,9 +139,7 @@ def run_benchmark(
     answers = ask(answerer, eval_set.items, spec.max_new_tokens, progress)
     seconds = time.perf_counter() - start
     answers_file = write_answers(folder / ANSWERS_FILE, spec.benchmark, eval_set.items, answers, model)
-    scored = score(
-        spec.benchmark, eval_set.items, read_answers(answers_file, spec.benchmark), str(answers_file)
-    )
+    scored = score_file(eval_set, answers_file)  # the file as written is what is scored
     official = write_official(spec.benchmark, eval_set.items, answers, folder)
     run = BenchmarkRun(spec.name, spec.benchmark, eval_identity, model, answerer.name, identity, scored,
                        len(eval_set.items), seconds, str(folder), eval_set.rejects.counts(),
@@ -197,7 +185,7 @@ def evaluate_model(
     refused) before the model is loaded. ``progress(set name, done, total)`` follows the questions."""
     sets = [read_eval_set(fetched(spec, data_root), data_root) for spec in specs]
     folder = out_root / ref.identity / ref.backend.replace("/", "-")
-    answerer = None
+    answerer = _Lazy(ref, template, threads)
     runs = []
     try:
         for eval_set in sets:
@@ -208,32 +196,37 @@ def evaluate_model(
                 if progress:
                     progress(name, done[0], total)
 
-            eval_identity = eval_set_identity(eval_set)
-            done_before = _finished(folder / name, run_identity(ref.identity, eval_identity, ref.backend))
-            if answerer is None and done_before is None:
-                answerer = open_answerer(ref, template, threads)
-            runs.append(run_benchmark(answerer or _Unused(ref.backend), eval_set, folder / name,
-                                      str(ref.path), ref.identity, step, eval_identity))  # fmt: skip
+            runs.append(run_benchmark(answerer, eval_set, folder / name, str(ref.path), ref.identity, step))
     finally:
-        if answerer is not None:
-            answerer.close()
+        answerer.close()
     asked = sum(r.questions for r in runs)
     log.info("%s: %d questions of %d sets %s", ref.backend, asked, len(runs),
-             "asked" if answerer is not None else "already answered; reusing")  # fmt: skip
+             "asked" if answerer.opened else "already answered; reusing")  # fmt: skip
     return runs
 
 
-@dataclass
-class _Unused:
-    """Stands in for a model that is not loaded because every result is already there."""
+class _Lazy:
+    """The model's answerer, loaded on the first question (not at all when every result exists)."""
 
-    name: str
+    def __init__(self, ref: ModelRef, template: str, threads: int) -> None:
+        self.ref, self.template, self.threads, self.name = ref, template, threads, ref.backend
+        self.loaded: Answerer | None = None
+
+    @property
+    def opened(self) -> bool:
+        """Whether the model was loaded."""
+        return self.loaded is not None
 
     def answer(self, questions: Sequence[str], images: Sequence[Any], max_new_tokens: int) -> list[str]:
-        raise EvalRunError(f"{self.name}: the model was not loaded (internal error: a result went missing)")
+        """The loaded answerer's answers."""
+        if self.loaded is None:
+            self.loaded = open_answerer(self.ref, self.template, self.threads)
+        return self.loaded.answer(questions, images, max_new_tokens)
 
     def close(self) -> None:
-        return None
+        """Free the model if it was loaded."""
+        if self.loaded is not None:
+            self.loaded.close()
 
 
 def agreement(reference_folder: str | Path, other_folder: str | Path) -> dict[str, float]:
