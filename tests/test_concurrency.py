@@ -269,12 +269,12 @@ def test_orphans_of_a_lost_create_answer_are_adopted_then_removed(tmp_path: Path
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     outbox = Outbox(tmp_path / "outbox")
     mlflow = MlflowClient(tracking_uri=uri)
-    orphans = sorted(
-        mlflow.create_run(
-            experiment_id(mlflow), tags={tag.IDENTITY: "lost", tag.OWNER: outbox.owner}
-        ).info.run_id
+    created = [
+        mlflow.create_run(experiment_id(mlflow), tags={tag.IDENTITY: "lost", tag.OWNER: outbox.owner})
         for _ in range(2)
-    )
+    ]
+    # The one rule keeps the earliest start, then the smallest id (two creates may share a millisecond).
+    orphans = [r.info.run_id for r in sorted(created, key=lambda r: (r.info.start_time, r.info.run_id))]
     outbox.put(_bench_payload("lost"))
     assert flush(outbox, uri).sent == {"lost": orphans[0]}
     run, every = _only_run(uri, "lost")
