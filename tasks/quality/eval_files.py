@@ -30,12 +30,20 @@ class EvalSetError(ValueError):
     """An evaluation set that cannot be read or scored as it is."""
 
 
-def read_json(path: Path, what: str) -> Any:
-    """A whole JSON file; EvalSetError names the file when it is missing, too big or malformed."""
+def read_json(path: Path, what: str, expect: type[dict] | type[list] = dict) -> Any:
+    """A whole JSON file holding an ``expect`` (object or list); EvalSetError names the file when it
+    is missing, too big, malformed or of the other shape."""
     try:
-        return load_whole_json(str(path), FILTERS, what)
+        data = load_whole_json(str(path), FILTERS, what)
     except BuildError as err:
         raise EvalSetError(str(err)) from None
+    if not isinstance(data, expect):
+        shape = "an object" if expect is dict else "a list"
+        raise EvalSetError(
+            f"{path}: the {what} file must hold {shape} at the top, it holds a {type(data).__name__}: "
+            "is this the benchmark's file? (see the spec's files)"
+        )
+    return data
 
 
 def read_jsonl(path: Path, rejects: Rejects, subset: str) -> Iterator[tuple[int, dict[str, Any]]]:

@@ -117,7 +117,7 @@ def read_gqa(r: _Reader) -> list[EvalItem]:
 
 def read_textvqa(r: _Reader) -> list[EvalItem]:
     data = read_json(r.path("annotations"), "TextVQA annotations")
-    rows = data.get("data") if isinstance(data, dict) else None
+    rows = data.get("data")
     if not isinstance(rows, list):
         raise EvalSetError(f"{r.path('annotations')}: no 'data' list: is this TextVQA_0.5.1_val.json?")
     truth = {
@@ -160,7 +160,10 @@ def read_pope(r: _Reader) -> list[EvalItem]:
                 )
             key = str(row["question_id"])
             if r.new_key(key, where) and (image := r.image(r.path("images"), row["image"], where)):
-                truth = "no" if label.get("label") == "no" else "yes"
+                truth = label.get("label")
+                if truth not in ("yes", "no"):
+                    r.reject("no_reference", where, f"label {truth!r} in {labels_file} is neither yes nor no")
+                    continue
                 prompt = with_instruction(row["text"], r.spec.instruction)
                 items.append(EvalItem(key, row["question_id"], prompt, image, truth, {"split": split}))
     return items
@@ -202,13 +205,9 @@ def _valid_answer(problem: dict[str, Any]) -> bool:
 
 
 def read_sqa(r: _Reader) -> list[EvalItem]:
-    questions = read_json(r.path("questions"), "ScienceQA questions")
+    questions = read_json(r.path("questions"), "ScienceQA questions", list)
     problems = read_json(r.path("problems"), "ScienceQA problems")
-    test = set(read_json(r.path("splits"), "ScienceQA splits").get("test", []))
-    if not isinstance(questions, list):
-        raise EvalSetError(
-            f"{r.path('questions')}: a JSON list of questions expected (llava_test_CQM-A.json)"
-        )
+    test = {str(pid) for pid in read_json(r.path("splits"), "ScienceQA splits").get("test", [])}
     items = []
     for number, row in enumerate(questions):
         where = f"{r.path('questions')}:[{number}]"
