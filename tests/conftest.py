@@ -34,6 +34,12 @@ def build_tiny_corpus() -> list[str]:
     return captions + chats
 
 
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Tests that register new versions in the session's tiny retrain store run after every test that
+    reads that store (which expects the retrain's versions to be the latest), whatever the order asked."""
+    items.sort(key=lambda item: item.get_closest_marker("mutates_session_retrain") is not None)
+
+
 @pytest.fixture(scope="session")
 def tiny_corpus() -> list[str]:
     """The corpus the ``tiny_tokenizer`` fixture is trained on (a fresh list per session)."""

@@ -94,6 +94,7 @@ def test_the_scorecard_is_on_the_retrain_run_and_printed_by_mvlm_scorecard(retra
     assert missing.exit_code == 2 and "no-such-model" in missing.output and "Traceback" not in missing.output
 
 
+@pytest.mark.mutates_session_retrain
 def test_a_worse_retrain_fails_the_gate_and_leaves_the_champion(retrained: dict, mlflow, tmp_path: Path,
                                                                  monkeypatch) -> None:  # fmt: skip
     """The same recipe with almost no instruction steps (a file of the same name shadows ours)."""
