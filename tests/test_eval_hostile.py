@@ -130,6 +130,14 @@ def _tsv_cell(relative: str, row: int, column: str, value: str) -> Callable[[Pat
     return edit
 
 
+def _drop_last_line(relative: str) -> Callable[[Path], None]:
+    def edit(root: Path) -> None:
+        path = root / relative
+        path.write_text("".join(path.read_text().splitlines(True)[:-1]))
+
+    return edit
+
+
 def _drop_first_sqa_problem(problems: object) -> object:
     assert isinstance(problems, dict)
     return dict(list(problems.items())[1:])
@@ -180,8 +188,8 @@ def cases() -> list[EvalCase]:
                  lambda root: (root / GQA_A).write_bytes((root / GQA_A).read_bytes()[:500])),
         EvalCase("gqa-answers-not-an-object", gqa, "answers file is a JSON list",
                  ("error", "testdev_balanced_questions.json"), GQA_A, _whole(GQA_A, b"[1, 2, 3]")),
-        EvalCase("mmbench-bad-base64", mmb, "MMBench row whose image is not base64", _rejected("decode_error"),
-                 MMB, _tsv_cell(MMB, 1, "image", "not base64 at all!")),
+        EvalCase("mmbench-bad-base64", mmb, "MMBench row whose image is not base64",
+                 _rejected("decode_error"), MMB, _tsv_cell(MMB, 1, "image", "not base64 at all!")),
         EvalCase("mmbench-unknown-option", mmb, "answer letter `E` with options A-C",
                  _rejected("unknown_option"), MMB, _tsv_cell(MMB, 1, "answer", "E")),
         EvalCase("mmbench-bad-index", mmb, "index `x1` (not a number)", _rejected("missing_field"), MMB,
@@ -198,7 +206,7 @@ def cases() -> list[EvalCase]:
                  "samples/eval/pope/llava_pope_test.jsonl"),
         EvalCase("pope-labels-out-of-step", "tiny-pope", "labels file one row short of the questions",
                  ("error", "coco_pope_adversarial"), POPE_L,
-                 lambda root: (root / POPE_L).write_text("".join((root / POPE_L).read_text().splitlines(True)[:-1]))),
+                 _drop_last_line(POPE_L)),
     ]  # fmt: skip
 
 
