@@ -6,6 +6,7 @@ normalise) and LLaVA's ``image_aspect_ratio="pad"`` mode (``expand2square`` with
 
 from __future__ import annotations
 
+import functools
 import logging
 from collections.abc import Sequence
 from typing import Literal
@@ -103,10 +104,20 @@ def center_crop(arr: np.ndarray, size: int) -> np.ndarray:
     return arr[top : top + size, left : left + size]
 
 
+@functools.lru_cache(maxsize=8)
+def _normalize_table(mean: tuple[float, ...], std: tuple[float, ...]) -> np.ndarray:
+    """(channels, 256) float32: every uint8 value rescaled by 1/255 (in float64, like HF), then
+    ``(x - mean) / std`` in float32, per channel."""
+    scaled = (np.arange(256, dtype=np.float64) * (1 / 255)).astype(np.float32)
+    mean32, std32 = np.asarray(mean, dtype=np.float32), np.asarray(std, dtype=np.float32)
+    return np.ascontiguousarray(((scaled[:, None] - mean32) / std32).T)
+
+
 def normalize(arr: np.ndarray, mean: Sequence[float], std: Sequence[float]) -> np.ndarray:
-    """uint8 HWC -> float32 HWC: rescale by 1/255 (in float64, like HF) then ``(x - mean) / std``."""
-    scaled = (arr.astype(np.float64) * (1 / 255)).astype(np.float32)
-    return (scaled - np.asarray(mean, dtype=np.float32)) / np.asarray(std, dtype=np.float32)
+    """uint8 HWC -> float32 CHW: rescale by 1/255 then ``(x - mean) / std``, by table lookup (each
+    output depends on one byte and its channel only, so the table gives HF's float32 values exactly)."""
+    table = _normalize_table(tuple(map(float, mean)), tuple(map(float, std)))
+    return np.stack([table[c][arr[..., c]] for c in range(arr.shape[-1])])
 
 
 def preprocess_image(
@@ -129,7 +140,7 @@ def preprocess_image(
     if mode == "pad":
         img = expand_to_square(img, mean_background(mean))
     arr = center_crop(np.asarray(resize_shortest_edge(img, size)), size)
-    return torch.from_numpy(np.ascontiguousarray(normalize(arr, mean, std).transpose(2, 0, 1)))
+    return torch.from_numpy(normalize(arr, mean, std))
 
 
 def preprocess_images(
