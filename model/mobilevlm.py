@@ -37,6 +37,17 @@ class MobileVLMConfig(LlamaConfig):
     tokenizer_padding_side: str = "right"
     tokenizer_model_max_length: int | None = None
     mvlm_name: str | None = None
+    # Keys the authors' code reads (mobilevlm/train/train.py writes them, load_pretrained_model and
+    # build_vision_tower read them), so that their loader opens our checkpoints.
+    vision_tower_type: str | None = None
+    use_mm_proj: bool | None = None
+    mm_use_im_start_end: bool = False
+    mm_use_im_patch_token: bool = False
+    tune_mm_mlp_adapter: bool = False
+    freeze_mm_mlp_adapter: bool = False
+    image_grid_pinpoints: list | None = None
+    mm_projector_lr: float | None = None
+    max_sequence_length: int | None = None
 
     @property
     def is_multimodal(self) -> bool:
@@ -62,7 +73,9 @@ def hf_config(row: LLMConfig | VLMConfig) -> MobileVLMConfig:
         eos_token_id=2,
         pad_token_id=0,
         tokenizer_model_max_length=llm.context,
+        max_sequence_length=llm.context,
         mvlm_name=row.name,
+        architectures=["MobileLlamaForCausalLM"],
     )
     if isinstance(row, VLMConfig):
         vision = row.vision
@@ -73,6 +86,7 @@ def hf_config(row: LLMConfig | VLMConfig) -> MobileVLMConfig:
         config.mm_vision_select_feature = vision.select_feature
         config.image_aspect_ratio = row.image_aspect_ratio
         config.vision_config = clip_config(vision).to_dict()
+        config.vision_tower_type, config.use_mm_proj = "clip", True
     return config
 
 

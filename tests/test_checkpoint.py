@@ -134,6 +134,40 @@ def test_authors_config_resolves_the_clip_tower_by_hub_id() -> None:
         vision_row(MobileVLMConfig(mm_vision_tower="someone/unknown-vit", mm_projector_type="ldpnet"))
 
 
+AUTHORS_KEYS = {
+    # key: (value for mobilevlm-1.7b, value for mobilevlm-v2-1.7b); what reads it in the authors' code
+    "model_type": ("mobilevlm", "mobilevlm"),  # MobileVLMConfig.model_type, AutoConfig
+    "architectures": (["MobileLlamaForCausalLM"], ["MobileLlamaForCausalLM"]),
+    "mm_vision_tower": ("openai/clip-vit-large-patch14-336",) * 2,  # build_vision_tower: hub id or path
+    "vision_tower_type": ("clip", "clip"),  # build_vision_tower: only "clip" is built
+    "mm_vision_select_layer": (-2, -2),  # CLIPVisionTower.select_layer
+    "mm_vision_select_feature": ("patch", "patch"),
+    "mm_hidden_size": (1024, 1024),  # build_vision_projector
+    "hidden_size": (2048, 2048),
+    "mm_projector_type": ("ldpnet", "ldpnetv2"),  # build_vision_projector; load_pretrained_model's 'v2'
+    "mm_use_im_start_end": (False, False),  # load_pretrained_model (default False), eval scripts
+    "mm_use_im_patch_token": (False, False),  # load_pretrained_model: default True adds a token
+    "use_mm_proj": (True, True),
+    "tune_mm_mlp_adapter": (False, False),  # prepare_inputs_labels_for_multimodal
+    "image_aspect_ratio": ("pad", "pad"),  # process_images
+    "max_sequence_length": (2048, 2048),  # load_pretrained_model's context_len (else 2048)
+}
+
+
+@pytest.mark.parametrize("row", ["mobilevlm-1.7b", "mobilevlm-v2-1.7b"])
+def test_a_saved_config_has_every_key_the_authors_loader_reads(row: str, tmp_path: Path) -> None:
+    """Their ``load_pretrained_model`` and ``build_vision_tower`` read these keys with ``getattr``
+    defaults that differ from what our checkpoints are (a patch token, a non-clip tower)."""
+    from model.config import VLM_CONFIGS
+    from model.mobilevlm import hf_config
+
+    hf_config(VLM_CONFIGS[row]).save_pretrained(tmp_path)
+    saved = json.loads((tmp_path / "config.json").read_text())
+    index = 0 if row == "mobilevlm-1.7b" else 1
+    for key, values in AUTHORS_KEYS.items():
+        assert saved.get(key, "<absent>") == values[index], key
+
+
 def test_equal_weights_give_equal_bytes(saved, tmp_path: Path) -> None:
     """Stage identities hash the previous stage's weights file: saving must be byte-deterministic."""
     from tasks.core.identity import sha256_file
