@@ -64,7 +64,7 @@ def info(name: str, **overrides: Any) -> dict[str, Any]:
     module = build(name, device="meta", **overrides)
     counts = {"llm": 0, "vision": 0, "projector": 0}
     for key, param in module.named_parameters():
-        counts[_part(key)] += param.numel()
+        counts[part_of(key)] += param.numel()
     counts["total"] = sum(counts.values())
     kind = config_names()[name]
     llm = row.llm if isinstance(row, VLMConfig) else (row if kind == "llm" else None)
@@ -82,7 +82,8 @@ def info(name: str, **overrides: Any) -> dict[str, Any]:
     }
 
 
-def _part(key: str) -> str:
+def part_of(key: str) -> str:
+    """Which part a parameter or state-dict key belongs to: ``vision``, ``projector`` or ``llm``."""
     if "vision_tower." in key or key.startswith("vision_tower"):
         return "vision"
     return "projector" if "mm_projector." in key else "llm"

@@ -48,6 +48,8 @@ class LoopConfig:
     """AdamW weight decay (not applied to norms, biases and embeddings-free 1-D params)."""
     betas: tuple[float, float]
     """AdamW betas."""
+    part_lrs: dict[str, float] = field(default_factory=dict)
+    """Peak learning rates of parts (``projector``, ``vision``) that do not train at ``lr``."""
     trainable_params: int = 0
     """Parameters that train (for MFU: 6 x params x tokens/s)."""
     peak_flops: float | None = None
@@ -72,15 +74,23 @@ class LoopState:
     """Python, numpy and torch RNG states."""
 
 
-def set_trainable(model: nn.Module, parts: tuple[str, ...]) -> int:
-    """Freeze everything, then unfreeze ``parts`` (``llm``, ``projector``); the vision tower stays frozen."""
+def set_trainable(model: nn.Module, parts: tuple[str, ...], lora: bool = False) -> int:
+    """Freeze everything, then unfreeze ``parts`` (``llm``, ``projector``, ``vision``); the vision tower
+    stays frozen unless ``vision`` is named. With ``lora`` the language model's own weights (embeddings,
+    layers, ``lm_head``) stay frozen: it trains only through the adapters added afterwards, as the
+    authors' LoRA runs do (their projector trains beside the adapters)."""
     model.requires_grad_(False)
     inner = model.model
+    if hasattr(inner, "vision_tower"):
+        inner.vision_tower.frozen = "vision" not in parts
+        inner.vision_tower.requires_grad_("vision" in parts)
+    elif "vision" in parts:
+        raise ValueError("stage trains the vision tower but the model has none (use a VLM config row)")
     if "projector" in parts:
         if not hasattr(inner, "mm_projector"):
             raise ValueError("stage trains the projector but the model has none (use a VLM config row)")
         inner.mm_projector.requires_grad_(True)
-    if "llm" in parts:
+    if "llm" in parts and not lora:
         for name, module in inner.named_children():
             if name not in ("vision_tower", "mm_projector"):
                 module.requires_grad_(True)
@@ -98,12 +108,30 @@ def cosine_schedule(step: int, cfg: LoopConfig) -> float:
     return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
+def param_groups(model: nn.Module, cfg: LoopConfig) -> list[dict[str, Any]]:
+    """Trainable parameters by part (``llm``, ``projector``, ``vision``; LoRA adapters are ``llm``), each
+    at its peak rate, split into decayed (2-D and up) and undecayed (norms, biases) groups; every group
+    is named ``part`` or ``part/no_decay``."""
+    from model import part_of
+
+    groups: dict[str, dict[str, Any]] = {}
+    for name, param in model.named_parameters():
+        if not param.requires_grad:
+            continue
+        part = part_of(name)
+        decayed = param.dim() >= 2
+        key = part if decayed else f"{part}/no_decay"
+        if key not in groups:
+            lr, decay = cfg.part_lrs.get(part, cfg.lr), cfg.weight_decay if decayed else 0.0
+            groups[key] = {"name": key, "params": [], "lr": lr, "weight_decay": decay}
+        groups[key]["params"].append(param)
+    return list(groups.values())
+
+
 def make_optimizer(model: nn.Module, cfg: LoopConfig) -> tuple[torch.optim.Optimizer, Any]:
-    """AdamW over trainable parameters (no decay on 1-D params) and its warmup-cosine scheduler."""
-    decay = [p for p in model.parameters() if p.requires_grad and p.dim() >= 2]
-    no_decay = [p for p in model.parameters() if p.requires_grad and p.dim() < 2]
-    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    optimizer = torch.optim.AdamW([g for g in groups if g["params"]], lr=cfg.lr, betas=cfg.betas)
+    """AdamW over ``param_groups`` and its warmup-cosine scheduler (one multiplier for every group, so
+    each part's rate keeps its ratio to ``lr``)."""
+    optimizer = torch.optim.AdamW(param_groups(model, cfg), lr=cfg.lr, betas=cfg.betas)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: cosine_schedule(s, cfg))
     return optimizer, scheduler
 
@@ -248,6 +276,12 @@ def run_loop(
     return state
 
 
+def _part_lrs(engine: Any) -> dict[str, float]:
+    """``lr/<part>`` of every part when more than one part trains (``lr`` is the first group's)."""
+    groups = [g for g in engine.optimizer.param_groups if "/" not in g.get("name", "/")]
+    return {f"lr/{g['name']}": g["lr"] for g in groups} if len(groups) > 1 else {}
+
+
 def _metrics(engine: Any, step: int, losses: list[float], tokens: int, samples: int, elapsed: float,
              wait: float, cfg: LoopConfig) -> dict[str, float]:  # fmt: skip
     tok_s = tokens / elapsed
@@ -256,6 +290,7 @@ def _metrics(engine: Any, step: int, losses: list[float], tokens: int, samples: 
         "step": step,
         "loss": sum(losses) / len(losses),
         "lr": engine.get_lr()[0],
+        **_part_lrs(engine),
         "grad_norm": float(norm) if norm is not None else float("nan"),
         "tokens_per_s": tok_s,
         "samples_per_s": samples / elapsed,

@@ -9,8 +9,12 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+LATER = {"identity": "omit at default"}
+"""Metadata of fields added after recipes had identities: ``stage_dict`` leaves them out while they
+hold their default, so that existing stages keep their identities (and finished outputs)."""
+
 StageName = Literal["llm-pretrain", "llm-sft", "vlm-align", "vlm-instruct"]
-Part = Literal["llm", "projector"]
+Part = Literal["llm", "projector", "vision"]
 STAGE_ORDER: tuple[str, ...] = ("llm-pretrain", "llm-sft", "vlm-align", "vlm-instruct")
 
 
@@ -56,6 +60,11 @@ class OptimConfig:
     """Warmup steps (used when ``warmup_ratio`` is 0)."""
     warmup_ratio: float = 0.0
     """Warmup as a fraction of the stage's steps."""
+    projector_lr: float | None = field(default=None, metadata=LATER)
+    """Peak learning rate of the projector (the authors' ``mm_projector_lr``: 1e-3 beside the LLM's
+    2e-5 in V2 pre-training); None: ``lr``. Its cosine ends at the same fraction ``min_lr / lr``."""
+    vision_lr: float | None = field(default=None, metadata=LATER)
+    """Peak learning rate of the vision tower when it trains; None: ``lr``."""
 
 
 @dataclass(frozen=True)
@@ -69,7 +78,7 @@ class StageConfig:
     datasets: tuple[DatasetRef, ...]
     """Dataset specs with mixture weights."""
     train: tuple[Part, ...]
-    """Parts that train; the vision tower is always frozen."""
+    """Parts that train (``llm``, ``projector``, ``vision``); the vision tower is frozen unless named."""
     optim: OptimConfig
     """Optimizer and schedule."""
     global_batch: int
@@ -212,5 +221,20 @@ class Recipe:
 
 
 def stage_dict(stage: StageConfig) -> dict[str, Any]:
-    """A stage as plain data (for identities and MLflow params)."""
-    return dataclasses.asdict(stage)
+    """A stage as plain data (for identities and MLflow params); ``LATER`` fields at their default are
+    left out."""
+    return _plain(stage)
+
+
+def _plain(value: Any) -> Any:
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return {
+            f.name: _plain(getattr(value, f.name))
+            for f in dataclasses.fields(value)
+            if not (f.metadata.get("identity") == LATER["identity"] and getattr(value, f.name) == f.default)
+        }
+    if isinstance(value, (list, tuple)):
+        return type(value)(_plain(v) for v in value)
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    return value

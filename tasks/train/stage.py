@@ -369,10 +369,9 @@ def train_worker(config: dict[str, Any]) -> None:
     rank, world = context.get_world_rank(), context.get_world_size()
     stage = plan.stage
     model = build_model(plan)
-    trainable = set_trainable(model, tuple(stage["train"]))
+    trainable = set_trainable(model, tuple(stage["train"]), lora=bool(stage["lora"]))
     if stage["lora"]:
         lora = stage["lora"]
-        model.model.requires_grad_(False) if "llm" in stage["train"] else None
         apply_lora(model, lora["r"], lora["alpha"], lora["dropout"], tuple(lora["targets"]))
         trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     if stage["grad_checkpointing"]:
@@ -385,6 +384,7 @@ def train_worker(config: dict[str, Any]) -> None:
         grad_accum=stage["global_batch"] // (world * stage["micro_batch"]),
         checkpoint_every=stage["checkpoint_every"],
         lr=optim["lr"],
+        part_lrs={part: optim[f"{part}_lr"] for part in ("projector", "vision") if optim.get(f"{part}_lr")},
         min_lr=optim["min_lr"],
         warmup_steps=warmup,
         weight_decay=optim["weight_decay"],
