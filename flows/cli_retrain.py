@@ -37,13 +37,23 @@ def retrain(
         bool,
         typer.Option(help="Exit 3 when the gate fails (a failed gate is otherwise reported, not an error)."),
     ] = False,
+    init: Annotated[
+        list[str] | None,
+        typer.Option(
+            help="STAGE=PATH_OR_HUB_ID: start that stage from a checkpoint, e.g. "
+            "vlm-align=mtgv/MobileLLaMA-1.4B-Chat (repeatable; recorded in lineage)."
+        ),
+    ] = None,
 ) -> None:
     """Data, training stages, evaluation, export, quantization and device benchmarks, reusing what exists."""
     from flows.retrain import RetrainError
     from flows.retrain import retrain as retrain_flow
+    from tasks.train.init_source import parse_inits
+    from tasks.train.recipes import get_recipe
 
     try:
-        result = retrain_flow(recipe, from_stage, force, pool, quant, bench_timeout, until=until)
+        inits = parse_inits(init or [], get_recipe(recipe))
+        result = retrain_flow(recipe, from_stage, force, pool, quant, bench_timeout, until=until, inits=inits)
     except (RetrainError, KeyError, ValueError) as err:
         report_failure(err)
         raise typer.Exit(1) from err

@@ -192,6 +192,7 @@ def retrain(
     data_root: str | None = None,
     runs_root: str | None = None,
     until: Step | None = None,
+    inits: dict[str, str] | None = None,
 ) -> dict[str, Any]:
     """Build or reuse data, train, evaluate, export, quantize and benchmark one recipe.
 
@@ -201,6 +202,7 @@ def retrain(
     ``until`` stops after that step (``data``, ``train``, ``export``, ``quantize``, ``evaluate``;
     default: run everything): the summary's
     ``stopped_after`` says where, and a rerun without it continues from there (reusing what exists).
+    ``inits`` (stage -> checkpoint folder or hub model id) start those stages from that checkpoint.
 
     One retrain of a recipe runs at a time per runs root (a second one waits for the lock); the
     flow run that a killed retrain left running in Prefect is marked Crashed by the next one.
@@ -214,8 +216,9 @@ def retrain(
     with exclusive(runs / f".retrain-{recipe_name}.lock"):
         take_over(runs / f".retrain-{recipe_name}.flow_run.json", current_flow_run_id())
         return _retrain(
-            recipe_name, from_stage, force, pools, quant_types, bench_timeout_s, data_root, runs_root, until
-        )
+            recipe_name, from_stage, force, pools, quant_types, bench_timeout_s, data_root, runs_root, until,
+            inits or {},
+        )  # fmt: skip
 
 
 def _retrain(
@@ -228,6 +231,7 @@ def _retrain(
     data_root: str | None,
     runs_root: str | None,
     until: Step | None,
+    inits: dict[str, str],
 ) -> dict[str, Any]:
     """The steps of ``retrain``, in order, with the recipe's lock held."""
     from flows.data import build_data
@@ -237,7 +241,7 @@ def _retrain(
 
     settings = get_settings()
     data_root, runs_root = data_root or str(settings.data_root), runs_root or str(settings.runs_root)
-    recipe = get_recipe(recipe_name)
+    recipe = get_recipe(recipe_name, **{stage: {"init": where} for stage, where in inits.items()})
     forced = recipe.stages_to_retrain(from_stage, force or ())
     done = RetrainSummary()
     specs = sorted({d.spec for s in recipe.enabled_stages() for d in s.datasets})
@@ -249,7 +253,7 @@ def _retrain(
     if until == "data":
         return _stopped(done, "data")
     known = {b["name"]: b["path"] for b in done.builds}  # each source was fingerprinted once, above
-    stages = _step("train", run_stages, recipe_name, None, data_root, runs_root, parent, forced, known)
+    stages = _step("train", run_stages, recipe_name, None, data_root, runs_root, parent, forced, known, inits)
     done.stages = [dataclasses.asdict(s.summary) for s in stages]
     for s in stages:
         previous = done.models[-1] if done.models else None

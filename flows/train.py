@@ -20,12 +20,15 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 
-def stage_init(stage: StageConfig, previous_final: str | None) -> dict[str, str]:
-    """Where a stage starts: the recipe's explicit init, else the previous stage's output."""
+def stage_init(stage: StageConfig, previous_final: str | None, runs_root: str) -> dict[str, str]:
+    """Where a stage starts: the recipe's explicit init (a folder or a hub model, fetched once), else
+    the previous stage's output."""
+    from tasks.train.init_source import resolve_init
+
     if stage.init == "scratch":
         return {"kind": "scratch", "path": ""}
     if stage.init:
-        return {"kind": "checkpoint", "path": stage.init}
+        return {"kind": "checkpoint", "path": resolve_init(stage.init, Path(runs_root)), "named": stage.init}
     if previous_final is None:
         raise ValueError(f"stage {stage.name} has no init and no previous stage; set init in the recipe")
     return {"kind": "checkpoint", "path": previous_final}
@@ -46,7 +49,7 @@ def plan_stage_task(recipe: Recipe, stage: StageConfig, init: dict, data_root: s
     mlflow = tracking.client(uri)
     run_id, created = tracking.run_for(
         mlflow, EXPERIMENT, plan.stage_id, f"{recipe.name}/{stage.name}",
-        {tag.RECIPE: recipe.name, tag.STAGE: stage.name, tag.KIND: "stage"}, parent_run_id,
+        {tag.RECIPE: recipe.name, tag.STAGE: stage.name, tag.KIND: "stage"} | _init_tags(init), parent_run_id,
     )  # fmt: skip
     if created or tracking.unfinished(mlflow, run_id):  # idempotent: a crash may have cut it short
         tracking.log_params(
@@ -55,6 +58,11 @@ def plan_stage_task(recipe: Recipe, stage: StageConfig, init: dict, data_root: s
         for build in builds:
             tracking.log_dataset(mlflow, run_id, build.spec, build.build_id, build.path)
     return dataclasses.replace(plan, mlflow_uri=uri, mlflow_run_id=run_id)
+
+
+def _init_tags(init: dict[str, str]) -> dict[str, str]:
+    """The start point a recipe or ``--init`` named, and the folder it resolved to."""
+    return {tag.INIT: init["named"], tag.INIT_PATH: init["path"]} if init.get("named") else {}
 
 
 @task(name="run-stage", cache_policy=NONE)
@@ -108,18 +116,20 @@ def evaluate_task(plan: Any, manifest: dict[str, Any], question_types: dict) -> 
 def run_stages(
     recipe_name: str, only: str | None, data_root: str, runs_root: str, parent_run_id: str | None = None,
     force: tuple[str, ...] = (), known_builds: dict[str, str] | None = None,
+    inits: dict[str, str] | None = None,
 ) -> list[StageOutcome]:  # fmt: skip
     """Plan and run the enabled stages in order.
 
     ``only`` runs one stage after finished predecessors; stages in ``force`` are retrained even when a
     finished output exists; ``known_builds`` (spec -> build folder) are the builds a retrain's data
-    step just made, read without fingerprinting their sources again.
+    step just made, read without fingerprinting their sources again; ``inits`` (stage -> folder or hub
+    id) start those stages from a checkpoint instead of the recipe's start point.
     """
 
     from tasks.train.recipes import get_recipe
     from tasks.train.stage import StageError, StageOutcome, StageSummary, finished_stage
 
-    recipe = get_recipe(recipe_name)
+    recipe = get_recipe(recipe_name, **{stage: {"init": where} for stage, where in (inits or {}).items()})
     stages = recipe.enabled_stages()
     if only is not None and only not in [s.name for s in stages]:
         raise StageError(
@@ -128,8 +138,9 @@ def run_stages(
     done, previous = [], None
     for s in stages:
         plan = plan_stage_task(
-            recipe, s, stage_init(s, previous), data_root, runs_root, previous, parent_run_id, known_builds
-        )
+            recipe, s, stage_init(s, previous, runs_root), data_root, runs_root, previous, parent_run_id,
+            known_builds,
+        )  # fmt: skip
         if only is not None and s.name != only:
             manifest = finished_stage(plan.out)
             if manifest is None:

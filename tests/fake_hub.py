@@ -1,4 +1,5 @@
-"""A loopback stand-in for the Hugging Face hub's API and file endpoints, serving datasets from folders:
+"""A loopback stand-in for the Hugging Face hub's API and file endpoints, serving dataset and model
+repositories from folders:
 ``root/<owner>/<name>/<commit sha>/<files>`` with ``refs.json`` (``{"main": sha}``) beside the commits.
 
 Enough of the hub for the real ``huggingface_hub`` and ``datasets`` clients (``HF_ENDPOINT`` pointed
@@ -60,6 +61,10 @@ def _handler(root: Path, requests: list[str]) -> type[BaseHTTPRequestHandler]:
             requests.append(f"{self.command} {self.path}")
             parts = urlsplit(self.path)
             segs = [unquote(s) for s in parts.path.strip("/").split("/")]
+            if segs[:2] == ["api", "models"] and len(segs) >= 5:  # a model repo: same layout, no prefix
+                segs = ["api", "datasets", *segs[2:]]
+            elif len(segs) >= 5 and segs[0] not in ("api", "datasets") and segs[2] == "resolve":
+                segs = ["datasets", *segs]
             if segs[:2] == ["api", "datasets"] and len(segs) >= 5:
                 repo, verb, rev, rest = (
                     "/".join(segs[2:4]),
