@@ -36,7 +36,7 @@ def _npy(array: np.ndarray) -> bytes:
 
 
 def _cfg(sources: tuple[Source, ...], micro_batch: int = 4, **kw) -> LoaderConfig:
-    return LoaderConfig(sources, micro_batch, 8, None, None, 0, "pad", 0, seed=7, shuffle_buffer=16, **kw)
+    return LoaderConfig(sources, micro_batch, 8, None, None, 0, "pad", seed=7, shuffle_buffer=16, **kw)
 
 
 def _ids(batch: dict[str, torch.Tensor]) -> list[int]:
@@ -105,7 +105,7 @@ def test_corrupt_samples_are_skipped_and_counted(tmp_path: Path, tiny_tokenizer)
     ]
     rec = write_shard(tmp_path, "it.tar", samples, "train", "it")
     src = Source("it", "image_text", (str(tmp_path / rec.path),), 40, 1.0)
-    cfg = LoaderConfig((src,), 4, 64, "plain", str(tmp_path / "tok"), 28, "pad", 4, seed=0)
+    cfg = LoaderConfig((src,), 4, 64, "plain", str(tmp_path / "tok"), 28, "pad", seed=0)
     stream = batches(cfg, 0, 1, {})
     got = [next(stream)[0] for _ in range(8)]
     assert all(b["images"].shape == (4, 3, 28, 28) for b in got)
@@ -127,10 +127,29 @@ def test_group_by_modality_keeps_batches_single_modality(tmp_path: Path, tiny_to
     ]
     rec = write_shard(tmp_path, "mix.tar", samples, "train", "mix")
     src = Source("mix", "instruct", (str(tmp_path / rec.path),), 64, 1.0)
-    cfg = LoaderConfig((src,), 4, 128, "v1", str(tmp_path / "tok"), 28, "pad", 4, seed=0,
+    cfg = LoaderConfig((src,), 4, 128, "v1", str(tmp_path / "tok"), 28, "pad", seed=0,
                        group_by_modality_length=True)  # fmt: skip
     stream = batches(cfg, 0, 1, {})
     for _ in range(16):
         batch = next(stream)[0]
         with_image = (batch["input_ids"] == -200).any(dim=1)
         assert with_image.all() or not with_image.any()
+
+
+def test_text_is_cut_to_seq_len_before_the_image_is_spliced_in(tmp_path: Path, tiny_tokenizer) -> None:
+    """As the authors' preprocessing (``model_max_length`` on the text ids, then the visual tokens
+    replace the placeholder): a long conversation keeps seq_len text tokens, image or not."""
+    tiny_tokenizer.save_pretrained(tmp_path / "tok")
+    img = io.BytesIO()
+    Image.new("RGB", (20, 20), (0, 0, 200)).save(img, format="JPEG")
+    turns = [{"from": "human", "value": "<image>\nWhat colour is the big square in the picture?"},
+             {"from": "gpt", "value": "It is blue. " * 80}]  # fmt: skip
+    record = json.dumps({"conversations": turns}).encode()
+    samples = [{"__key__": f"s{i}", "json": record, "jpg": img.getvalue()} for i in range(8)]
+    rec = write_shard(tmp_path, "long.tar", samples, "train", "long")
+    src = Source("long", "instruct", (str(tmp_path / rec.path),), 8, 1.0)
+    cfg = LoaderConfig((src,), 4, 160, "v1", str(tmp_path / "tok"), 28, "pad", seed=0)
+    batch = next(batches(cfg, 0, 1, {}))[0]
+    assert batch["input_ids"].shape[1] == 160  # text ids, the image placeholder among them
+    assert (batch["input_ids"] == -200).sum(dim=1).tolist() == [1, 1, 1, 1]
+    assert (batch["labels"][:, -1] != -100).all()  # the cut falls in the answer, which still trains

@@ -53,7 +53,8 @@ class LoaderConfig:
     micro_batch: int
     """Samples per batch."""
     seq_len: int
-    """Maximum tokens per sample (visual tokens included)."""
+    """Maximum text tokens per sample, as the authors' ``model_max_length``: text is cut to it before
+    the image is spliced in, so a sample with an image reaches ``seq_len + visual tokens - 1``."""
     template: str | None
     """Conversation template for image/conversation kinds."""
     tokenizer_path: str | None
@@ -62,8 +63,6 @@ class LoaderConfig:
     """Vision tower input size (0 for text-only models)."""
     image_mode: str
     """``pad`` or ``resize_crop``."""
-    visual_tokens: int
-    """Tokens each image becomes after the projector."""
     seed: int
     """Seed of shard order, shuffle buffers and mixture draws."""
     shuffle_buffer: int = 256
@@ -162,8 +161,8 @@ class SampleProcessor:
             conv = json.loads(sample["json"])["conversations"]
             if image is not None:
                 conv = move_image_to_front(conv)
-        budget = self.cfg.seq_len - (self.cfg.visual_tokens - 1 if image is not None else 0)
-        out = tokenize_conversation(conv, self.tokenizer, self.cfg.template or "v1", max_length=budget)
+        template = self.cfg.template or "v1"
+        out = tokenize_conversation(conv, self.tokenizer, template, max_length=self.cfg.seq_len)
         return {**out, "image": image}
 
     def _image(self, data: bytes) -> torch.Tensor:

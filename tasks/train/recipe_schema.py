@@ -86,7 +86,8 @@ class StageConfig:
     micro_batch: int
     """Samples per worker per forward pass."""
     seq_len: int
-    """Maximum sequence length in tokens (visual tokens included)."""
+    """Maximum text tokens per sample (the authors' ``model_max_length``); an image adds its visual
+    tokens after the text is cut, as the authors splice after truncating (2048 + 143 at 144 tokens)."""
     zero_stage: int
     """DeepSpeed ZeRO stage (0-3)."""
     epochs: float = 1.0

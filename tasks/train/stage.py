@@ -249,7 +249,6 @@ def loader_config(
         tokenizer_path=tokenizer_path,
         image_size=vision.image_size if vision else 0,
         image_mode=row.image_aspect_ratio if isinstance(row, VLMConfig) else "pad",
-        visual_tokens=row.visual_tokens if isinstance(row, VLMConfig) else 0,
         seed=stage.seed,
         shuffle_buffer=stage.shuffle_buffer,
         group_by_modality_length=stage.group_by_modality_length,
