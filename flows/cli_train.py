@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 from rich.table import Table
@@ -60,9 +60,16 @@ def recipes(ctx: typer.Context) -> None:
     for recipe in found.values():
         for s in recipe.stages:
             datasets = ", ".join(f"{d.spec}x{d.weight:g}" for d in s.datasets)
-            table.add_row(recipe.name, s.name, s.model, datasets, "+".join(s.train), f"{s.optim.lr:g}",
-                          str(s.global_batch), str(s.zero_stage), "yes" if s.enabled else "no")  # fmt: skip
+            train = "+".join(s.train) + (f" (LoRA r{s.lora.r})" if s.lora else "")
+            table.add_row(recipe.name, s.name, s.model, datasets, train, _rates(s.optim), str(s.global_batch),
+                          str(s.zero_stage), "yes" if s.enabled else "no")  # fmt: skip
     console.print(table)
+
+
+def _rates(optim: Any) -> str:
+    """``lr``, plus each part's own rate (``projector 0.001``)."""
+    parts = [f"{part} {rate:g}" for part in ("projector", "vision") if (rate := getattr(optim, f"{part}_lr"))]
+    return f"{optim.lr:g}" + (f" ({', '.join(parts)})" if parts else "")
 
 
 @recipes_app.command("validate")

@@ -21,18 +21,20 @@ from tasks.train.recipe_schema import stage_dict
 # hash_json(stage_dict(stage)) of every stage when the recipes were rows in tasks/train/recipes.py: a stage
 # written as a file must keep its identity (its finished outputs are found again).
 IDENTITIES = {
-    "mobilevlm-1.7b": ["5c6c7246ec16aa18", "2faeb02d9762ddf3", "920a642f58c38dd9", "afcf964bc5e66d47"],
-    "mobilevlm-3b": ["a9afc39e02598f81", "adee8afd4e8628e6", "aa7db1fff061bb04", "f430199512a44b5b"],
+    "mobilevlm-1.7b": ["5c6c7246ec16aa18", "47e9424a568ef80a", "920a642f58c38dd9", "afcf964bc5e66d47"],
+    "mobilevlm-3b": ["a9afc39e02598f81", "91177a5f72b39b82", "aa7db1fff061bb04", "f430199512a44b5b"],
     "tiny": ["0a6a747014076471", "745543b1b7e12d63", "2dace4e7a3ae79c4", "edcb196ccd22d35b"],
     "tiny-v2": ["0a6a747014076471", "745543b1b7e12d63", "bda242f543f6d602", "20ee1cdb6fbbeb89"],
 }
 """Stage identities; tiny's vlm-instruct (and tiny-v2's, inherited) changed on purpose on 2026-12-03:
-8 epochs instead of 4 (was 60a76d333ea71f2d and a5a5a928dd3977c7)."""
+8 epochs instead of 4 (was 60a76d333ea71f2d and a5a5a928dd3977c7); the paper rows' llm-sft on the
+same day: enabled with the authors' SFT settings and data (was 2faeb02d9762ddf3 and adee8afd4e8628e6).
+Recipes added later are not listed."""
 
 
 def test_every_recipe_file_loads_with_the_identities_of_the_former_rows() -> None:
     recipes = load_recipes([RECIPE_DIR])
-    assert sorted(recipes) == sorted(IDENTITIES)
+    assert set(IDENTITIES) <= set(recipes)
     for name, expected in IDENTITIES.items():
         assert [hash_json(stage_dict(s)) for s in recipes[name].stages] == expected, name
     tiny = recipes["tiny"]
@@ -266,4 +268,4 @@ def test_recipes_validate_command_names_the_problem_and_passes_good_files(tmp_pa
     assert failed.exit_code == 1
     assert f"{bad}:5: stages.0.epoch: unknown key; allowed keys here: name, model" in failed.output
     every = CliRunner().invoke(app, ["recipes", "validate"], env={"COLUMNS": "250"})
-    assert every.exit_code == 0 and "4 recipe(s) valid" in every.output
+    assert every.exit_code == 0 and f"{len(recipe_files())} recipe(s) valid" in every.output

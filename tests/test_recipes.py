@@ -31,9 +31,10 @@ def test_every_recipe_row_is_consistent(name: str) -> None:
             == stage.global_batch
         )
         assert config["bf16"]["enabled"] is False  # no GPU here
-    assert recipe.stage("vlm-align").train == ("projector",)
+    assert set(recipe.stage("vlm-align").train) <= {"projector", "llm", "vision"}
     assert recipe.stage("vlm-instruct").train == ("projector", "llm")
-    assert not recipe.stage("llm-sft").enabled
+    first = recipe.enabled_stages()[0]
+    assert first.init is not None, f"{name}: the first enabled stage needs a start point"
     for stage in recipe.enabled_stages():  # every stage's model row builds (shapes only)
         row = get_config(stage.model)
         module = model.build(stage.model, device="meta")
@@ -76,6 +77,69 @@ def test_mobilevlm_1_7b_matches_the_paper() -> None:
     assert (it.optim.lr, it.global_batch, it.epochs, it.zero_stage) == (2e-5, 128, 1, 2)
     assert get_recipe("mobilevlm-3b").stage("vlm-instruct").zero_stage == 3
     assert get_recipe("mobilevlm-3b").stage("vlm-instruct").optim.lr == 4e-5
+
+
+def test_paper_recipes_build_on_the_chat_model() -> None:
+    """The released MobileVLMs are built on MobileLLaMA-*-Chat: the v1 paper rows run the authors' SFT
+    (mobilellama/sft/*.sh), the V2 rows and *-from-chat start from the released Chat model."""
+    for name, data, lr, epochs in (("mobilevlm-1.7b", "sharegpt-wasteland", 2e-5, 3),
+                                   ("mobilevlm-3b", "sharegpt-v4.3", 3e-5, 2)):  # fmt: skip
+        sft = get_recipe(name).stage("llm-sft")
+        assert sft.enabled and [d.spec for d in sft.datasets] == [data]
+        assert (sft.optim.lr, sft.optim.warmup_ratio, sft.global_batch, sft.epochs) == (lr, 0.04, 256, epochs)
+    small, large = "mtgv/MobileLLaMA-1.4B-Chat", "mtgv/MobileLLaMA-2.7B-Chat"
+    chats = {"mobilevlm-v2-1.7b": small, "mobilevlm-v2-3b": large, "mobilevlm-1.7b-from-chat": small}
+    for name, chat in chats.items():
+        recipe = get_recipe(name)
+        assert [s.name for s in recipe.enabled_stages()] == ["vlm-align", "vlm-instruct"]
+        assert recipe.stage("vlm-align").init == chat
+
+
+def test_v2_recipes_match_the_authors_run_sh() -> None:
+    for name, row, zero in (
+        ("mobilevlm-v2-1.7b", "mobilevlm-v2-1.7b", 3),
+        ("mobilevlm-v2-3b", "mobilevlm-v2-3b", 3),
+    ):
+        r = get_recipe(name)
+        pre, ft = r.stage("vlm-align"), r.stage("vlm-instruct")
+        assert (pre.model, ft.model) == (row, row) and get_config(row).projector == "ldpnetv2"
+        assert [d.spec for d in pre.datasets] == ["sharegpt4v-pt"] and pre.train == ("projector", "llm")
+        assert (pre.optim.lr, pre.optim.projector_lr, pre.optim.warmup_ratio, pre.optim.weight_decay) == (
+            2e-5, 1e-3, 0.03, 0.0)  # fmt: skip
+        assert (pre.global_batch, pre.epochs, pre.zero_stage, pre.template, pre.seq_len) == (
+            256,
+            1,
+            2,
+            "plain",
+            2048,
+        )
+        assert [d.spec for d in ft.datasets] == ["mobilevlm-v2-ft-mix2m"]
+        assert (ft.optim.lr, ft.global_batch, ft.epochs, ft.zero_stage, ft.template) == (
+            4e-5,
+            128,
+            1,
+            zero,
+            "v1",
+        )
+        assert ft.group_by_modality_length and r.eval_sets == (
+            "gqa",
+            "sqa",
+            "textvqa",
+            "pope",
+            "mme",
+            "mmbench",
+        )
+
+
+def test_lora_rows_use_the_authors_rates() -> None:
+    for name, lr in (
+        ("mobilevlm-1.7b-lora", 1e-4),
+        ("mobilevlm-3b-lora", 2e-4),
+        ("mobilevlm-v2-1.7b-lora", 2e-4),
+    ):
+        stage = get_recipe(name).stage("vlm-instruct")
+        assert stage.lora is not None and (stage.lora.r, stage.lora.alpha, stage.optim.lr) == (128, 256, lr)
+        assert stage.train == ("projector", "llm")  # the projector trains beside the adapters
 
 
 def test_lora_option_and_overrides() -> None:
