@@ -324,7 +324,9 @@ def _write_split_root(root: Path, records: list[dict[str, Any]]) -> None:
     (root / "raw" / "instruct.json").write_text(json.dumps(records))
 
 
-def test_heldout_split_is_decided_by_id(tmp_path: Path) -> None:
+def test_heldout_split_is_decided_by_image_then_id(tmp_path: Path) -> None:
+    """Every conversation about one image lands in one split (no held-out image is trained on); a
+    text-only record is placed by its id. Neither depends on the record order."""
     records = _split_corpus(60)
     results = []
     for folder, order in (("a", records), ("b", records[::-1])):
@@ -332,8 +334,15 @@ def test_heldout_split_is_decided_by_id(tmp_path: Path) -> None:
         spec = _spec(tmp_path / folder, "split-instruct", shard_samples=16, heldout=0.3, ratio=0.0)
         results.append(build_dataset(spec, tmp_path / folder))
     ids = [r["id"] for r in records]
-    expected = {i for i in ids if int(hashlib.sha256(i.encode()).hexdigest()[:8], 16) / 2**32 < 0.3}
+
+    def held_out(record: dict[str, Any]) -> bool:
+        key = record.get("image") or record["id"]
+        return int(hashlib.sha256(key.encode()).hexdigest()[:8], 16) / 2**32 < 0.3
+
+    expected = {r["id"] for r in records if held_out(r)}
     assert 5 < len(expected) < 30
+    with_image = {r["id"] for r in records if r.get("image")}
+    assert with_image <= expected or not with_image & expected  # the one image: all or none
     for result in results:
         assert set(_samples(result, "heldout")) == expected
         assert set(_samples(result, "train")) == set(ids) - expected

@@ -329,3 +329,15 @@ def test_config_validation() -> None:
         SampleConfig(colours=("red", "magenta")).validate()
     with pytest.raises(ValueError):
         SampleConfig(single_shape_fraction=1.5).validate()
+
+
+def test_several_instruct_conversations_per_image_have_their_own_ids_and_questions() -> None:
+    from tasks.testkit.samples import make_images, make_instruct
+
+    config = SampleConfig(n_images=10, instruct_per_image=3)
+    records, _ = make_images(config)
+    entries, _ = make_instruct(records, config)
+    assert len(entries) == 30 and len({e["id"] for e in entries}) == 30
+    assert [e["image"] for e in entries[:3]] == [f"{records[0].id}.jpg"] * 3
+    single, _ = make_instruct(records, SampleConfig(n_images=10))
+    assert [e["id"] for e in single] == [r.id for r in records]  # the default keeps one per image, as before

@@ -198,9 +198,10 @@ def build_unit(job: tuple[Unit, int, list[Any], set[int]], ctx: BuildContext) ->
             excerpt = json.dumps(record, ensure_ascii=False)[:300]
             rejects.add(err.reason, unit.subset, unit.source, f"record {index}", str(err), excerpt)
             continue
-        ident = json.loads(sample["json"])["id"]
-        split = "heldout" if stable_fraction(ident) < ctx.spec.heldout_fraction else "train"
-        splits[split].append(sample)
+        meta = json.loads(sample["json"])
+        # By image where there is one: every conversation about an image lands in the same split.
+        held_out = stable_fraction(str(meta["image"] or meta["id"])) < ctx.spec.heldout_fraction
+        splits["heldout" if held_out else "train"].append(sample)
     shards = []
     for split, samples in splits.items():
         if samples:

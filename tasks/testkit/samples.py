@@ -196,6 +196,9 @@ class SampleConfig:
     """CC3M rows whose URL points at a file that does not exist (404)."""
     n_corrupt_images: int = 2
     """CC3M rows whose URL points at a file that is not a valid image (random bytes or empty)."""
+    instruct_per_image: int = 1
+    """Instruct conversations per image, each with its own questions (ids ``{image}-q{k}`` when more
+    than one), as LLaVA-665K asks several conversations about one COCO image."""
     n_chats: int = 100
     """ShareGPT text-only dialogues."""
     n_eval_images: int = 96
@@ -587,15 +590,16 @@ def make_instruct(
     entries: list[dict[str, Any]] = []
     types: Counter[str] = Counter()
     for r in records:
-        rounds = instruct_rounds(r, rng, config)
-        types.update(t for t, _, _ in rounds)
-        entries.append(
-            {
-                "id": r.id,
-                "image": f"{r.id}.jpg",
-                "conversations": _turns([(q, a) for _, q, a in rounds], True),
-            }
-        )
+        for k in range(config.instruct_per_image):
+            rounds = instruct_rounds(r, rng, config)
+            types.update(t for t, _, _ in rounds)
+            entries.append(
+                {
+                    "id": r.id if config.instruct_per_image == 1 else f"{r.id}-q{k}",
+                    "image": f"{r.id}.jpg",
+                    "conversations": _turns([(q, a) for _, q, a in rounds], True),
+                }
+            )
     return entries, types
 
 
