@@ -137,8 +137,8 @@ def run_stages(
         )
     done, previous = [], None
     for s in stages:
-        plan = plan_stage_task(
-            recipe, s, stage_init(s, previous, runs_root), data_root, runs_root, previous, parent_run_id,
+        plan = plan_stage_task(  # the tokenizer is the start checkpoint's (plan_stage finds it)
+            recipe, s, stage_init(s, previous, runs_root), data_root, runs_root, None, parent_run_id,
             known_builds,
         )  # fmt: skip
         if only is not None and s.name != only:

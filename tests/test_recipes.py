@@ -7,7 +7,7 @@ import dataclasses
 import pytest
 
 import model
-from model.config import VLMConfig, config_names, get_config
+from model.config import config_names, get_config
 from tasks.data.specs import load_all
 from tasks.train.deepspeed_config import deepspeed_config
 from tasks.train.recipes import get_recipe, load_recipes, stage_dict
@@ -36,11 +36,8 @@ def test_every_recipe_row_is_consistent(name: str) -> None:
     first = recipe.enabled_stages()[0]
     assert first.init is not None, f"{name}: the first enabled stage needs a start point"
     for stage in recipe.enabled_stages():  # every stage's model row builds (shapes only)
-        row = get_config(stage.model)
         module = model.build(stage.model, device="meta")
         assert sum(p.numel() for p in module.parameters()) > 0
-        if isinstance(row, VLMConfig):
-            assert row.visual_tokens < stage.seq_len  # room for the text after the image
 
 
 def test_tiny_v2_is_tiny_with_the_v2_projector() -> None:

@@ -255,6 +255,14 @@ def loader_config(
     )
 
 
+def _init_tokenizer(init: dict[str, str]) -> str | None:
+    """The start checkpoint's folder when it holds a tokenizer (a released model's or a stage's)."""
+    from model.tokenizer import TOKENIZER_FILES
+
+    folder = Path(init["path"]) if init["kind"] == "checkpoint" else None
+    return str(folder) if folder and any((folder / f).is_file() for f in TOKENIZER_FILES) else None
+
+
 def plan_stage(
     recipe: Recipe, stage: StageConfig, init: dict[str, str], data_root: Path, runs_root: Path,
     tokenizer_path: str | None = None, known_builds: Mapping[str, str] | None = None,
@@ -264,7 +272,11 @@ def plan_stage(
     from tasks.train.deepspeed_config import deepspeed_config
 
     builds = resolve_builds(stage, data_root, known=known_builds)
-    tokenizer_path = tokenizer_path or next((b.tokenizer_path for b in builds if b.tokenizer_path), None)
+    tokenizer_path = (
+        tokenizer_path
+        or _init_tokenizer(init)
+        or next((b.tokenizer_path for b in builds if b.tokenizer_path), None)
+    )
     if tokenizer_path is None:
         raise StageError(
             f"stage {stage.name}: no tokenizer: start from a checkpoint or include a text dataset"
