@@ -8,7 +8,7 @@ TORCH_SPEC ?= torch==2.13.0
 VENV_I2D ?= .venv-img2dataset
 I2D_SPEC ?= img2dataset==1.47.0
 
-.PHONY: setup test test-fast lint format demo smoke clean
+.PHONY: setup test test-fast lint format demo smoke clean llama-vocab
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -33,6 +33,11 @@ test: setup
 
 test-fast: setup
 	$(BIN)/pytest -q -m "not slow"
+
+# llama.cpp's LLaMA SentencePiece vocabulary and its tokenizer test cases, from llama-cpp-python's
+# sdist on the package registry, into ~/.cache/mvlm/llama-vocab (the tests fetch it themselves too).
+llama-vocab: setup
+	$(BIN)/python -m tasks.testkit.llama_vocab
 
 lint: setup
 	$(BIN)/ruff check .

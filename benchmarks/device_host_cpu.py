@@ -1,7 +1,8 @@
 """Our host-cpu runner vs a bare llama-cpp-python loop on MobileLLaMA-1.4B shapes (random weights).
 
 Builds (once, cached in ``--work``) an f16 GGUF with MobileLLaMA-1.4B's shapes (24 layers, width
-2048, 16 heads, SwiGLU 5632, vocab 32000) and random weights, quantizes it to q4_0 and q4_k_s
+2048, 16 heads, SwiGLU 5632) and random weights, carrying the real LLaMA vocabulary (32,000 pieces
+with their SentencePiece scores, fetched by ``tasks.testkit.llama_vocab``), quantizes it to q4_0 and q4_k_s
 through our quantize step, then on the same file in the same process measures prompt processing
 (pp) and generation (tg) tokens/s twice: through our runner (``tasks.ship.bench.PythonBackend.bench``)
 and through a bare loop over llama-cpp-python's ``llama_decode`` with ``llama_batch_get_one``.
@@ -23,10 +24,11 @@ import torch
 
 from model.config import get_config
 from model.gguf_export import write_llm_gguf
+from model.gguf_vocab import vocab_from_sentencepiece
 from model.mobilevlm import hf_config
-from model.tokenizer import train_tokenizer
 from tasks.ship.bench import BenchSettings, LlamaCpp, PythonBackend, RuntimeOptions
 from tasks.ship.quantize import quantize
+from tasks.testkit.llama_vocab import fetch_llama_vocab, released_tokenizer
 
 CORPUS = ["Building a website can be done in 10 simple steps.", "Step 1: choose a domain name."] * 20
 
@@ -36,7 +38,11 @@ def random_f16_gguf(path: Path) -> Path:
     if path.is_file():
         return path
     config = hf_config(get_config("mobilellama-1.4b"))
-    tokenizer = train_tokenizer(CORPUS, vocab_size=400)
+    vocab = vocab_from_sentencepiece(
+        released_tokenizer(fetch_llama_vocab(), path.parent / "tokenizer") / "tokenizer.model",
+        config.vocab_size,
+        None,
+    )
     generator = torch.Generator().manual_seed(0)
     state = {}
     shapes = _shapes(config)
@@ -46,8 +52,7 @@ def random_f16_gguf(path: Path) -> Path:
         else:
             state[key] = (torch.randn(shape, generator=generator, dtype=torch.float32) * 0.02).half()
     path.parent.mkdir(parents=True, exist_ok=True)
-    tokenizer_json = __import__("json").loads(tokenizer.backend_tokenizer.to_str())
-    write_llm_gguf(state, config, tokenizer_json, path, "f16")
+    write_llm_gguf(state, config, vocab, path, "f16")
     return path
 
 

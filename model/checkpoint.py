@@ -46,7 +46,9 @@ def save_checkpoint(model: MobileLlamaForCausalLM, path: str | Path, tokenizer: 
             json.dumps(checkpoint_config(model.config), indent=2, sort_keys=True)
         )
         if tokenizer is not None:
-            tokenizer.save_pretrained(str(tmp))
+            from model.tokenizer import save_tokenizer
+
+            save_tokenizer(tokenizer, tmp)
         if path.exists():
             shutil.rmtree(path)
         os.replace(tmp, path)

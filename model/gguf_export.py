@@ -31,6 +31,7 @@ import numpy as np
 import torch
 
 from model.config import VisionConfig
+from model.gguf_vocab import GGUFExportError, Vocab, add_vocab
 from model.mobilevlm import vision_row
 
 log = logging.getLogger(__name__)
@@ -43,10 +44,6 @@ FILE_TYPE = {"f32": gguf.LlamaFileType.ALL_F32, "f16": gguf.LlamaFileType.MOSTLY
 PROJECTOR_GGUF_TYPES: dict[str, str] = {"ldpnet": "ldp", "ldpnetv2": "ldpv2", "mlp2x_gelu": "mlp"}
 # llama.cpp's LDP / LDPv2 graphs (tools/mtmd/models/llava.cpp) hard-code a 24x24 patch grid.
 LLAMACPP_LDP_GRID = 24
-
-# GGUF token types (llama.h enum llama_token_type).
-TOKEN_NORMAL, TOKEN_UNKNOWN, TOKEN_CONTROL, TOKEN_UNUSED, TOKEN_BYTE = 1, 2, 3, 5, 6
-_BYTE_TOKEN = re.compile(r"^<0x[0-9A-Fa-f]{2}>$")
 
 _LLM_LAYER_NAMES: dict[str, str] = {
     "input_layernorm.weight": "attn_norm.weight",
@@ -83,10 +80,6 @@ _CLIP_GLOBAL_NAMES: dict[str, str] = {
 }
 VISION_PREFIX = "model.vision_tower.vision_tower.vision_model."
 PROJECTOR_PREFIX = "model.mm_projector."
-
-
-class GGUFExportError(ValueError):
-    """A model or tokenizer that cannot be written as the GGUF llama.cpp expects."""
 
 
 @dataclass(frozen=True)
@@ -197,97 +190,6 @@ def _add_llm_header(writer: gguf.GGUFWriter, config: Any, name: str) -> None:
     writer.add_vocab_size(_hparam(config, "vocab_size"))
 
 
-# --- tokenizer --------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Vocab:
-    """A SentencePiece-style vocabulary as llama.cpp's ``llama`` tokenizer reads it."""
-
-    tokens: list[str]
-    """Token text by id (``▁`` for spaces, ``<0xNN>`` for byte fallback)."""
-    scores: list[float]
-    """Merge priority: higher merges first; learned pieces get ``-rank``, as SentencePiece BPE."""
-    types: list[int]
-    """llama.cpp token types (normal, unknown, control, unused, byte)."""
-    bos_id: int
-    """Begin-of-sequence id."""
-    eos_id: int
-    """End-of-sequence id."""
-    unk_id: int
-    """Unknown-token id (also the pad id, the LLaMA fine-tuning convention)."""
-    add_space_prefix: bool
-    """Whether ``▁`` is prepended to the first word (Metaspace ``prepend_scheme`` ``first``/``always``)."""
-
-
-def vocab_from_tokenizer_json(data: dict[str, Any], vocab_size: int) -> Vocab:
-    """Build the GGUF vocabulary from a Hugging Face ``tokenizer.json`` (BPE with byte fallback)."""
-    model = data.get("model") or {}
-    if model.get("type") != "BPE" or not model.get("byte_fallback"):
-        raise GGUFExportError(
-            "tokenizer.json must hold a LLaMA-style BPE model with byte_fallback "
-            f"(got type={model.get('type')!r}, byte_fallback={model.get('byte_fallback')!r})"
-        )
-    by_id = {i: t for t, i in model["vocab"].items()}
-    special = {t["id"]: t["content"] for t in data.get("added_tokens", [])}
-    by_id.update(special)
-    if len(by_id) > vocab_size:
-        raise GGUFExportError(
-            f"tokenizer has {len(by_id)} tokens but the model's vocab_size is {vocab_size}; "
-            "rebuild the model with vocab_size=len(tokenizer)"
-        )
-    tokens, scores, types = [], [], []
-    for i in range(vocab_size):
-        text = by_id.get(i, f"[PAD{i}]")
-        tokens.append(text)
-        types.append(_token_type(text, i in special, i in by_id))
-        scores.append(0.0 if types[-1] != TOKEN_NORMAL else -float(i))
-    ids = {t: i for i, t in by_id.items()}
-    return Vocab(
-        tokens=tokens,
-        scores=scores,
-        types=types,
-        bos_id=ids.get("<s>", 1),
-        eos_id=ids.get("</s>", 2),
-        unk_id=ids.get("<unk>", 0),
-        add_space_prefix=_prepends_space(data.get("pre_tokenizer")),
-    )
-
-
-def _token_type(text: str, special: bool, known: bool) -> int:
-    if not known:
-        return TOKEN_UNUSED
-    if text == "<unk>":
-        return TOKEN_UNKNOWN
-    if special:
-        return TOKEN_CONTROL
-    return TOKEN_BYTE if _BYTE_TOKEN.match(text) else TOKEN_NORMAL
-
-
-def _prepends_space(pre: dict[str, Any] | None) -> bool:
-    """True when a Metaspace pre-tokenizer (possibly inside a Sequence) prepends ``▁``."""
-    if not pre:
-        return False
-    if pre.get("type") == "Sequence":
-        return any(_prepends_space(p) for p in pre.get("pretokenizers", []))
-    return pre.get("type") == "Metaspace" and pre.get("prepend_scheme", "always") in ("always", "first")
-
-
-def _add_vocab(writer: gguf.GGUFWriter, vocab: Vocab) -> None:
-    writer.add_tokenizer_model("llama")
-    writer.add_tokenizer_pre("default")
-    writer.add_token_list(vocab.tokens)
-    writer.add_token_scores(vocab.scores)
-    writer.add_token_types(vocab.types)
-    writer.add_bos_token_id(vocab.bos_id)
-    writer.add_eos_token_id(vocab.eos_id)
-    writer.add_unk_token_id(vocab.unk_id)
-    writer.add_pad_token_id(vocab.unk_id)
-    writer.add_add_bos_token(True)
-    writer.add_add_eos_token(False)
-    writer.add_add_space_prefix(vocab.add_space_prefix)
-
-
 # --- writing ----------------------------------------------------------------------------------
 
 
@@ -311,22 +213,26 @@ def _add_extra(writer: gguf.GGUFWriter, extra: dict[str, str] | None) -> None:
 def write_llm_gguf(
     state: dict[str, torch.Tensor],
     config: Any,
-    tokenizer_json: dict[str, Any],
+    vocab: Vocab,
     path: str | Path,
     dtype: GGUFDtype = "f16",
     extra: dict[str, str] | None = None,
 ) -> GGUFFile:
-    """Write the language model (with its tokenizer) as a LLaMA GGUF at ``path``."""
+    """Write the language model (with its vocabulary) as a LLaMA GGUF at ``path``."""
     if dtype not in GGUF_DTYPES:
         raise GGUFExportError(f"dtype must be one of {GGUF_DTYPES}, got {dtype!r}")
     n_head = _hparam(config, "num_attention_heads")
     n_head_kv = getattr(config, "num_key_value_heads", None) or n_head
     _check_llm_keys(state, _hparam(config, "num_hidden_layers"))
-    vocab = vocab_from_tokenizer_json(tokenizer_json, _hparam(config, "vocab_size"))
+    if len(vocab.tokens) != _hparam(config, "vocab_size"):
+        raise GGUFExportError(
+            f"the vocabulary has {len(vocab.tokens)} tokens but the model's vocab_size is "
+            f"{_hparam(config, 'vocab_size')}"
+        )
     writer = gguf.GGUFWriter(str(path), "llama")
     _add_llm_header(writer, config, getattr(config, "mvlm_name", None) or "mobilellama")
     writer.add_file_type(FILE_TYPE[dtype])
-    _add_vocab(writer, vocab)
+    add_vocab(writer, vocab)
     _add_extra(writer, extra)
     count = _write(writer, llm_tensors(state, n_head, n_head_kv, dtype))
     log.debug("wrote %s: llama GGUF, %d tensors, %s", path, count, dtype)

@@ -20,13 +20,17 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import shutil
 from collections.abc import Iterable
 from pathlib import Path
+from typing import Any
 
-from tokenizers import AddedToken, Tokenizer, decoders, pre_tokenizers, processors
+from tokenizers import AddedToken, Tokenizer, pre_tokenizers
 from tokenizers.models import BPE
 from tokenizers.trainers import BpeTrainer
 from transformers import AutoTokenizer, PreTrainedTokenizerFast
+
+from model.spm import bos_post_processor, llama_decoder
 
 logger = logging.getLogger(__name__)
 
@@ -39,6 +43,7 @@ METASPACE = "▁"
 NUM_RESERVED = len(SPECIAL_TOKENS) + len(BYTE_TOKENS)  # 259
 DEFAULT_MODEL_MAX_LENGTH = 2048
 TOKENIZER_FILES: tuple[str, ...] = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")
+SENTENCEPIECE_FILE = "tokenizer.model"
 # Runtime state that transformers toggles on the backend tokenizer; not part of the tokenizer's identity.
 _VOLATILE_JSON_KEYS = ("truncation", "padding")
 
@@ -46,18 +51,6 @@ _VOLATILE_JSON_KEYS = ("truncation", "padding")
 def _metaspace() -> pre_tokenizers.Metaspace:
     """The LLaMA-style Metaspace pre-tokenizer (``▁`` replaces spaces, prepended to the first word)."""
     return pre_tokenizers.Metaspace(replacement=METASPACE, prepend_scheme="first", split=True)
-
-
-def _llama_decoder() -> decoders.Sequence:
-    """The decoder used by the Hugging Face LLaMA tokenizer.json."""
-    return decoders.Sequence(
-        [
-            decoders.Replace(METASPACE, " "),
-            decoders.ByteFallback(),
-            decoders.Fuse(),
-            decoders.Strip(" ", 1, 0),
-        ]
-    )
 
 
 def _learn_bpe(texts: Iterable[str], num_learned: int) -> tuple[list[str], list[tuple[str, str]]]:
@@ -92,14 +85,9 @@ def build_backend(vocab: dict[str, int], merges: list[tuple[str, str]]) -> Token
     """Assemble the LLaMA-structured ``tokenizers.Tokenizer`` from a vocabulary and merges."""
     tok = Tokenizer(BPE(vocab=vocab, merges=merges, unk_token=UNK_TOKEN, fuse_unk=True, byte_fallback=True))
     tok.pre_tokenizer = _metaspace()
-    tok.decoder = _llama_decoder()
+    tok.decoder = llama_decoder()
     tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in SPECIAL_TOKENS])
-    bos_id = vocab[BOS_TOKEN]
-    tok.post_processor = processors.TemplateProcessing(
-        single=f"{BOS_TOKEN}:0 $A:0",
-        pair=f"{BOS_TOKEN}:0 $A:0 {BOS_TOKEN}:1 $B:1",
-        special_tokens=[(BOS_TOKEN, bos_id)],
-    )
+    tok.post_processor = bos_post_processor(vocab[BOS_TOKEN])
     return tok
 
 
@@ -194,6 +182,9 @@ def _resolve_location(path_or_id: str | Path) -> str:
 def load_tokenizer(path_or_id: str | Path) -> PreTrainedTokenizerFast:
     """Load a fast tokenizer from a local directory or a hub id (``AutoTokenizer.from_pretrained``)."""
     location = _resolve_location(path_or_id)
+    sentencepiece = Path(location) / SENTENCEPIECE_FILE
+    if not (Path(location) / "tokenizer.json").is_file() and sentencepiece.is_file():
+        return _from_sentencepiece(sentencepiece)
     try:
         tokenizer = AutoTokenizer.from_pretrained(location)
     except (OSError, ValueError) as err:
@@ -206,3 +197,26 @@ def load_tokenizer(path_or_id: str | Path) -> PreTrainedTokenizerFast:
             f"{location!r} loaded a slow tokenizer ({type(tokenizer).__name__}); a fast tokenizer is needed"
         )
     return tokenizer
+
+
+def _from_sentencepiece(path: Path) -> PreTrainedTokenizerFast:
+    """The fast tokenizer of a folder that ships only SentencePiece's ``tokenizer.model`` (the layout
+    of the released MobileLLaMA and LLaMA models), built without the sentencepiece package."""
+    from model.spm import VocabFileError, backend_from_pieces, read_tokenizer_model
+
+    try:
+        tokenizer = wrap_backend(backend_from_pieces(read_tokenizer_model(path)))
+    except VocabFileError as err:
+        raise FileNotFoundError(f"could not load a tokenizer from {path}: {err}") from err
+    tokenizer.name_or_path = str(path.parent)
+    return tokenizer
+
+
+def save_tokenizer(tokenizer: Any, folder: str | Path) -> None:
+    """``save_pretrained`` into ``folder``, keeping the SentencePiece ``tokenizer.model`` of the folder
+    the tokenizer was loaded from (its scores are what a GGUF export writes)."""
+    tokenizer.save_pretrained(str(folder))
+    loaded_from = getattr(tokenizer, "name_or_path", "") or ""
+    source, target = Path(loaded_from) / SENTENCEPIECE_FILE, Path(folder) / SENTENCEPIECE_FILE
+    if loaded_from and source.is_file() and not target.exists():
+        shutil.copyfile(source, target)

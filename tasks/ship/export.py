@@ -186,14 +186,15 @@ def _write_ggufs(
 ) -> dict[str, str | None]:
     from model.checkpoint import load_config, read_state_dict
     from model.gguf_export import write_llm_gguf, write_mmproj_gguf
+    from model.gguf_vocab import checkpoint_vocab
     from model.image import CLIP_MEAN, CLIP_STD
 
     hf_config = load_config(checkpoint)
     state = read_state_dict(checkpoint)
-    tokenizer_json = _tokenizer_json(checkpoint)
+    vocab = checkpoint_vocab(checkpoint, hf_config.vocab_size)
     extra = {"mvlm.export_id": export_id, "mvlm.exporter": code_version("exporter")}  # GGUF metadata keys
     llm = f"model-{config.llm_dtype}.gguf"
-    write_llm_gguf(state, hf_config, tokenizer_json, folder / llm, config.llm_dtype, extra)  # type: ignore[arg-type]
+    write_llm_gguf(state, hf_config, vocab, folder / llm, config.llm_dtype, extra)  # type: ignore[arg-type]
     if not hf_config.is_multimodal:
         return {"llm": llm, "mmproj": None}
     if not hf_config.vision_config:  # the authors' checkpoints name the tower by hub id only
@@ -217,15 +218,6 @@ def torch_threads(n: int) -> Iterator[None]:
         yield
     finally:
         torch.set_num_threads(before)
-
-
-def _tokenizer_json(checkpoint: Path) -> dict[str, Any]:
-    """tokenizer.json, or the fast tokenizer transformers builds from tokenizer.model (authors' layout)."""
-    if (checkpoint / "tokenizer.json").is_file():
-        return json.loads((checkpoint / "tokenizer.json").read_text())
-    from model.tokenizer import load_tokenizer
-
-    return json.loads(load_tokenizer(checkpoint).backend_tokenizer.to_str())
 
 
 def run_checks(checkpoint: Path, result: ExportResult, threads: int = 1) -> dict[str, Any]:
