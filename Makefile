@@ -8,7 +8,7 @@ TORCH_SPEC ?= torch==2.13.0
 VENV_I2D ?= .venv-img2dataset
 I2D_SPEC ?= img2dataset==1.47.0
 
-.PHONY: setup test test-fast lint format demo smoke clean llama-vocab
+.PHONY: setup test test-fast lint format demo smoke clean llama-vocab llama-cpp-programs
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -28,16 +28,20 @@ $(VENV_I2D)/.installed:
 
 setup: $(VENV)/.installed $(VENV_I2D)/.installed
 
-test: setup
+test: setup llama-cpp-programs
 	$(BIN)/pytest -q
 
 test-fast: setup
 	$(BIN)/pytest -q -m "not slow"
 
-# llama.cpp's LLaMA SentencePiece vocabulary and its tokenizer test cases, from llama-cpp-python's
-# sdist on the package registry, into ~/.cache/mvlm/llama-vocab (the tests fetch it themselves too).
+# From the installed llama-cpp-python's sdist on the package registry (kept in ~/.cache/mvlm):
+# llama.cpp's LLaMA SentencePiece vocabulary with its tokenizer test cases (the tests fetch it too),
+# and llama.cpp's llama-completion, llama-mtmd-cli and llama-bench for the binary device backend.
 llama-vocab: setup
-	$(BIN)/python -m tasks.testkit.llama_vocab
+	$(BIN)/python -m tasks.testkit.llama_cpp_source vocab
+
+llama-cpp-programs: setup
+	$(BIN)/python -m tasks.testkit.llama_cpp_source programs
 
 lint: setup
 	$(BIN)/ruff check .

@@ -2,10 +2,11 @@
 
 Builds (once, cached in ``--work``) an f16 GGUF with MobileLLaMA-1.4B's shapes (24 layers, width
 2048, 16 heads, SwiGLU 5632) and random weights, carrying the real LLaMA vocabulary (32,000 pieces
-with their SentencePiece scores, fetched by ``tasks.testkit.llama_vocab``), quantizes it to q4_0 and q4_k_s
-through our quantize step, then on the same file in the same process measures prompt processing
-(pp) and generation (tg) tokens/s twice: through our runner (``tasks.ship.bench.PythonBackend.bench``)
-and through a bare loop over llama-cpp-python's ``llama_decode`` with ``llama_batch_get_one``.
+with their SentencePiece scores, fetched by ``tasks.testkit.llama_cpp_source``), quantizes it to
+q4_0 and q4_k_s through our quantize step, then on the same file in the same process measures
+prompt processing (pp) and generation (tg) tokens/s twice: through our runner
+(``tasks.ship.bench.PythonBackend.bench``) and through a bare loop over llama-cpp-python's
+``llama_decode`` with ``llama_batch_get_one``.
 The ratio printed last is the runner's overhead (bare tok/s over ours; 1.00 = none).
 
     python benchmarks/device_host_cpu.py [--threads 2] [--pp 128] [--tg 32] [--repetitions 3]
@@ -28,7 +29,7 @@ from model.gguf_vocab import vocab_from_sentencepiece
 from model.mobilevlm import hf_config
 from tasks.ship.bench import BenchSettings, LlamaCpp, PythonBackend, RuntimeOptions
 from tasks.ship.quantize import quantize
-from tasks.testkit.llama_vocab import fetch_llama_vocab, released_tokenizer
+from tasks.testkit.llama_cpp_source import fetch_llama_vocab, released_tokenizer
 
 CORPUS = ["Building a website can be done in 10 simple steps.", "Step 1: choose a domain name."] * 20
 

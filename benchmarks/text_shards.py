@@ -7,7 +7,11 @@ same tokenizer's Rust ``encode_batch`` on the same documents in this process, wi
 (no reading, no dedup, no packing, no writing). Both rates count the same tokens (the documents'
 token ids), divided by the cores each used. The ratio ours/reference is printed last.
 
+With ``--tokenizer llama`` both sides use the real LLaMA SentencePiece tokenizer (32,000 pieces, from
+llama.cpp's test vocabulary; ``make llama-vocab``) instead of one trained on the corpus.
+
     python benchmarks/text_shards.py [--mb 4] [--files 4] [--repeats 3] [--vocab 4096] [--seq-len 2048]
+                                     [--tokenizer trained|llama]
 """
 
 from __future__ import annotations
@@ -80,6 +84,19 @@ def write_root(root: Path, docs: list[str], files: int, tokenizer_dir: Path, seq
     return spec
 
 
+def make_tokenizer(kind: str, docs: list[str], vocab_size: int, out: Path) -> str:
+    """Save the tokenizer both sides use into ``out``; returns how to name it in the report."""
+    from model.tokenizer import load_tokenizer, save_tokenizer, train_tokenizer
+    from tasks.testkit.llama_cpp_source import fetch_llama_vocab, released_tokenizer
+
+    if kind == "trained":
+        train_tokenizer(docs[:2000], vocab_size=vocab_size, out_dir=out)
+        return f"{vocab_size}, trained on the corpus"
+    released = released_tokenizer(fetch_llama_vocab(), out.parent / "released")
+    save_tokenizer(load_tokenizer(released), out)  # tokenizer.json (the reference reads it) + .model
+    return "32000, LLaMA SentencePiece"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--mb", type=float, default=4.0, help="corpus size in MB of UTF-8 text")
@@ -87,20 +104,20 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--vocab", type=int, default=4096)
     parser.add_argument("--seq-len", type=int, default=2048)
+    parser.add_argument("--tokenizer", choices=("trained", "llama"), default="trained")
     args = parser.parse_args()
     os.environ.setdefault("MVLM_NO_PROGRESS", "1")
 
     import ray
     from tokenizers import Tokenizer
 
-    from model.tokenizer import train_tokenizer
     from tasks.core.parallel import ensure_ray
     from tasks.data.build import build_dataset
 
     docs = make_documents(args.mb)
     work = Path(tempfile.mkdtemp(prefix="bench-text-shards-"))
     try:
-        train_tokenizer(docs[:2000], vocab_size=args.vocab, out_dir=work / "tok")
+        vocab = make_tokenizer(args.tokenizer, docs, args.vocab, work / "tok")
         ensure_ray()
         ray_cpus = int(ray.cluster_resources().get("CPU", 1))
         cores_ours = min(ray_cpus, args.files)  # one Ray task (num_cpus=1) per unit
@@ -142,7 +159,7 @@ def main() -> None:
     mb = sum(len(d.encode()) for d in docs) / 1e6
     print(
         f"corpus: {len(docs)} documents, {mb:.1f} MB in {args.files} jsonl files, {tokens:,} tokens "
-        f"(vocab {args.vocab}), seq_len {args.seq_len}; {args.repeats} repeats, median"
+        f"(vocab {vocab}), seq_len {args.seq_len}; {args.repeats} repeats, median"
     )
     print(
         f"ours      build_dataset (Ray, {cores_ours} cores: {ray_cpus} Ray CPUs, {args.files} units) "

@@ -222,6 +222,25 @@ def build_prompt(question: str, template: str, with_image: bool) -> str:
     return f"{tmpl.system}{tmpl.sep}{user}: {image}{question}{tmpl.sep}{assistant}:"
 
 
+def jinja_chat_template(template: str) -> str:
+    """A Jinja chat template (llama.cpp's ``--jinja --chat-template-file``) that renders one user message
+    exactly as ``build_prompt`` renders a question: the message is the question, with ``<image>`` (or
+    llama.cpp's media marker) and a newline in front when it is about an image."""
+    tmpl = get_template(template)
+    if tmpl.style == "plain":
+        raise ValueError(
+            "the plain template has no turns to render; use a conversational template such as 'v1'"
+        )
+    user, assistant = tmpl.roles
+    if "{" in tmpl.system + tmpl.sep:
+        raise ValueError(f"template {template!r}: its system text cannot be written as Jinja text")
+    return (
+        f"{tmpl.system}{tmpl.sep}{{% for m in messages %}}{{% if m['role'] == 'user' %}}{user}: "
+        f"{{{{ m['content'] }}}}{tmpl.sep}{{% endif %}}{{% endfor %}}"
+        f"{{% if add_generation_prompt %}}{assistant}:{{% endif %}}"
+    )
+
+
 def tokenize_prompt(prompt: str, tokenizer: PreTrainedTokenizerBase) -> list[int]:
     """Token ids for generation: bos, then the chunks of ``prompt``, ``IMAGE_TOKEN_INDEX`` per ``<image>``."""
     ids, _ = _tokenize_chunks(prompt, tokenizer)

@@ -191,11 +191,17 @@ def fast_mlflow_client(monkeypatch: pytest.MonkeyPatch) -> None:
 
 @pytest.fixture(scope="session")
 def llama_cpp_bin() -> Path:
-    """Folder with llama.cpp's llama-completion, llama-mtmd-cli and llama-bench (``MVLM_LLAMACPP_BIN``)."""
-    folder = Path(os.environ.get("MVLM_LLAMACPP_BIN", ""))
-    programs = ("llama-completion", "llama-mtmd-cli", "llama-bench")
-    if not os.environ.get("MVLM_LLAMACPP_BIN") or not all((folder / p).is_file() for p in programs):
-        pytest.skip("set MVLM_LLAMACPP_BIN to a llama.cpp build's bin/ folder (see infra/runners/README.md)")
+    """Folder with llama.cpp's llama-completion, llama-mtmd-cli and llama-bench: ``MVLM_LLAMACPP_BIN``, else
+    the build of ``make llama-cpp-programs`` (which ``make test`` runs) at the installed llama.cpp commit."""
+    from tasks.testkit.llama_cpp_source import PROGRAMS, programs_folder
+
+    chosen = os.environ.get("MVLM_LLAMACPP_BIN")
+    folder = Path(chosen) if chosen else programs_folder()
+    if not all((folder / p).is_file() for p in PROGRAMS):
+        pytest.skip(
+            f"no llama.cpp programs in {folder}: run `make llama-cpp-programs` (make test does) or set "
+            "MVLM_LLAMACPP_BIN to a llama.cpp build's bin/ folder (see infra/runners/README.md)"
+        )
     return folder
 
 

@@ -2,9 +2,10 @@
 
 The python backend and the local transport run for real on this CPU; the ssh transport runs against
 a real sshd on 127.0.0.1 (skipped where openssh-server is missing); the llama.cpp-binary backend
-runs when ``MVLM_LLAMACPP_BIN`` names a llama.cpp build. There is no phone here: the adb transport
-is tested through its command lines and by parsing output recorded from the same llama.cpp
-programs (build 0c1e570, the llama.cpp that llama-cpp-python 0.3.36 vendors) on this host.
+runs llama.cpp's programs built by ``make llama-cpp-programs`` (or ``MVLM_LLAMACPP_BIN``). There is
+no phone here: the adb transport is tested through its command lines and by parsing output recorded
+from the same llama.cpp programs (build 0c1e570, the llama.cpp that llama-cpp-python 0.3.36 vendors)
+on this host.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from tasks.ship.bench import (
     BenchSettings,
     BinaryBackend,
     LocalTransport,
+    PythonBackend,
     SshTransport,
     backend_for,
     bench_identity,
@@ -240,7 +242,37 @@ def _binary_result(backend: BinaryBackend, tiny_quant) -> dict:
     assert [s.test for s in measurement.speeds] == ["pp64", "tg16"]
     assert measurement.peak_rss_mb and measurement.peak_rss_mb > 1
     assert "0c1e570" in measurement.llama_cpp or "llama.cpp" in measurement.llama_cpp
+    # Both backends time the same prompts: the raw text prompt, and the question in the v1 template.
+    python = PythonBackend()
+    assert measurement.lm.prompt_tokens == python.lm_phase(tiny_quant.llm, settings).prompt_tokens
+    in_process = python.vlm_phase(tiny_quant.llm, tiny_quant.mmproj, settings)
+    assert measurement.vlm.prompt_tokens == in_process.prompt_tokens
     return dataclasses.asdict(measurement)
+
+
+def test_llama_mtmd_cli_gets_the_in_process_prompt() -> None:
+    """The Jinja template pushed with ``--chat-template-file`` renders the ``-p`` message (media marker,
+    newline, question) as the in-process backend's prompt, marker for ``<image>``."""
+    import jinja2
+
+    from tasks.ship.bench.binary import MEDIA_MARKER
+    from tasks.ship.bench.protocol import vlm_prompt
+
+    pushed: dict[str, str] = {}
+
+    class Recording:
+        def push(self, local: Path, remote: str) -> None:
+            pushed[remote] = local.read_text(encoding="utf-8")
+
+    settings = BenchSettings()
+    args = BinaryBackend(Recording(), "/bin", "/device").vlm_prompt_args(settings)
+    assert args[:2] == ["--jinja", "--chat-template-file"] and args[3] == "-p"
+    template, message = pushed[args[2]], args[4]
+    rendered = jinja2.Template(template).render(
+        messages=[{"role": "user", "content": message}], add_generation_prompt=True
+    )
+    assert rendered == vlm_prompt(settings.template).replace("<image>", MEDIA_MARKER)
+    assert rendered.startswith("A chat between a curious user") and rendered.endswith("? ASSISTANT:")
 
 
 def test_binary_backend_local_transport(llama_cpp_bin: Path, tiny_quant, tmp_path: Path) -> None:

@@ -13,7 +13,7 @@ import pytest
 
 from model.spm import BYTE, CONTROL, NORMAL, UNKNOWN, read_gguf_pieces, read_tokenizer_model
 from model.tokenizer import load_tokenizer
-from tasks.testkit.llama_vocab import LlamaVocab, fetch_llama_vocab, released_tokenizer
+from tasks.testkit.llama_cpp_source import LlamaVocab, fetch_llama_vocab, released_tokenizer
 
 pytestmark = pytest.mark.slow  # one registry download per machine (cached), then seconds
 

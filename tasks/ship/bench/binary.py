@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from tasks.core.identity import atomic_write_text
 from tasks.ship.bench.protocol import (
     LM_PROMPT,
     VLM_QUESTION,
@@ -29,6 +30,7 @@ _PERF_LINE = re.compile(
     r"(?P<what>load|prompt eval|eval|total) time =\s*(?P<ms>[\d.]+) ms(?: /\s*(?P<n>\d+) (?:tokens|runs))?"
 )
 _ENCODE_LINE = re.compile(r"(?:mtmd batch encoding done in|image slice encoded in) (?P<ms>\d+) ms")
+MEDIA_MARKER = "<__media__>"  # mtmd_default_marker(): where llama-mtmd-cli puts the image
 _RSS_LINE = re.compile(r"Maximum resident set size \(kbytes\): (?P<kb>\d+)")
 
 
@@ -138,14 +140,23 @@ class BinaryBackend:
         return phase_from_perf(parse_perf(result.stderr), wall), parse_peak_rss_mb(result.stderr)
 
     def _mtmd(self, model: str, mmproj: str, settings: BenchSettings) -> Phase:
-        picture = Path(self._picture())
-        image = self._push(picture)
-        args = [*self._common(model, settings), "--mmproj", mmproj, "--image", image, "--chat-template",
-                "vicuna", "-p", VLM_QUESTION, "-n", str(settings.vlm_tokens)]  # fmt: skip
+        image = self._push(Path(self._picture()))
+        args = [*self._common(model, settings), "--mmproj", mmproj, "--image", image,
+                *self.vlm_prompt_args(settings), "-n", str(settings.vlm_tokens)]  # fmt: skip
         start = time.perf_counter()
         result = self._program("llama-mtmd-cli", args)
         wall = time.perf_counter() - start
         return phase_from_perf(parse_perf(result.stderr), wall, parse_encode_ms(result.stderr))
+
+    def vlm_prompt_args(self, settings: BenchSettings) -> list[str]:
+        """The in-process backend's prompt for llama-mtmd-cli: the question after the media marker as the
+        user message, rendered by a Jinja chat template of the recipe's conversation template (pushed
+        to the device), so both backends time the same tokens."""
+        from model.conversation import jinja_chat_template
+
+        local = Path(tempfile.gettempdir()) / f"mvlm-chat-{settings.template}.jinja"
+        atomic_write_text(local, jinja_chat_template(settings.template))
+        return ["--jinja", "--chat-template-file", self._push(local), "-p", f"{MEDIA_MARKER}\n{VLM_QUESTION}"]
 
     def _picture(self) -> str:
 
