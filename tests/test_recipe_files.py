@@ -24,13 +24,14 @@ IDENTITIES = {
     "mobilevlm-1.7b": ["5c6c7246ec16aa18", "47e9424a568ef80a", "920a642f58c38dd9", "afcf964bc5e66d47"],
     "mobilevlm-3b": ["a9afc39e02598f81", "91177a5f72b39b82", "aa7db1fff061bb04", "f430199512a44b5b"],
     "tiny": ["0a6a747014076471", "745543b1b7e12d63", "5983a1f78f397df1", "d2cfacaafc383431"],
-    "tiny-v2": ["0a6a747014076471", "745543b1b7e12d63", "00073d780ed8a05f", "7b636cdc8222ecbd"],
+    "tiny-v2": ["0a6a747014076471", "745543b1b7e12d63", "2ae0e8c39bd5135f", "7b636cdc8222ecbd"],
 }
 """Stage identities; tiny's vlm-instruct (and tiny-v2's, inherited) changed on purpose on 2026-12-03:
 8 epochs instead of 4 (was 60a76d333ea71f2d and a5a5a928dd3977c7); the paper rows' llm-sft on the
 same day: enabled with the authors' SFT settings and data (was 2faeb02d9762ddf3 and adee8afd4e8628e6);
 tiny's VLM stages on 2026-12-04: seq_len counts text tokens only now, so 113 and 177 keep the samples
-of 256 and 320 (was 2dace4e7a3ae79c4, edcb196ccd22d35b; tiny-v2 bda242f543f6d602, 20ee1cdb6fbbeb89).
+of 256 and 320 (was 2dace4e7a3ae79c4, edcb196ccd22d35b; tiny-v2 bda242f543f6d602, 20ee1cdb6fbbeb89);
+tiny-v2's vlm-align the same day: V2's pre-training, LLM + projector at two rates (was 00073d780ed8a05f).
 Recipes added later are not listed."""
 
 

@@ -41,11 +41,16 @@ def test_every_recipe_row_is_consistent(name: str) -> None:
 
 
 def test_tiny_v2_is_tiny_with_the_v2_projector() -> None:
-    """Same data and language-model stages (shared builds), LDPv2 for the VLM."""
+    """Same data and language-model stages (shared builds), LDPv2 for the VLM, and V2's pre-training:
+    the language model trains beside the projector, at its own (50x lower) rate."""
     tiny, v2 = get_recipe("tiny"), get_recipe("tiny-v2")
     assert [s.name for s in v2.stages] == [s.name for s in tiny.stages]
     for a, b in zip(tiny.stages, v2.stages, strict=True):
-        if a.name.startswith("vlm-"):
+        if a.name == "vlm-align":
+            assert (a.train, b.train) == (("projector",), ("projector", "llm"))
+            assert (b.optim.lr, b.optim.projector_lr) == (1e-4, a.optim.lr) and a.optim.projector_lr is None
+            assert dataclasses.replace(b, model=a.model, train=a.train, optim=a.optim) == a
+        elif a.name == "vlm-instruct":
             assert (a.model, b.model) == ("mobilevlm-tiny-336", "mobilevlm-v2-tiny-336")
             assert dataclasses.replace(b, model=a.model) == a
         else:
