@@ -6,6 +6,7 @@ The binary backend runs them through a transport and parses what they print.
 from __future__ import annotations
 
 import json
+import logging
 import re
 import tempfile
 import time
@@ -13,7 +14,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from tasks.core.identity import atomic_write_text
 from tasks.ship.bench.protocol import (
     LM_PROMPT,
     VLM_QUESTION,
@@ -25,6 +25,8 @@ from tasks.ship.bench.protocol import (
     protocol_image,
 )
 from tasks.ship.bench.transports import CommandResult, TransportError, _checked
+
+log = logging.getLogger(__name__)
 
 _PERF_LINE = re.compile(
     r"(?P<what>load|prompt eval|eval|total) time =\s*(?P<ms>[\d.]+) ms(?: /\s*(?P<n>\d+) (?:tokens|runs))?"
@@ -103,13 +105,15 @@ class BinaryBackend:
     """``LD_LIBRARY_PATH`` for shared-library builds (Android does not honour the binaries' RPATH)."""
     timeout_s: float = 3600.0
     """Limit for one program run."""
+    perf_attempts: int = 3
+    """Runs of a program whose perf summary went missing before the benchmark fails."""
     name: str = "llama.cpp-binary"
     """Backend name in results."""
 
     def run(self, llm: Path, mmproj: Path | None, settings: BenchSettings) -> Measurement:
         """Copy the files to the device, run the three programs, parse what they print."""
         model = self._push(llm)
-        lm, rss = self._completion(model, settings)
+        lm, rss = self.completion_phase(model, settings)
         vlm = self._mtmd(model, self._push(mmproj), settings) if mmproj else None
         speeds = parse_llama_bench(self._program("llama-bench", self._bench_args(model, settings)).stdout)
         return Measurement(lm, vlm, speeds, rss, self.build())
@@ -132,31 +136,47 @@ class BinaryBackend:
         return ["-m", model, "-t", str(settings.threads), "-c", str(settings.n_ctx), "-ngl",
                 str(settings.gpu_layers), "--temp", "0", "--ignore-eos", "-lv", "4"]  # fmt: skip
 
-    def _completion(self, model: str, settings: BenchSettings) -> tuple[Phase, float | None]:
+    def completion_phase(self, model: str, settings: BenchSettings) -> tuple[Phase, float | None]:
+        """The language-model prompt through llama-completion (and the peak RSS ``time -v`` saw)."""
         args = [*self._common(model, settings), "-no-cnv", "-p", LM_PROMPT, "-n", str(settings.lm_tokens)]
-        start = time.perf_counter()
-        result = self._program("llama-completion", args)
-        wall = time.perf_counter() - start
+        result, wall = self._timed_with_perf("llama-completion", args)
         return phase_from_perf(parse_perf(result.stderr), wall), parse_peak_rss_mb(result.stderr)
 
     def _mtmd(self, model: str, mmproj: str, settings: BenchSettings) -> Phase:
         image = self._push(Path(self._picture()))
         args = [*self._common(model, settings), "--mmproj", mmproj, "--image", image,
                 *self.vlm_prompt_args(settings), "-n", str(settings.vlm_tokens)]  # fmt: skip
-        start = time.perf_counter()
-        result = self._program("llama-mtmd-cli", args)
-        wall = time.perf_counter() - start
+        result, wall = self._timed_with_perf("llama-mtmd-cli", args)
         return phase_from_perf(parse_perf(result.stderr), wall, parse_encode_ms(result.stderr))
+
+    def _timed_with_perf(self, program: str, args: list[str]) -> tuple[CommandResult, float]:
+        """Run ``program`` until its perf summary is in its output. llama.cpp's logger writes from a
+        thread that the programs do not wait for at exit (llama.cpp issue 22142), so a run can end
+        without its last log lines; it is run again, up to ``perf_attempts`` times."""
+        for attempt in range(1, self.perf_attempts + 1):
+            start = time.perf_counter()
+            result = self._program(program, args)
+            wall = time.perf_counter() - start
+            perf = parse_perf(result.stderr)
+            if "prompt_tokens" in perf and "eval_tokens" in perf:
+                return result, wall
+            log.debug("%s output without a perf summary:\n%s", program, result.stderr[-4000:])
+            log.warning("%s printed no perf summary (run %d of %d); running it again", program, attempt,
+                        self.perf_attempts)  # fmt: skip
+        raise TransportError(
+            f"{program} ran {self.perf_attempts} times without printing its perf summary (the "
+            "'prompt eval time' and 'eval time' lines); its output is in the log. Check that the "
+            "device's llama.cpp prints them at -lv 4"
+        )
 
     def vlm_prompt_args(self, settings: BenchSettings) -> list[str]:
         """The in-process backend's prompt for llama-mtmd-cli: the question after the media marker as the
-        user message, rendered by a Jinja chat template of the recipe's conversation template (pushed
-        to the device), so both backends time the same tokens."""
+        user message, rendered by a Jinja chat template of the recipe's conversation template, so both
+        backends time the same tokens (llama-mtmd-cli takes the template's text, not a file)."""
         from model.conversation import jinja_chat_template
 
-        local = Path(tempfile.gettempdir()) / f"mvlm-chat-{settings.template}.jinja"
-        atomic_write_text(local, jinja_chat_template(settings.template))
-        return ["--jinja", "--chat-template-file", self._push(local), "-p", f"{MEDIA_MARKER}\n{VLM_QUESTION}"]
+        template = jinja_chat_template(settings.template)
+        return ["--jinja", "--chat-template", template, "-p", f"{MEDIA_MARKER}\n{VLM_QUESTION}"]
 
     def _picture(self) -> str:
 
