@@ -557,6 +557,7 @@ def instruct_rounds(
         rounds = rng.sample(candidates, rng.randint(1, min(3, len(candidates))))
     if rng.random() < 0.5:
         rounds = [*rounds[:2], _existence_round(record, rng, config)]
+        rng.shuffle(rounds)  # any type may come first, as a benchmark's single question does
     return [(t, f"{q}\n{SHORT_ANSWER}" if rng.random() < SHORT_ANSWER_SHARE else q, a) for t, q, a in rounds]
 
 
