@@ -31,7 +31,7 @@ from model.tokenizer import load_tokenizer
 from tasks.data.bounded_read import bounded_lines
 from tasks.data.build import BuildResult, build_dataset
 from tasks.data.builder import BuildContext, Unit
-from tasks.data.shards import read_tar_samples
+from tasks.data.shard_read import read_tar_samples
 from tasks.data.specs import parse_spec
 
 CASES = cases()

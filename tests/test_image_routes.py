@@ -14,7 +14,7 @@ from hostile_corpus import IMAGE_CASES, IMAGE_FILTERS, KEPT, write_images
 from PIL import Image
 
 from tasks.data.build import BuildResult, build_dataset
-from tasks.data.shards import read_tar_samples
+from tasks.data.shard_read import read_tar_samples
 
 CAPTION = "A picture of a shape."
 SPECS = {

@@ -296,7 +296,7 @@ subsets:
         "path_outside_root": 3,
     }
     tars = [result.path / rec["path"] for rec in result.manifest["shards"]]
-    from tasks.data.shards import read_tar_samples
+    from tasks.data.shard_read import read_tar_samples
 
     samples = {s["__key__"]: s for tar in tars for s in read_tar_samples(tar)}
     assert set(samples) == {sample_key("blip", "wide"), sample_key("blip", "square")}

@@ -15,7 +15,7 @@ from PIL import Image
 
 from tasks.core.identity import sha256_file
 from tasks.data.build import BuildError, BuildResult, build_dataset
-from tasks.data.shards import read_tar_samples
+from tasks.data.shard_read import read_tar_samples
 
 pytestmark = pytest.mark.usefixtures("ray_local")
 

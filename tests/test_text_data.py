@@ -13,7 +13,7 @@ import pytest
 from model.tokenizer import load_tokenizer
 from tasks.core.identity import sha256_file
 from tasks.data.build import BuildError, build_dataset
-from tasks.data.shards import read_tar_samples
+from tasks.data.shard_read import read_tar_samples
 
 pytestmark = pytest.mark.usefixtures("ray_local")
 

@@ -70,7 +70,8 @@ from tasks.data.img2dataset_runner import (
     shard_files,
 )
 from tasks.data.rejects import Rejects
-from tasks.data.shards import read_tar_samples, write_shard
+from tasks.data.shard_read import read_tar_samples
+from tasks.data.shards import write_shard
 from tasks.data.specs import Filters, LlavaSource, Subset, UrlListSource
 from tasks.data.url_policy import LOCAL_PLACEHOLDER, HostPolicy, url_problem
 

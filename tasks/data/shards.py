@@ -10,9 +10,8 @@ from __future__ import annotations
 import contextlib
 import io
 import os
-import tarfile
 import tempfile
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -133,30 +132,6 @@ def finished_shard(build_dir: Path, relpath: str) -> ShardRecord | None:
         return None
     record = ShardRecord(**read_json(sidecar))
     return record if verify_shard(build_dir, record) else None
-
-
-def read_tar_samples(path: str | Path) -> Iterator[dict[str, bytes]]:
-    """Group a shard's members into samples, refusing links and member names with path components."""
-    current: dict[str, bytes] = {}
-    with tarfile.open(path, "r") as tar:
-        for member in tar:
-            if (
-                not member.isfile()
-                or "/" in member.name
-                or "\\" in member.name
-                or member.name.startswith(".")
-            ):
-                raise ValueError(
-                    f"{path}: refusing tar member {member.name!r} (links and paths are not allowed)"
-                )
-            key, _, ext = member.name.partition(".")
-            if current and current["__key__"] != key:
-                yield current
-                current = {}
-            current["__key__"] = key
-            current[ext] = tar.extractfile(member).read()
-    if current:
-        yield current
 
 
 def npy_bytes(array: Any) -> bytes:

@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from tasks.data.shards import read_tar_samples
+from tasks.data.shard_read import load_npy, read_tar_samples
 from tasks.train.loader import Source
 
 log = logging.getLogger(__name__)
@@ -56,7 +56,7 @@ def _samples(sources: tuple[Source, ...], limit: int) -> list[dict]:
 def perplexity(model: Any, sources: tuple[Source, ...], limit: int = 200, batch: int = 8) -> EvalResult:
     """exp(mean token NLL) over held-out packed sequences."""
     model.eval()
-    seqs = [np.load(io.BytesIO(s["input_ids.npy"])).astype(np.int64) for s in _samples(sources, limit)]
+    seqs = [load_npy(s["input_ids.npy"]).astype(np.int64) for s in _samples(sources, limit)]
     if not seqs:
         raise ValueError("no held-out text samples to evaluate (is heldout_fraction 0 in the spec?)")
     nll, count = 0.0, 0

@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from tasks.data.shards import read_tar_samples
+from tasks.data.shard_read import load_npy, read_tar_samples
 
 log = logging.getLogger(__name__)
 SHARDS_PER_STREAM = 4
@@ -149,8 +149,8 @@ class SampleProcessor:
     def _process(self, sample: dict) -> dict[str, Any]:
         kind = sample["__kind__"]
         if kind == "text":
-            ids = np.load(io.BytesIO(sample["input_ids.npy"])).astype(np.int64)[: self.cfg.seq_len]
-            return {"input_ids": ids.tolist(), "labels": ids.tolist(), "image": None}
+            ids = load_npy(sample["input_ids.npy"])[: self.cfg.seq_len].astype(np.int64)
+            return {"input_ids": ids, "labels": ids, "image": None}  # collate copies, so one array serves
         from model.conversation import move_image_to_front, tokenize_conversation
 
         image = self._image(sample["jpg"]) if "jpg" in sample else None
@@ -182,8 +182,8 @@ def collate(samples: list[dict[str, Any]], pad_id: int) -> dict[str, torch.Tenso
     mask = torch.zeros((len(samples), longest), dtype=torch.long)
     for i, s in enumerate(samples):
         n = len(s["input_ids"])
-        ids[i, :n] = torch.tensor(s["input_ids"])
-        labels[i, :n] = torch.tensor(s["labels"])
+        ids[i, :n] = torch.as_tensor(s["input_ids"])
+        labels[i, :n] = torch.as_tensor(s["labels"])
         mask[i, :n] = 1
     batch = {"input_ids": ids, "labels": labels, "attention_mask": mask}
     images = [s["image"] for s in samples if s["image"] is not None]
