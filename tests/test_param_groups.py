@@ -78,3 +78,36 @@ def test_the_vision_tower_trains_only_when_named() -> None:
     assert all(p.grad is not None for p in tower.vision_tower.vision_model.encoder.layers[0].parameters())
     with pytest.raises(ValueError, match="trains the vision tower but the model has none"):
         set_trainable(mvlm.build("tiny-llama", vocab_size=64), ("vision",))
+
+
+def test_merged_lora_weights_are_a_plain_checkpoint_that_llama_cpp_runs(tmp_path: Path) -> None:
+    """A LoRA stage saves merged weights: the same logits as the adapters gave, the standard layout,
+    and a GGUF whose llama.cpp logits equal PyTorch's (f32 export)."""
+    import torch
+
+    import model as mvlm
+    from model.lora import apply_lora, merge_lora
+    from model.tokenizer import train_tokenizer
+    from tasks.ship.export import ExportConfig, export_checkpoint
+
+    tokenizer = train_tokenizer(["a red circle is on the left of a blue square"] * 50, vocab_size=300)
+    torch.manual_seed(0)
+    module = mvlm.build("tiny-llama", vocab_size=len(tokenizer)).eval()
+    assert (
+        apply_lora(module, 8, 16, 0.0, ("q_proj", "v_proj", "down_proj"))
+        == 3 * module.config.num_hidden_layers
+    )
+    for name, param in module.named_parameters():
+        if "lora_B" in name:
+            torch.nn.init.normal_(param, std=0.05)  # trained adapters: not the zero start
+    ids = torch.tensor([tokenizer.encode("a red circle is on the left")])
+    with torch.no_grad():
+        adapted = module(input_ids=ids).logits
+        merge_lora(module)
+        merged = module(input_ids=ids).logits
+    assert torch.allclose(adapted, merged, atol=1e-5) and not any("lora" in k for k in module.state_dict())
+    checkpoint = mvlm.save(module, tmp_path / "final", tokenizer=tokenizer)
+    result = export_checkpoint(checkpoint, tmp_path / "export", ExportConfig(llm_dtype="f32"), check=True)
+    logits = result.checks["logits"]
+    assert logits["tokenizer_agrees"] and logits["argmax_agreement"] == 1.0
+    assert logits["max_abs_diff"] < 1e-3 * max(1.0, logits["logit_scale"])
