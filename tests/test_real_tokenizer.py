@@ -87,7 +87,20 @@ def test_the_gguf_carries_the_real_scores_and_llama_cpp_splits_as_we_do(
     assert ours.tokens == real.tokens and ours.types == real.types and ours.scores == real.scores
     assert ours.add_dummy_prefix
     texts, ids = zip(*vocab.cases(), strict=True)
-    assert _llama_cpp_ids(result.llm, list(texts)) == list(ids)
+    by_llama_cpp = _llama_cpp_ids(result.llm, list(texts))
+    assert by_llama_cpp == list(ids)
+    tok = load_tokenizer(checkpoint)  # the transformers tokenizer the checkpoint trains and evaluates with
+    assert by_llama_cpp == [tok.encode(text, add_special_tokens=False) for text in texts]
+
+
+def test_transformers_own_gguf_loader_differs_on_leading_spaces(vocab: LlamaVocab) -> None:
+    """Why we build the tokenizer ourselves: ``from_pretrained(gguf_file=...)`` makes a Metaspace
+    pre-tokenizer that does not prepend ``▁`` to a text that starts with a space, as llama.cpp does."""
+    from transformers import AutoTokenizer
+
+    theirs = AutoTokenizer.from_pretrained(str(vocab.folder), gguf_file=vocab.gguf.name)
+    wrong = [text for text, ids in vocab.cases() if theirs.encode(text, add_special_tokens=False) != ids]
+    assert wrong and all(text.startswith(" ") for text in wrong)
 
 
 def test_a_tokenizer_json_checkpoint_exports_merge_ranked_scores_that_split_alike(
