@@ -1,9 +1,9 @@
 """Stage-1 tokens/s of our training path vs a plain PyTorch loop, same model, batch and data.
 
 Ours: the real loader (webdataset shards of a tiny-redpajama build made at the benchmark's sequence
-length, mixture, collate) feeding the DeepSpeed engine built from the stage's own config (ZeRO-1,
-CPU, one process, world size 1) through ``model.train.run_loop``. Plain: the same model and
-optimizer, the same batches already in memory, a bare forward/backward/clip/step loop. Both count
+length, mixture, collate) feeding the DeepSpeed engine built from the stage's own config (CPU, one
+process, world size 1: no ZeRO partitions, as a one-rank stage trains) through
+``model.train.run_loop``. Plain: the same model and optimizer, the same batches already in memory, a bare forward/backward/clip/step loop. Both count
 the tokens of the batches they trained on (``attention_mask`` sums).
 
 Two sizes: ``tiny`` (tiny-llama, 8 x 128 tokens: framework overhead is visible) and ``compute``
@@ -165,7 +165,7 @@ def main() -> None:
         ratios.append(ours / plain)
         shape = ", ".join(f"{k} {v}" for k, v in size.overrides.items()) or "tiny-llama"
         print(f"[{name}] {shape}; micro batch {size.micro_batch} x {size.seq_len} tokens, {steps} steps")
-        print(f"  ours  (shards -> loader -> DeepSpeed ZeRO-1 step): {ours:10.0f} tok/s (median)")
+        print(f"  ours  (shards -> loader -> stage's DeepSpeed step):   {ours:10.0f} tok/s (median)")
         print(f"  plain (in-memory batches -> torch AdamW):          {plain:10.0f} tok/s (mean of 2 runs)")
         print(f"  data-wait fraction (ours): {wait:.3f}; ratio ours/plain {ours / plain:.3f}")
     print(f"ratio ours/plain tokens/s (lowest of {args.sizes}): {min(ratios):.3f}")

@@ -4,6 +4,7 @@ with the largest change of each part's parameters and the optimizer's groups."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import socket
@@ -50,6 +51,11 @@ def main(mode: str) -> dict:
     optimizer, scheduler = make_optimizer(vlm, cfg)
     before = {n: p.detach().clone() for n, p in vlm.named_parameters()}
     config = deepspeed_config(stage, False)
+    # ZeRO-2 as the 2-worker stage runs it (one rank alone trains without ZeRO partitions).
+    config["zero_optimization"] = deepspeed_config(
+        dataclasses.replace(stage, num_workers=2, global_batch=4), False
+    )["zero_optimization"]
+    assert config["zero_optimization"]["stage"] == 2
     engine, *_ = deepspeed.initialize(
         model=vlm, optimizer=optimizer, lr_scheduler=scheduler, config=config, dist_init_required=False
     )

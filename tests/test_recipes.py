@@ -23,7 +23,8 @@ def test_every_recipe_row_is_consistent(name: str) -> None:
         assert all(d.spec in specs for d in stage.datasets)
         assert stage.grad_accum >= 1
         config = deepspeed_config(stage, use_gpu=False)
-        assert config["zero_optimization"]["stage"] == stage.zero_stage
+        one_rank = stage.num_workers == 1 and stage.zero_stage in (1, 2)  # nothing to partition
+        assert config["zero_optimization"]["stage"] == (0 if one_rank else stage.zero_stage)
         assert (
             config["train_micro_batch_size_per_gpu"]
             * config["gradient_accumulation_steps"]
@@ -38,6 +39,15 @@ def test_every_recipe_row_is_consistent(name: str) -> None:
     for stage in recipe.enabled_stages():  # every stage's model row builds (shapes only)
         module = model.build(stage.model, device="meta")
         assert sum(p.numel() for p in module.parameters()) > 0
+
+
+def test_one_rank_trains_without_zero_partitions_except_zero_3() -> None:
+    stage = get_recipe("tiny").stage("vlm-instruct")
+    assert deepspeed_config(stage, False)["zero_optimization"]["stage"] == 2  # 2 workers
+    alone = dataclasses.replace(stage, num_workers=1, global_batch=stage.micro_batch * stage.grad_accum)
+    assert deepspeed_config(alone, False)["zero_optimization"] == {"stage": 0}
+    offloadable = dataclasses.replace(alone, zero_stage=3)
+    assert deepspeed_config(offloadable, False)["zero_optimization"]["stage"] == 3
 
 
 def test_tiny_v2_is_tiny_with_the_v2_projector() -> None:

@@ -18,7 +18,9 @@ def deepspeed_config(stage: StageConfig, use_gpu: bool, template_dir: Path = TEM
     if not path.is_file():
         raise FileNotFoundError(f"no DeepSpeed template {path} for ZeRO stage {stage.zero_stage}")
     config = json.loads(path.read_text())
-    if stage.zero_stage == 0:
+    if stage.zero_stage == 0 or (stage.num_workers == 1 and stage.zero_stage in (1, 2)):
+        # One rank: ZeRO-1/2 partition nothing; their copies of the gradients into flat buffers only
+        # add work (benchmarks/train_step.py at the tiny size). ZeRO-3 stays: it can offload.
         config["zero_optimization"] = {"stage": 0}
     values = {
         "train_micro_batch_size_per_gpu": stage.micro_batch,
