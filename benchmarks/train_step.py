@@ -3,8 +3,9 @@
 Ours: the real loader (webdataset shards of a tiny-redpajama build made at the benchmark's sequence
 length, mixture, collate) feeding the DeepSpeed engine built from the stage's own config (CPU, one
 process, world size 1: no ZeRO partitions, as a one-rank stage trains) through
-``model.train.run_loop``. Plain: the same model and optimizer, the same batches already in memory, a bare forward/backward/clip/step loop. Both count
-the tokens of the batches they trained on (``attention_mask`` sums).
+``model.train.run_loop``. Plain: the same model and optimizer, the same batches already in memory,
+a bare forward/backward/clip/step loop. Both count the tokens of the batches they trained on
+(``attention_mask`` sums).
 
 Two sizes: ``tiny`` (tiny-llama, 8 x 128 tokens: framework overhead is visible) and ``compute``
 (width 512, 8 layers, 8 x 512 tokens: the matrix work dominates). Printed last: the lower of the two
