@@ -36,7 +36,7 @@ def stage_init(stage: StageConfig, previous_final: str | None, runs_root: str) -
 
 @task(name="plan-stage", cache_policy=NONE)
 def plan_stage_task(recipe: Recipe, stage: StageConfig, init: dict, data_root: str, runs_root: str,
-                    tokenizer: str | None, parent_run_id: str | None = None,
+                    parent_run_id: str | None = None,
                     known_builds: dict[str, str] | None = None) -> Any:  # fmt: skip
     """Check inputs, compute the stage identity, open (or find) its MLflow run."""
     from tasks.core.settings import get_settings
@@ -44,7 +44,7 @@ def plan_stage_task(recipe: Recipe, stage: StageConfig, init: dict, data_root: s
     from tasks.lineage.tracking import EXPERIMENT
     from tasks.train.stage import plan_stage
 
-    plan, builds = plan_stage(recipe, stage, init, Path(data_root), Path(runs_root), tokenizer, known_builds)
+    plan, builds = plan_stage(recipe, stage, init, Path(data_root), Path(runs_root), None, known_builds)
     uri = get_settings().mlflow_uri
     mlflow = tracking.client(uri)
     run_id, created = tracking.run_for(
@@ -138,8 +138,7 @@ def run_stages(
     done, previous = [], None
     for s in stages:
         plan = plan_stage_task(  # the tokenizer is the start checkpoint's (plan_stage finds it)
-            recipe, s, stage_init(s, previous, runs_root), data_root, runs_root, None, parent_run_id,
-            known_builds,
+            recipe, s, stage_init(s, previous, runs_root), data_root, runs_root, parent_run_id, known_builds,
         )  # fmt: skip
         if only is not None and s.name != only:
             manifest = finished_stage(plan.out)

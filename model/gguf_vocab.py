@@ -45,8 +45,6 @@ class Vocab:
     """Unknown-token id (also the pad id, the LLaMA fine-tuning convention)."""
     add_space_prefix: bool
     """Whether ``▁`` is prepended to the text."""
-    source: str
-    """Where the scores come from: ``tokenizer.model`` or ``tokenizer.json``."""
 
 
 def checkpoint_vocab(checkpoint: Path, vocab_size: int) -> Vocab:
@@ -83,7 +81,7 @@ def vocab_from_sentencepiece(path: Path, vocab_size: int, tokenizer_json: dict[s
         types.append(UNUSED)
     return Vocab(
         tokens, scores, types, pieces.id_of("<s>", 1), pieces.id_of("</s>", 2),
-        pieces.id_of("<unk>", 0), pieces.add_dummy_prefix, "tokenizer.model",
+        pieces.id_of("<unk>", 0), pieces.add_dummy_prefix,
     )  # fmt: skip
 
 
@@ -129,7 +127,6 @@ def vocab_from_tokenizer_json(data: dict[str, Any], vocab_size: int) -> Vocab:
         unk_id=ids.get("<unk>", 0),
         add_space_prefix=_prepends_space(data.get("pre_tokenizer"))
         or _prepends_space(data.get("normalizer")),
-        source="tokenizer.json",
     )
 
 

@@ -432,7 +432,7 @@ SHORT = {"max_steps": 4, "checkpoint_every": 2, "micro_batch": 4, "global_batch"
 def short_stage(data_root: str, runs_root: str) -> dict:
     recipe = get_recipe("tiny", **{"llm-pretrain": SHORT})
     stage = recipe.stage("llm-pretrain")
-    plan = plan_stage_task(recipe, stage, stage_init(stage, None, runs_root), data_root, runs_root, None)
+    plan = plan_stage_task(recipe, stage, stage_init(stage, None, runs_root), data_root, runs_root)
     return run_stage_task(plan)
 
 print(json.dumps(short_stage(sys.argv[1], sys.argv[2])))

@@ -95,7 +95,7 @@ def test_a_stage_planned_from_a_hub_model_records_it(
 
     @flow(name="plan-from-hub")
     def plan() -> object:
-        return plan_stage_task(recipe, stage, stage_init(stage, None, runs_root), data_root, runs_root, None)
+        return plan_stage_task(recipe, stage, stage_init(stage, None, runs_root), data_root, runs_root)
 
     with serve_hub(tmp_path / "hub") as (endpoint, _):
         monkeypatch.setenv("HF_ENDPOINT", endpoint)
