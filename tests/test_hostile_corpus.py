@@ -102,7 +102,7 @@ def _text_docs(result: BuildResult, corpus_root: Path) -> list[list[int]]:
     stream: list[int] = []
     starts: list[int] = []
     for sample in sorted(_samples(result), key=lambda s: s["__key__"]):
-        ids = np.load(io.BytesIO(sample["input_ids.npy"])).tolist()
+        ids = np.load(io.BytesIO(sample["input_ids.npy"])).ravel().tolist()
         starts += [len(stream) + s for s in np.load(io.BytesIO(sample["doc_starts.npy"])).tolist()]
         stream += ids
     return [stream[a:b] for a, b in zip(starts, [*starts[1:], len(stream)], strict=True)]

@@ -2,18 +2,16 @@
 
 from __future__ import annotations
 
-import io
 import json
 import shutil
 from pathlib import Path
 
-import numpy as np
 import pytest
 
 from model.tokenizer import load_tokenizer
 from tasks.core.identity import sha256_file
 from tasks.data.build import BuildError, build_dataset
-from tasks.data.shard_read import read_tar_samples
+from tasks.data.shard_read import read_tar_samples, text_rows
 
 pytestmark = pytest.mark.usefixtures("ray_local")
 
@@ -84,9 +82,7 @@ def _sequences(build: Path, manifest: dict, split: str = "train") -> list[tuple[
     for rec in manifest["shards"]:
         if rec["split"] == split:
             for sample in read_tar_samples(build / rec["path"]):
-                ids = np.load(io.BytesIO(sample["input_ids.npy"]))
-                starts = np.load(io.BytesIO(sample["doc_starts.npy"]))
-                out.append((ids.tolist(), starts.tolist()))
+                out += [(ids.tolist(), starts.tolist()) for ids, starts in text_rows(sample)]
     return out
 
 
@@ -171,11 +167,20 @@ def test_shards_read_back_with_webdataset_and_ray_data(data_root: Path, tmp_path
     result = build_dataset(_spec(tmp_path), data_root)
     paths = [str(result.path / r["path"]) for r in result.manifest["shards"]]
     samples = list(wds.WebDataset(paths, shardshuffle=False).decode())
-    assert len(samples) == sum(r["samples"] for r in result.manifest["shards"])
-    assert samples[0]["input_ids.npy"].shape == (32,)
+    sequences = [row for s in samples for row in s["input_ids.npy"]]
+    assert len(sequences) == sum(r["samples"] for r in result.manifest["shards"])
+    assert all(s["input_ids.npy"].ndim == 2 and s["input_ids.npy"].shape[1] == 32 for s in samples)
+    ours = [
+        ids.tolist()
+        for rec in result.manifest["shards"]
+        for sample in read_tar_samples(result.path / rec["path"])
+        for ids, _ in text_rows(sample)
+    ]
+    assert [row.tolist() for row in sequences] == ours
     rows = ray.data.read_webdataset(paths).take_all()
     assert len(rows) == len(samples)
     assert sorted(r["__key__"] for r in rows) == sorted(s["__key__"] for s in samples)
+    assert sum(len(r["input_ids.npy"]) for r in rows) == len(sequences)
 
 
 def test_a_new_spec_file_builds_without_code_changes(data_root: Path, tmp_path: Path) -> None:
@@ -204,3 +209,29 @@ def test_concurrent_builds_of_one_identity_build_once(data_root: Path, tmp_path:
     assert sorted(r["reused"] for r in results) == [False, True]
     assert results[0]["id"] == results[1]["id"]
     assert build_dataset(spec, data_root).reused
+
+
+def test_shards_cost_at_most_2_1_bytes_per_token_at_seq_len_2048(data_root: Path, tmp_path: Path) -> None:
+    """Many sequences per tar sample and no PAX headers: the disk holds ~2 bytes (uint16) per token."""
+    import random
+
+    rng = random.Random(7)
+    words = ["red", "blue", "circle", "square", "draws", "under", "a", "the", "small", "over", "large"]
+    docs = [" ".join(rng.choice(words) for _ in range(rng.randint(50, 900))) for _ in range(700)]
+    (data_root / "raw" / "long.jsonl").write_text("".join(json.dumps({"text": d}) + "\n" for d in docs))
+    spec = tmp_path / "specs" / "long-text.yaml"
+    spec.parent.mkdir(exist_ok=True)
+    spec.write_text(
+        SPEC.format(name="long-text", heldout=0.0, ratio=0.5)
+        .replace("seq_len: 32", "seq_len: 2048")
+        .replace("shard_samples: 8", "shard_samples: 2048")  # as data_specs/redpajama-v1.yaml
+        .replace("max_chars: 2000", "max_chars: 20000")
+        .split("subsets:")[0]
+        + "subsets:\n  - {name: long, weight: 1, source: {type: files, paths: [raw/long.jsonl]}}\n"
+    )
+    result = build_dataset(spec, data_root)
+    tokens = result.manifest["stats"]["totals"]["tokens"]
+    on_disk = sum(r["bytes"] for r in result.manifest["shards"])
+    assert tokens >= 200 * 2048
+    assert on_disk / tokens <= 2.1, f"{on_disk / tokens:.3f} bytes per token"
+    assert all(r["samples"] * 2048 == r["tokens"] for r in result.manifest["shards"])

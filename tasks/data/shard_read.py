@@ -1,7 +1,7 @@
 """Reading shards back fast: a tar reader for the members our writer makes, and ``.npy`` payloads.
 
 The loader reads every sample of every epoch, so per-member cost matters: Python's ``tarfile``
-spends ~0.1 ms on a member (a PAX header each, as webdataset's writer stores a float mtime), more
+spends ~0.1 ms on a member (builds before text-builder 3 had a PAX header per member), more
 than the training step can hide at tiny sizes. This reader parses the 512-byte headers directly,
 checks their checksums, applies PAX ``path`` / ``size`` records and refuses everything that is not
 a plain file (links, devices, GNU long names) or whose name has path components, as before. A
@@ -129,3 +129,20 @@ def load_npy(data: bytes) -> np.ndarray:
         raise ValueError(f".npy data has {len(data) - end} payload bytes for shape {shape} of {dtype}")
     array = np.frombuffer(data, dtype, count, offset=end)
     return array.reshape(shape, order="F" if fortran else "C")
+
+
+def text_rows(sample: dict[str, bytes]) -> list[tuple[np.ndarray, np.ndarray]]:
+    """The packed sequences of one text-shard sample as ``(input_ids, doc_starts)`` pairs.
+
+    A sample holds ``input_ids.npy`` of shape ``(sequences, seq_len)`` and ``doc_starts.npy``: where
+    documents start in the flattened sample. Builds before text-builder 3 wrote one 1-D sequence per
+    sample; those read as one row."""
+    ids = load_npy(sample["input_ids.npy"])
+    starts = load_npy(sample["doc_starts.npy"]) if "doc_starts.npy" in sample else np.zeros(0, np.int32)
+    if ids.ndim == 1:
+        return [(ids, starts)]
+    if ids.ndim != 2:
+        raise ValueError(f"input_ids.npy has shape {ids.shape}; a text sample is (sequences, seq_len)")
+    length = ids.shape[1]
+    rows = np.searchsorted(starts, np.arange(ids.shape[0] + 1) * length)
+    return [(ids[i], starts[rows[i] : rows[i + 1]] - i * length) for i in range(ids.shape[0])]

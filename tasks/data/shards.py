@@ -35,7 +35,8 @@ class ShardRecord:
     sha256: str
     """sha256 of the tar bytes."""
     samples: int
-    """Number of samples."""
+    """Number of training samples (a text shard's tar samples each pack several sequences: this counts
+    the sequences)."""
     tokens: int
     """Number of tokens (text kinds; 0 otherwise)."""
     bytes: int
@@ -61,12 +62,13 @@ def write_shard(
     count = tokens = 0
     try:
         with os.fdopen(fd, "wb") as handle:
-            writer = wds.TarWriter(handle, user="mvlm", group="mvlm", mode=0o444, mtime=0.0)
+            # an int mtime: a float one costs every member a 1 KiB PAX header
+            writer = wds.TarWriter(handle, user="mvlm", group="mvlm", mode=0o444, mtime=0)
             for sample in samples:
                 check_key(sample["__key__"])
                 tokens += int(sample.pop("__tokens__", 0))
+                count += int(sample.pop("__samples__", 1))
                 writer.write(sample)
-                count += 1
                 faults.hit("shard-sample")
             writer.close()
             handle.flush()

@@ -3,8 +3,10 @@
 Two parallel passes over the units (Ray tasks): a scan that normalises, filters and hashes every
 document, then, after exact de-duplication across all units in source order, a pass that
 tokenizes the kept documents, appends EOS, packs them into ``seq_len`` sequences with no padding
-(document starts recorded per sequence) and writes the shards. Each sample is one sequence:
-``input_ids.npy`` (uint16 when the vocabulary fits, else int32) and ``doc_starts.npy`` (int32).
+(document starts recorded) and writes the shards. A tar sample packs ``PACK_TOKENS`` worth of
+sequences: ``input_ids.npy`` of shape (sequences, seq_len) (uint16 when the vocabulary fits, else
+int32) and ``doc_starts.npy`` (int32: where documents start in the flattened sample), so headers
+cost ~0.05 byte per token; ``tasks.data.shard_read.text_rows`` splits a sample into its sequences.
 """
 
 from __future__ import annotations
@@ -41,6 +43,8 @@ _CONTROL = {c: None for c in range(32) if c not in (9, 10)} | {0x7F: None}
 SURROGATE = re.compile("[\ud800-\udfff]")
 """A lone surrogate (JSON allows ``\\ud800``; UTF-8 cannot encode it)."""
 TOKENIZE_BATCH = 256
+PACK_TOKENS = 1 << 16
+"""Tokens per tar sample (32 sequences of 2048): tar and npy headers cost ~0.05 byte per token."""
 
 
 @dataclass
@@ -345,40 +349,61 @@ def pack_unit(unit: Unit, ctx: BuildContext, duplicates: set[str]) -> UnitResult
 
 
 class _ShardStream:
-    """Collect sequences of one split and write a shard every ``shard_samples``."""
+    """Collect sequences of one split, ``sequences_per_sample`` to a tar sample, and write a shard every
+    ``shard_samples`` sequences."""
 
     def __init__(self, ctx: BuildContext, unit: Unit, split: str, dtype: Any) -> None:
         self.ctx, self.unit, self.split, self.dtype = ctx, unit, split, dtype
+        self.per_sample = sequences_per_sample(ctx.spec.seq_len, ctx.spec.shard_samples)
+        self.rows: list[list[int]] = []
+        self.starts: list[int] = []
         self.samples: list[dict[str, Any]] = []
         self.records: list[dict[str, Any]] = []
-        self.count = 0
+        self.count = self.in_shard = 0
 
     def add(self, seq: list[int], starts: list[int]) -> None:
+        offset = len(self.rows) * len(seq)
+        self.starts.extend(offset + s for s in starts)
+        self.rows.append(seq)
+        self.in_shard += 1
+        if len(self.rows) >= self.per_sample or self.in_shard >= self.ctx.spec.shard_samples:
+            self._seal()
+        if self.in_shard >= self.ctx.spec.shard_samples:
+            self._write()
+
+    def _seal(self) -> None:
+        """Turn the collected rows into one tar sample."""
         key = f"{self.unit.subset.replace('.', '-')}-{self.unit.index:05d}-{self.count:08d}"
         self.count += 1
         self.samples.append(
             {
                 "__key__": key,
-                "input_ids.npy": npy_bytes(np.asarray(seq, dtype=self.dtype)),
-                "doc_starts.npy": npy_bytes(np.asarray(starts, dtype=np.int32)),
-                "__tokens__": len(seq),
+                "input_ids.npy": npy_bytes(np.asarray(self.rows, dtype=self.dtype)),
+                "doc_starts.npy": npy_bytes(np.asarray(self.starts, dtype=np.int32)),
+                "__tokens__": sum(map(len, self.rows)),
+                "__samples__": len(self.rows),
             }
         )
-        if len(self.samples) >= self.ctx.spec.shard_samples:
-            self._write()
+        self.rows, self.starts = [], []
 
     def _write(self) -> None:
-
         rel = f"shards/{self.split}/{self.unit.subset}-{self.unit.index:05d}-{len(self.records):05d}.tar"
         done = finished_shard(self.ctx.out, rel)
         record = done or write_shard(self.ctx.out, rel, self.samples, self.split, self.unit.subset)
         self.records.append(asdict(record))
-        self.samples = []
+        self.samples, self.in_shard = [], 0
 
     def close(self) -> list[dict[str, Any]]:
+        if self.rows:
+            self._seal()
         if self.samples:
             self._write()
         return self.records
+
+
+def sequences_per_sample(seq_len: int, shard_samples: int) -> int:
+    """Sequences packed into one tar sample: ``PACK_TOKENS`` worth, at least one, at most a shard."""
+    return max(1, min(shard_samples, PACK_TOKENS // seq_len))
 
 
 def build_text(ctx: BuildContext, fan_out: FanOut) -> list[UnitResult]:

@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from tasks.data.shard_read import load_npy, read_tar_samples
+from tasks.data.shard_read import load_npy, read_tar_samples, text_rows
 
 log = logging.getLogger(__name__)
 SHARDS_PER_STREAM = 4
@@ -92,7 +92,7 @@ def source_stream(source: Source, cfg: LoaderConfig, epoch: int, part: int, part
     buffer: list[dict] = []
     index = 0
     for shard in mine:
-        for sample in read_tar_samples(shard):
+        for sample in _training_samples(shard, source.kind):
             index += 1
             if not by_shard and (index - 1) % parts != part:
                 continue
@@ -103,6 +103,21 @@ def source_stream(source: Source, cfg: LoaderConfig, epoch: int, part: int, part
                 yield buffer.pop(rng.randrange(len(buffer)))
     rng.shuffle(buffer)
     yield from buffer
+
+
+def _training_samples(shard: str, kind: str) -> Iterator[dict]:
+    """A shard's samples; a text sample packs several sequences, each becomes one training sample."""
+    for sample in read_tar_samples(shard):
+        if kind != "text":
+            yield sample
+            continue
+        try:
+            rows = text_rows(sample)
+        except (KeyError, ValueError):  # the processor counts and logs it as one bad sample
+            yield sample
+            continue
+        for i, (ids, _) in enumerate(rows):
+            yield {"__key__": f"{sample['__key__']}/{i}", "input_ids": ids}
 
 
 def mixture(cfg: LoaderConfig, epoch: int, part: int, parts: int) -> Iterator[dict]:
@@ -149,7 +164,8 @@ class SampleProcessor:
     def _process(self, sample: dict) -> dict[str, Any]:
         kind = sample["__kind__"]
         if kind == "text":
-            ids = load_npy(sample["input_ids.npy"])[: self.cfg.seq_len].astype(np.int64)
+            ids = sample["input_ids"] if "input_ids" in sample else load_npy(sample["input_ids.npy"])
+            ids = ids[: self.cfg.seq_len].astype(np.int64)
             return {"input_ids": ids, "labels": ids, "image": None}  # collate copies, so one array serves
         from model.conversation import move_image_to_front, tokenize_conversation
 
