@@ -28,6 +28,7 @@ BLOCK_S = 300.0
 POINTS: dict[str, str] = {
     "shard-sample": "a webdataset shard is half written (after one sample, before the tar is renamed)",
     "shard-commit": "a shard was renamed into place but its sidecar record is not written yet",
+    "dedup-bucket": "a dedup bucket's drops and edges are written but its completion record is not",
     "unit-commit": "a build unit's shards are done but its completion record is not written yet",
     "catalog-write": "a finished build is about to be recorded in the DuckDB catalog",
     "train-step": "inside an optimizer step: the micro-batch's backward and step are done",

@@ -175,11 +175,35 @@ class Filters(_Strict):
     loaded into memory; a larger file fails the build with an error naming the file and this field."""
 
 
+class MinHashDedup(_Strict):
+    """Near-duplicate text removal by MinHash LSH (word n-gram shingles)."""
+
+    threshold: float = Field(default=0.8, gt=0.0, lt=1.0)
+    """Least estimated Jaccard similarity (share of equal MinHash values) of two near-copies."""
+    ngram: int = Field(default=5, gt=0)
+    """Words per shingle (a document with fewer words is one shingle)."""
+    num_perm: int = Field(default=128, gt=0, le=1024)
+    """MinHash permutations (signature length)."""
+    bands: int = Field(default=16, gt=0)
+    """LSH bands: two documents are compared when all rows of one band agree (``num_perm / bands`` rows)."""
+
+    @model_validator(mode="after")
+    def _bands_divide(self) -> MinHashDedup:
+        if self.num_perm % self.bands:
+            raise ValueError(f"bands ({self.bands}) must divide num_perm ({self.num_perm})")
+        return self
+
+
 class Dedup(_Strict):
-    """De-duplication settings."""
+    """De-duplication settings (partitioned by key over Ray tasks: no process holds every key)."""
 
     exact: bool = True
     """Drop exact duplicates (sha256 of the normalised text); the first occurrence in source order wins."""
+    minhash: MinHashDedup | None = None
+    """Text: also drop near-duplicates (reason ``near_duplicate``, naming the kept document); the
+    earliest document of a cluster of near-copies is kept."""
+    partitions: int = Field(default=16, gt=0, le=65535)
+    """Buckets the keys are spread over, one reduce task each (memory per task ~ documents / partitions)."""
 
 
 class Download(_Strict):
@@ -259,6 +283,10 @@ class DatasetSpec(_Strict):
         names = [s.name for s in self.subsets]
         if len(set(names)) != len(names):
             raise ValueError(f"subset names must be unique, got {names}")
+        if self.dedup.minhash is not None and self.kind != "text":
+            raise ValueError(
+                f"dedup.minhash is for text specs; kind {self.kind!r} has no documents to shingle"
+            )
         return self
 
     def weights(self) -> dict[str, float]:

@@ -1,7 +1,8 @@
 """Text builds: read, normalise, filter, de-duplicate, tokenize, pack, write shards.
 
-Two parallel passes over the units (Ray tasks): a scan that normalises, filters and hashes every
-document, then, after exact de-duplication across all units in source order, a pass that
+Two parallel passes over the units (Ray tasks): a scan that normalises, filters and keys every
+document (``tasks.data.dedup``: exact keys, MinHash signatures), then, after the dedup reduce
+(partitioned by key; the first copy in source order is kept), a pass that
 tokenizes the kept documents, appends EOS, packs them into ``seq_len`` sequences with no padding
 (document starts recorded) and writes the shards. A tar sample packs ``PACK_TOKENS`` worth of
 sequences: ``input_ids.npy`` of shape (sequences, seq_len) (uint16 when the vocabulary fits, else
@@ -33,9 +34,11 @@ from tasks.data.builder import (
     finished_unit,
     save_unit,
 )
+from tasks.data.dedup import DedupPlan, NearRule, UnitKeys, run_reduce, scan_record, unit_drops
 from tasks.data.hub import read_revision
 from tasks.data.rejects import Rejects
 from tasks.data.shards import finished_shard, npy_bytes, write_shard
+from tasks.data.signatures import minhash_signature
 from tasks.data.specs import FilesSource, Filters, HFSource, RemoteFilesSource, resolve_env
 
 log = logging.getLogger(__name__)
@@ -227,30 +230,29 @@ def doc_hash(text: str) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:32]
 
 
+def dedup_plan(ctx: BuildContext) -> DedupPlan:
+    """Where this build's dedup files live and what they look for."""
+    spec = ctx.spec.dedup
+    near = None
+    if spec.minhash is not None:
+        near = NearRule("minhash", spec.minhash.bands, spec.minhash.threshold, "near_duplicate")
+    return DedupPlan(str(ctx.out / "dedup"), spec.partitions, spec.exact, near)
+
+
 def scan_unit(unit: Unit, ctx: BuildContext) -> dict[str, Any]:
-    """Hashes of the kept documents (in order) plus the rejects of one unit."""
-    rejects = Rejects()
-    hashes: list[str] = []
+    """Key every kept document of one unit into the dedup buckets (skipped when already scanned)."""
+    plan = dedup_plan(ctx)
+    if (done := scan_record(plan, unit.index)) is not None:
+        return done
+    minhash = ctx.spec.dedup.minhash
+    keys = UnitKeys(plan)
     read = 0
     for doc in read_docs(unit, ctx):
         read += 1
-        if doc.text is None:
-            rejects.add(doc.reason, unit.subset, unit.source, doc.where, doc.detail, doc.raw)
-        else:
-            hashes.append(doc_hash(doc.text))
-    return {"read": read, "hashes": hashes, "rejects": rejects.to_rows()}
-
-
-def find_duplicates(scans: list[dict[str, Any]]) -> list[set[str]]:
-    """Per unit, hashes already seen in an earlier unit (duplicates inside a unit are dropped while
-    packing, keeping the first); the first occurrence in source order wins."""
-    seen: set[str] = set()
-    drops: list[set[str]] = []
-    for scan in scans:
-        hashes = set(scan["hashes"])
-        drops.append(hashes & seen)
-        seen |= hashes
-    return drops
+        if doc.text is not None:
+            sig = minhash_signature(doc.text, minhash.ngram, minhash.num_perm) if minhash else None
+            keys.add(doc_hash(doc.text), doc.where, sig)
+    return keys.save(unit.index, unit.subset, unit.source, {"read": read})
 
 
 # --- pass 2: tokenize, pack, write ---------------------------------------------------------------
@@ -295,8 +297,8 @@ class Packer:
         return len(self.buffer)
 
 
-def pack_unit(unit: Unit, ctx: BuildContext, duplicates: set[str]) -> UnitResult:
-    """Tokenize, pack and shard one unit's kept documents; duplicates become rejects."""
+def pack_unit(unit: Unit, ctx: BuildContext) -> UnitResult:
+    """Tokenize, pack and shard one unit's kept documents; the copies dedup found become rejects."""
     if (done := finished_unit(ctx, unit.index)) is not None:
         return done
     from model.tokenizer import load_tokenizer
@@ -309,7 +311,9 @@ def pack_unit(unit: Unit, ctx: BuildContext, duplicates: set[str]) -> UnitResult
     streams = {split: _ShardStream(ctx, unit, split, dtype) for split in ("train", "heldout")}
     packers = {split: Packer(spec.seq_len) for split in streams}
     rejects, counts = Rejects(), {"read": 0, "kept": 0, "rejected": 0, "documents": 0, "tokens": 0}
-    seen: set[str] = set()
+    plan = dedup_plan(ctx)
+    drops = unit_drops(plan, unit.index) if plan.exact or plan.near else {}
+    position = -1
     batch: list[tuple[str, str]] = []
 
     def flush() -> None:
@@ -325,15 +329,13 @@ def pack_unit(unit: Unit, ctx: BuildContext, duplicates: set[str]) -> UnitResult
         if doc.text is None:
             rejects.add(doc.reason, unit.subset, unit.source, doc.where, doc.detail, doc.raw)
             continue
-        h = doc_hash(doc.text)
-        if spec.dedup.exact and (h in duplicates or h in seen):
-            rejects.add(
-                "duplicate", unit.subset, unit.source, doc.where, "exact duplicate of an earlier document"
-            )
+        position += 1
+        if (drop := drops.get(position)) is not None:
+            what = "exact duplicate" if drop.reason == "duplicate" else "near-duplicate"
+            rejects.add(drop.reason, unit.subset, unit.source, doc.where, f"{what} of {drop.kept}")
             continue
-        seen.add(h)
         counts["documents"] += 1
-        batch.append((h, doc.text))
+        batch.append((doc_hash(doc.text), doc.text))
         if len(batch) >= TOKENIZE_BATCH:
             flush()
     if batch:
@@ -407,25 +409,16 @@ def sequences_per_sample(seq_len: int, shard_samples: int) -> int:
 
 
 def build_text(ctx: BuildContext, fan_out: FanOut) -> list[UnitResult]:
-    """All units of a text spec: scan, de-duplicate across units, then pack and write."""
+    """All units of a text spec: scan, de-duplicate (partitioned by key), then pack and write."""
     units = plan_units(ctx)
     if not units:
         raise ValueError(f"spec {ctx.spec.name}: no input files")
     pending = [u for u in units if finished_unit(ctx, u.index) is None]
     if not pending:
         return [finished_unit(ctx, u.index) for u in units]
-    scans = fan_out(scan_unit, units, ctx, label=f"{ctx.spec.name}: scan")
-    drops = find_duplicates(scans) if ctx.spec.dedup.exact else [set() for _ in units]
-    log.debug(  # the build table shows kept and rejected
-        "%s: %d documents read, %d duplicated across files",
-        ctx.spec.name,
-        sum(s["read"] for s in scans),
-        sum(map(len, drops)),
-    )
-    jobs = [(u, d) for u, d in zip(units, drops, strict=True)]
-    return fan_out(_pack_job, jobs, ctx, label=f"{ctx.spec.name}: tokenize+pack")
-
-
-def _pack_job(job: tuple[Unit, set[str]], ctx: BuildContext) -> UnitResult:
-    unit, duplicates = job
-    return pack_unit(unit, ctx, duplicates)
+    plan = dedup_plan(ctx)
+    if plan.exact or plan.near:
+        scans = fan_out(scan_unit, units, ctx, label=f"{ctx.spec.name}: scan")
+        found = run_reduce(plan, scans, fan_out, ctx.spec.name)
+        log.debug("%s: dedup found %s", ctx.spec.name, found)  # the build table shows kept and rejected
+    return fan_out(pack_unit, units, ctx, label=f"{ctx.spec.name}: tokenize+pack")
