@@ -120,8 +120,11 @@ class UnitKeys:
             assert signature is not None, "a near-duplicate rule needs a signature per sample"
             self.signatures.append(signature)
 
-    def save(self, unit: int, subset: str, source: str, counts: dict[str, int]) -> dict[str, Any]:
-        """Write the unit's bucketed rows, signatures and places; the record (written last) says done."""
+    def save(
+        self, unit: int, subset: str, source: str, counts: dict[str, int], rejects: list | None = None
+    ) -> dict[str, Any]:
+        """Write the unit's bucketed rows, signatures and places; the record (written last, with the
+        scan's ``counts`` and ``rejects``) says the unit is scanned."""
         stem = f"{unit:05d}"
         record: dict[str, Any] = {"unit": unit, "subset": subset, "source": source, "kept": len(self.wheres)}
         exact = np.zeros(len(self.exact), EXACT)
@@ -138,7 +141,8 @@ class UnitKeys:
             bands["pos"] = np.repeat(np.arange(len(sigs)), keys.shape[1])
             record["bands"] = self._bucketed(stem, "bands", bands, bands["key"])
         atomic_write_json(self.plan.path("scan", f"{stem}.where.json"), self.wheres)
-        atomic_write_json(self.plan.path("scan", f"{stem}.json"), {**record, "counts": counts})
+        record |= {"counts": counts, "rejects": rejects or []}
+        atomic_write_json(self.plan.path("scan", f"{stem}.json"), record)
         return record
 
     def _bucketed(self, stem: str, name: str, rows: np.ndarray, key: np.ndarray) -> list[int]:
@@ -147,6 +151,11 @@ class UnitKeys:
         order = np.argsort(bucket, kind="stable")
         atomic_write_bytes(self.plan.path("scan", f"{stem}.{name}.npy"), npy_bytes(rows[order]))
         return np.searchsorted(bucket[order], np.arange(self.plan.partitions + 1)).tolist()
+
+
+def scan_wheres(plan: DedupPlan, unit: int) -> list[str]:
+    """Where each kept sample of a scanned unit is (line, row or key), by position."""
+    return json.loads(plan.path("scan", f"{unit:05d}.where.json").read_text())
 
 
 def scan_record(plan: DedupPlan, unit: int) -> dict[str, Any] | None:

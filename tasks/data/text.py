@@ -19,10 +19,12 @@ import re
 import unicodedata
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from tasks.core.identity import atomic_path, atomic_write_bytes
 from tasks.data.bounded_read import bounded_lines, line_limit, load_whole_json, oversized_detail
 from tasks.data.builder import (
     BuildContext,
@@ -34,9 +36,9 @@ from tasks.data.builder import (
     finished_unit,
     save_unit,
 )
-from tasks.data.dedup import DedupPlan, NearRule, UnitKeys, run_reduce, scan_record, unit_drops
+from tasks.data.dedup import DedupPlan, NearRule, UnitKeys, run_reduce, scan_record, scan_wheres, unit_drops
 from tasks.data.hub import read_revision
-from tasks.data.rejects import Rejects
+from tasks.data.rejects import Reject
 from tasks.data.shards import finished_shard, npy_bytes, write_shard
 from tasks.data.signatures import minhash_signature
 from tasks.data.specs import FilesSource, Filters, HFSource, RemoteFilesSource, resolve_env
@@ -239,20 +241,59 @@ def dedup_plan(ctx: BuildContext) -> DedupPlan:
     return DedupPlan(str(ctx.out / "dedup"), spec.partitions, spec.exact, near)
 
 
+def tokens_path(ctx: BuildContext, unit: int) -> Path:
+    """A scanned unit's token ids (kept documents, in order, no EOS), until the unit is packed."""
+    return ctx.out / "tokens" / f"{unit:05d}.bin"
+
+
 def scan_unit(unit: Unit, ctx: BuildContext) -> dict[str, Any]:
-    """Key every kept document of one unit into the dedup buckets (skipped when already scanned)."""
+    """Read, filter, tokenize and key one unit: token ids to ``tokens/``, dedup rows to ``dedup/``
+    (skipped when already scanned and its tokens are there, or its shards are already verified)."""
     plan = dedup_plan(ctx)
-    if (done := scan_record(plan, unit.index)) is not None:
+    done = scan_record(plan, unit.index)
+    if done is not None and (tokens_path(ctx, unit.index).is_file() or unit.index in ctx.verified_units):
         return done
+    from model.tokenizer import load_tokenizer
+
+    backend = load_tokenizer(ctx.tokenizer_path).backend_tokenizer
     minhash = ctx.spec.dedup.minhash
-    keys = UnitKeys(plan)
+    keys, rejects = UnitKeys(plan), []
+    docs: list[tuple[int, int, int]] = []  # (tokens, heldout, read ordinal) per kept document
+    batch: list[tuple[int, str, str]] = []
+    target = tokens_path(ctx, unit.index)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    dtype = token_dtype(backend.get_vocab_size())
     read = 0
-    for doc in read_docs(unit, ctx):
-        read += 1
-        if doc.text is not None:
+    with atomic_path(target) as tmp, open(tmp, "wb") as handle:
+
+        def flush() -> None:
+            encoded = backend.encode_batch([t for _, _, t in batch], add_special_tokens=False)
+            for (ordinal, h, _), enc in zip(batch, encoded, strict=True):
+                docs.append((len(enc.ids), is_heldout(h, ctx.spec.heldout_fraction), ordinal))
+                handle.write(np.asarray(enc.ids, dtype=dtype).tobytes())
+            batch.clear()
+
+        for doc in read_docs(unit, ctx):
+            read += 1
+            if doc.text is None:
+                rejects.append([read - 1, asdict(Reject(doc.reason, unit.subset, unit.source, doc.where,
+                                                        doc.detail, doc.raw))])  # fmt: skip
+                continue
+            h = doc_hash(doc.text)
             sig = minhash_signature(doc.text, minhash.ngram, minhash.num_perm) if minhash else None
-            keys.add(doc_hash(doc.text), doc.where, sig)
-    return keys.save(unit.index, unit.subset, unit.source, {"read": read})
+            keys.add(h, doc.where, sig)
+            batch.append((read - 1, h, doc.text))
+            if len(batch) >= TOKENIZE_BATCH:
+                flush()
+        if batch:
+            flush()
+    atomic_write_bytes(target.with_suffix(".docs.npy"), npy_bytes(np.array(docs, np.int64).reshape(-1, 3)))
+    return keys.save(unit.index, unit.subset, unit.source, {"read": read}, rejects)
+
+
+def token_dtype(vocab_size: int) -> Any:
+    """uint16 when every id fits, else int32."""
+    return np.uint16 if vocab_size <= 65535 else np.int32
 
 
 # --- pass 2: tokenize, pack, write ---------------------------------------------------------------
@@ -297,8 +338,9 @@ class Packer:
         return len(self.buffer)
 
 
-def pack_unit(unit: Unit, ctx: BuildContext) -> UnitResult:
-    """Tokenize, pack and shard one unit's kept documents; the copies dedup found become rejects."""
+def pack_unit(unit: Unit, ctx: BuildContext, scan: dict[str, Any]) -> UnitResult:
+    """Pack one scanned unit's kept documents (EOS after each) and write its shards; the copies dedup
+    found become rejects, in source order with the scan's."""
     if (done := finished_unit(ctx, unit.index)) is not None:
         return done
     from model.tokenizer import load_tokenizer
@@ -306,48 +348,37 @@ def pack_unit(unit: Unit, ctx: BuildContext) -> UnitResult:
     tokenizer = load_tokenizer(ctx.tokenizer_path)
     if tokenizer.eos_token_id is None:
         raise ValueError(f"tokenizer {ctx.tokenizer_path} has no eos token")
-    spec = ctx.spec
-    dtype = np.uint16 if len(tokenizer) <= 65535 else np.int32
+    dtype = token_dtype(tokenizer.backend_tokenizer.get_vocab_size())
     streams = {split: _ShardStream(ctx, unit, split, dtype) for split in ("train", "heldout")}
-    packers = {split: Packer(spec.seq_len) for split in streams}
-    rejects, counts = Rejects(), {"read": 0, "kept": 0, "rejected": 0, "documents": 0, "tokens": 0}
+    packers = {split: Packer(ctx.spec.seq_len) for split in streams}
     plan = dedup_plan(ctx)
     drops = unit_drops(plan, unit.index) if plan.exact or plan.near else {}
-    position = -1
-    batch: list[tuple[str, str]] = []
-
-    def flush() -> None:
-        encoded = tokenizer([t for _, t in batch], add_special_tokens=False)["input_ids"]
-        for (h, _), ids in zip(batch, encoded, strict=True):
-            split = "heldout" if is_heldout(h, spec.heldout_fraction) else "train"
-            for seq, starts in packers[split].add([*ids, tokenizer.eos_token_id]):
-                streams[split].add(seq, starts)
-        batch.clear()
-
-    for doc in read_docs(unit, ctx):
-        counts["read"] += 1
-        if doc.text is None:
-            rejects.add(doc.reason, unit.subset, unit.source, doc.where, doc.detail, doc.raw)
-            continue
-        position += 1
-        if (drop := drops.get(position)) is not None:
+    path = tokens_path(ctx, unit.index)
+    docs = np.load(path.with_suffix(".docs.npy"))
+    tokens = np.fromfile(path, dtype=dtype)
+    ends = np.cumsum(docs[:, 0])
+    wheres = scan_wheres(plan, unit.index)
+    found: list[tuple[int, dict[str, str]]] = [(at, row) for at, row in scan["rejects"]]
+    eos = [tokenizer.eos_token_id]
+    for pos, (length, heldout, ordinal) in enumerate(docs.tolist()):
+        if (drop := drops.get(pos)) is not None:
             what = "exact duplicate" if drop.reason == "duplicate" else "near-duplicate"
-            rejects.add(drop.reason, unit.subset, unit.source, doc.where, f"{what} of {drop.kept}")
+            reject = Reject(drop.reason, unit.subset, unit.source, wheres[pos], f"{what} of {drop.kept}")
+            found.append((ordinal, asdict(reject)))
             continue
-        counts["documents"] += 1
-        batch.append((doc_hash(doc.text), doc.text))
-        if len(batch) >= TOKENIZE_BATCH:
-            flush()
-    if batch:
-        flush()
+        split = "heldout" if heldout else "train"
+        for seq, starts in packers[split].add([*tokens[ends[pos] - length : ends[pos]].tolist(), *eos]):
+            streams[split].add(seq, starts)
     records = [rec for split in streams for rec in streams[split].close()]
-    counts["rejected"] = len(rejects.items)
+    rejects = [row for _, row in sorted(found, key=lambda item: item[0])]
+    counts = {"read": scan["counts"]["read"], "rejected": len(rejects), "documents": len(docs) - len(drops)}
     counts["kept"] = counts["read"] - counts["rejected"]
     counts["tokens"] = sum(r["tokens"] for r in records)
     counts["tail_tokens_dropped"] = sum(p.leftover for p in packers.values())
     counts["sequences"] = sum(r["samples"] for r in records)
-    result = UnitResult(unit.index, unit.subset, records, counts, rejects.to_rows())
-    return save_unit(ctx, result)
+    result = save_unit(ctx, UnitResult(unit.index, unit.subset, records, counts, rejects))
+    path.unlink(missing_ok=True)  # the shards hold the tokens now; a rebuild of this unit rescans it
+    return result
 
 
 class _ShardStream:
@@ -409,16 +440,21 @@ def sequences_per_sample(seq_len: int, shard_samples: int) -> int:
 
 
 def build_text(ctx: BuildContext, fan_out: FanOut) -> list[UnitResult]:
-    """All units of a text spec: scan, de-duplicate (partitioned by key), then pack and write."""
+    """All units of a text spec: scan (tokenize, key), de-duplicate (partitioned by key), pack."""
     units = plan_units(ctx)
     if not units:
         raise ValueError(f"spec {ctx.spec.name}: no input files")
     pending = [u for u in units if finished_unit(ctx, u.index) is None]
     if not pending:
         return [finished_unit(ctx, u.index) for u in units]
+    scans = fan_out(scan_unit, units, ctx, label=f"{ctx.spec.name}: scan+tokenize")
     plan = dedup_plan(ctx)
     if plan.exact or plan.near:
-        scans = fan_out(scan_unit, units, ctx, label=f"{ctx.spec.name}: scan")
         found = run_reduce(plan, scans, fan_out, ctx.spec.name)
         log.debug("%s: dedup found %s", ctx.spec.name, found)  # the build table shows kept and rejected
-    return fan_out(pack_unit, units, ctx, label=f"{ctx.spec.name}: tokenize+pack")
+    jobs = list(zip(units, scans, strict=True))
+    return fan_out(_pack_job, jobs, ctx, label=f"{ctx.spec.name}: pack")
+
+
+def _pack_job(job: tuple[Unit, dict[str, Any]], ctx: BuildContext) -> UnitResult:
+    return pack_unit(job[0], ctx, job[1])
