@@ -1,8 +1,9 @@
 """Tokens/s per core of the whole text build path vs ``tokenizers``' own ``Tokenizer.encode_batch``.
 
 Ours is ``tasks.data.build.build_dataset`` on a generated corpus of jsonl files in a fresh temporary data
-root each repeat (identity, source hashing, scan + exact dedup, tokenize, pack, shard writing,
-manifest) on real Ray, after a warm-up build so worker start-up is not counted. The reference is the
+root each repeat (identity, source hashing, scan + tokenize, partitioned exact dedup, pack, shard
+writing, manifest) on real Ray, and the same with MinHash near-duplicate search on (a second
+ratio), after a warm-up build so worker start-up is not counted. The reference is the
 same tokenizer's Rust ``encode_batch`` on the same documents in this process, with nothing else
 (no reading, no dedup, no packing, no writing). Both rates count the same tokens (the documents'
 token ids), divided by the cores each used. The ratio ours/reference is printed last.
@@ -10,7 +11,7 @@ token ids), divided by the cores each used. The ratio ours/reference is printed 
 With ``--tokenizer llama`` both sides use the real LLaMA SentencePiece tokenizer (32,000 pieces, from
 llama.cpp's test vocabulary; ``make llama-vocab``) instead of one trained on the corpus.
 
-    python benchmarks/text_shards.py [--mb 4] [--files 4] [--repeats 3] [--vocab 4096] [--seq-len 2048]
+    python benchmarks/text_shards.py [--mb 32] [--files 4] [--repeats 3] [--vocab 4096] [--seq-len 2048]
                                      [--tokenizer trained|llama]
 """
 
@@ -26,6 +27,8 @@ import tempfile
 import time
 from pathlib import Path
 
+EXACT = "{exact: true}"
+MINHASH = "{exact: true, minhash: {threshold: 0.8, ngram: 5, num_perm: 128, bands: 16}}"
 SPEC = """\
 name: bench-text
 kind: text
@@ -35,6 +38,7 @@ tokenizer: tokenizer
 seq_len: {seq_len}
 shard_samples: 256
 max_failure_ratio: 0.0
+dedup: {dedup}
 subsets:
   - {{name: web, source: {{type: files, paths: ["raw/*.jsonl"]}}}}
 """
@@ -70,7 +74,9 @@ def make_documents(megabytes: float, seed: int = 0) -> list[str]:
     return docs
 
 
-def write_root(root: Path, docs: list[str], files: int, tokenizer_dir: Path, seq_len: int) -> Path:
+def write_root(
+    root: Path, docs: list[str], files: int, tokenizer_dir: Path, seq_len: int, dedup: str = "{exact: true}"
+) -> Path:
     """A data root with the corpus split over ``files`` jsonl files, the tokenizer and the spec."""
     (root / "raw").mkdir(parents=True)
     per_file = -(-len(docs) // files)
@@ -80,7 +86,7 @@ def write_root(root: Path, docs: list[str], files: int, tokenizer_dir: Path, seq
     shutil.copytree(tokenizer_dir, root / "tokenizer")
     spec = root / "specs" / "bench-text.yaml"
     spec.parent.mkdir()
-    spec.write_text(SPEC.format(seq_len=seq_len))
+    spec.write_text(SPEC.format(seq_len=seq_len, dedup=dedup))
     return spec
 
 
@@ -99,7 +105,7 @@ def make_tokenizer(kind: str, docs: list[str], vocab_size: int, out: Path) -> st
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--mb", type=float, default=4.0, help="corpus size in MB of UTF-8 text")
+    parser.add_argument("--mb", type=float, default=32.0, help="corpus size in MB of UTF-8 text")
     parser.add_argument("--files", type=int, default=4, help="jsonl files (build units)")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--vocab", type=int, default=4096)
@@ -127,15 +133,17 @@ def main() -> None:
         )
 
         ours, manifest = [], None
+        near: list[float] = []
         for r in range(args.repeats):
-            root = work / f"run{r}"
-            spec = write_root(root, docs, args.files, work / "tok", args.seq_len)
-            start = time.perf_counter()
-            result = build_dataset(spec, root, force=True)
-            ours.append(time.perf_counter() - start)
-            assert not result.reused
-            manifest = result.manifest
-            shutil.rmtree(root)
+            for dedup, times in ((EXACT, ours), (MINHASH, near)):
+                root = work / f"run{r}"
+                spec = write_root(root, docs, args.files, work / "tok", args.seq_len, dedup)
+                start = time.perf_counter()
+                result = build_dataset(spec, root, force=True)
+                times.append(time.perf_counter() - start)
+                assert not result.reused
+                manifest = manifest or result.manifest
+                shutil.rmtree(root)
 
         reference = Tokenizer.from_file(str(work / "tok" / "tokenizer.json"))
         cores_ref = int(os.environ.get("RAYON_RS_NUM_CPUS") or os.cpu_count() or 1)  # encode_batch's pool
@@ -170,6 +178,14 @@ def main() -> None:
         f"reference tokenizers Tokenizer.encode_batch (1 process, {cores_ref} rayon threads)   "
         f"{t_ref:7.3f} s  {tokens / t_ref:12,.0f} tok/s  {ref_rate:12,.0f} tok/s/core"
     )
+    t_near = statistics.median(near)
+    print(
+        f"ours+minhash build_dataset with dedup {MINHASH}          "
+        f"{t_near:7.3f} s  {tokens / t_near:12,.0f} tok/s  {tokens / t_near / cores_ours:12,.0f} tok/s/core"
+    )
+    print(f"ratio ours+minhash/reference tokens/s per core: {tokens / t_near / cores_ours / ref_rate:.3f}")
+    bytes_per_token = sum(r["bytes"] for r in manifest["shards"]) / totals["tokens"]
+    print(f"shards on disk: {bytes_per_token:.3f} bytes per token at seq_len {args.seq_len}")
     print(f"ratio ours/reference tokens/s per core: {ours_rate / ref_rate:.3f}")
 
 

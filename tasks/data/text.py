@@ -13,6 +13,7 @@ cost ~0.05 byte per token; ``tasks.data.shard_read.text_rows`` splits a sample i
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import logging
 import re
@@ -23,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import orjson
 
 from tasks.core.identity import atomic_path, atomic_write_bytes
 from tasks.data.bounded_read import bounded_lines, line_limit, load_whole_json, oversized_detail
@@ -171,6 +173,11 @@ def _read_jsonl(path: str, field: str, max_line_bytes: int) -> Iterator[Doc]:
             raw = line.data
             if not raw.strip():
                 continue
+            try:  # the fast parser takes well-formed lines; anything it refuses goes the careful way
+                yield _doc_from_row(where, orjson.loads(raw), field)
+                continue
+            except orjson.JSONDecodeError:
+                pass
             try:
                 text = raw.decode("utf-8")
             except UnicodeDecodeError as err:
@@ -255,7 +262,10 @@ def scan_unit(unit: Unit, ctx: BuildContext) -> dict[str, Any]:
         return done
     from model.tokenizer import load_tokenizer
 
-    backend = load_tokenizer(ctx.tokenizer_path).backend_tokenizer
+    tokenizer = load_tokenizer(ctx.tokenizer_path)
+    if tokenizer.eos_token_id is None:
+        raise ValueError(f"tokenizer {ctx.tokenizer_path} has no eos token")
+    backend = tokenizer.backend_tokenizer
     minhash = ctx.spec.dedup.minhash
     keys, rejects = UnitKeys(plan), []
     docs: list[tuple[int, int, int]] = []  # (tokens, heldout, read ordinal) per kept document
@@ -267,10 +277,12 @@ def scan_unit(unit: Unit, ctx: BuildContext) -> dict[str, Any]:
     with atomic_path(target) as tmp, open(tmp, "wb") as handle:
 
         def flush() -> None:
-            encoded = backend.encode_batch([t for _, _, t in batch], add_special_tokens=False)
-            for (ordinal, h, _), enc in zip(batch, encoded, strict=True):
-                docs.append((len(enc.ids), is_heldout(h, ctx.spec.heldout_fraction), ordinal))
-                handle.write(np.asarray(enc.ids, dtype=dtype).tobytes())
+            ids = [
+                e.ids for e in backend.encode_batch_fast([t for _, _, t in batch], add_special_tokens=False)
+            ]
+            for (ordinal, h, _), one in zip(batch, ids, strict=True):
+                docs.append((len(one), is_heldout(h, ctx.spec.heldout_fraction), ordinal))
+            handle.write(np.fromiter(itertools.chain.from_iterable(ids), dtype=dtype).tobytes())
             batch.clear()
 
         for doc in read_docs(unit, ctx):
@@ -288,7 +300,8 @@ def scan_unit(unit: Unit, ctx: BuildContext) -> dict[str, Any]:
         if batch:
             flush()
     atomic_write_bytes(target.with_suffix(".docs.npy"), npy_bytes(np.array(docs, np.int64).reshape(-1, 3)))
-    return keys.save(unit.index, unit.subset, unit.source, {"read": read}, rejects)
+    counts = {"read": read, "eos": tokenizer.eos_token_id, "vocab": backend.get_vocab_size()}
+    return keys.save(unit.index, unit.subset, unit.source, counts, rejects)
 
 
 def token_dtype(vocab_size: int) -> Any:
@@ -343,12 +356,7 @@ def pack_unit(unit: Unit, ctx: BuildContext, scan: dict[str, Any]) -> UnitResult
     found become rejects, in source order with the scan's."""
     if (done := finished_unit(ctx, unit.index)) is not None:
         return done
-    from model.tokenizer import load_tokenizer
-
-    tokenizer = load_tokenizer(ctx.tokenizer_path)
-    if tokenizer.eos_token_id is None:
-        raise ValueError(f"tokenizer {ctx.tokenizer_path} has no eos token")
-    dtype = token_dtype(tokenizer.backend_tokenizer.get_vocab_size())
+    dtype = token_dtype(scan["counts"]["vocab"])
     streams = {split: _ShardStream(ctx, unit, split, dtype) for split in ("train", "heldout")}
     packers = {split: Packer(ctx.spec.seq_len) for split in streams}
     plan = dedup_plan(ctx)
@@ -359,7 +367,7 @@ def pack_unit(unit: Unit, ctx: BuildContext, scan: dict[str, Any]) -> UnitResult
     ends = np.cumsum(docs[:, 0])
     wheres = scan_wheres(plan, unit.index)
     found: list[tuple[int, dict[str, str]]] = [(at, row) for at, row in scan["rejects"]]
-    eos = [tokenizer.eos_token_id]
+    eos = [scan["counts"]["eos"]]
     for pos, (length, heldout, ordinal) in enumerate(docs.tolist()):
         if (drop := drops.get(pos)) is not None:
             what = "exact duplicate" if drop.reason == "duplicate" else "near-duplicate"
