@@ -19,7 +19,6 @@ scheduling, so a resumed build writes the same shards byte for byte):
 
 from __future__ import annotations
 
-import itertools
 import json
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -31,6 +30,7 @@ import numpy as np
 from tasks.core import faults
 from tasks.core.identity import atomic_write_bytes, atomic_write_json, read_json
 from tasks.data.shards import npy_bytes
+from tasks.data.signatures import hamming
 
 EXACT = np.dtype([("h1", "<u8"), ("h2", "<u8"), ("pos", "<u4")])
 BAND = np.dtype([("key", "<u8"), ("pos", "<u4")])
@@ -45,7 +45,7 @@ class NearRule:
     """How near-duplicates are found: band keys of a signature, then a check of each candidate pair."""
 
     kind: str
-    """``minhash`` (signature: MinHash values) or ``phash`` (signature: one 64-bit perceptual hash)."""
+    """``minhash`` (signature: MinHash values) or ``phash`` (signature: ``image_phash`` words)."""
     bands: int
     """Band keys per sample (minhash: bands of the signature; phash: bit blocks, pigeonhole)."""
     threshold: float
@@ -79,13 +79,11 @@ def split_key(hex_digest: str) -> tuple[int, int]:
 
 def band_keys(signatures: np.ndarray, rule: NearRule) -> np.ndarray:
     """``(samples, bands)`` uint64 keys: each band's values mixed with the band number."""
-    if rule.kind == "phash":
-        bits = signatures[:, 0].astype(np.uint64)
-        edges = [round(i * 64 / rule.bands) for i in range(rule.bands + 1)]
-        cols = [
-            ((bits >> np.uint64(a)) & np.uint64((1 << (b - a)) - 1)) for a, b in itertools.pairwise(edges)
-        ]
-        rows = np.stack(cols, axis=1)[:, :, None]
+    if rule.kind == "phash":  # pigeonhole: copies within ``threshold`` bits share one whole block
+        bits = np.unpackbits(signatures.astype(">u8").view(np.uint8), axis=1)
+        blocks = [np.packbits(b, axis=1) for b in np.array_split(bits, rule.bands, axis=1)]
+        width = max(b.shape[1] for b in blocks)
+        rows = np.stack([np.pad(b, ((0, 0), (0, width - b.shape[1]))) for b in blocks], axis=1)
     else:
         rows = signatures.astype(np.uint64).reshape(len(signatures), rule.bands, -1)
     keys = np.arange(1, rule.bands + 1, dtype=np.uint64)[None, :] * np.uint64(0x9E3779B97F4A7C15)
@@ -99,7 +97,7 @@ def band_keys(signatures: np.ndarray, rule: NearRule) -> np.ndarray:
 def similar(a: np.ndarray, b: np.ndarray, rule: NearRule) -> bool:
     """Whether two signatures pass the rule."""
     if rule.kind == "phash":
-        return int(a[0] ^ b[0]).bit_count() <= rule.threshold
+        return hamming(a, b) <= rule.threshold
     return float(np.mean(a == b)) >= rule.threshold
 
 

@@ -33,9 +33,39 @@ def minhash_signature(text: str, ngram: int, num_perm: int) -> np.ndarray:
     return np.asarray(sketch.digest(), dtype=np.uint32)
 
 
-def image_phash(image: Any) -> np.ndarray:
-    """The 64-bit DCT perceptual hash (imagehash.phash) of a PIL image, as a one-value uint64 array."""
-    import imagehash
+PHASH_SIZE = 16
+"""imagehash's hash_size: 16 x 16 DCT bits per colour channel, 768 bits in all."""
+PHASH_BITS = 3 * PHASH_SIZE * PHASH_SIZE
 
-    bits = imagehash.phash(image).hash.ravel()
-    return np.array([int("".join("1" if b else "0" for b in bits), 2)], dtype=np.uint64)
+
+def image_phash(source: Any) -> np.ndarray:
+    """The perceptual hash of an image file (path or bytes) as ``PHASH_BITS / 64`` uint64 words.
+
+    imagehash's DCT phash of each of R, G and B (a grey-level hash alone maps images that differ
+    only in colour, like the tiny profile's flat shapes, onto one hash). JPEGs are decoded at reduced
+    size (``draft``): the hash looks at a 64 x 64 thumbnail anyway. Raises ``OSError``/``ValueError``
+    for data that does not decode."""
+    import io
+
+    import imagehash
+    from PIL import Image
+
+    with Image.open(io.BytesIO(source) if isinstance(source, bytes) else source) as image:
+        image.draft("RGB", (PHASH_SIZE * 8, PHASH_SIZE * 8))
+        rgb = image.convert("RGB")
+    bits = np.concatenate([imagehash.phash(band, hash_size=PHASH_SIZE).hash.ravel() for band in rgb.split()])
+    return np.packbits(bits).view(">u8").astype(np.uint64)
+
+
+def hamming(a: np.ndarray, b: np.ndarray) -> int:
+    """Bits that differ between two ``image_phash`` values."""
+    return sum(int(x).bit_count() for x in np.bitwise_xor(a, b))
+
+
+def ngram_hashes(text: str, n: int) -> set[int]:
+    """64-bit hashes of the lower-cased word ``n``-grams of ``text`` (none when it has fewer words)."""
+    import hashlib
+
+    words = WORD.findall(text.lower())
+    grams = (" ".join(words[i : i + n]) for i in range(len(words) - n + 1))
+    return {int.from_bytes(hashlib.blake2b(g.encode(), digest_size=8).digest(), "little") for g in grams}

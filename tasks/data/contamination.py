@@ -1,0 +1,132 @@
+"""Eval decontamination: training samples that show an evaluation image or contain an eval question.
+
+``EvalIndex`` holds the perceptual hashes of every image and the word n-gram hashes of every question
+of the ``kind: eval`` specs of a profile (``tasks.quality.eval_index`` builds it; the build gets it
+through ``build_dataset(eval_index=...)`` and its digest is part of the build identity). Builders ask
+``image_match`` and ``text_match``; a hit becomes a reject (``eval_contamination``,
+``eval_contamination_text``) whose detail starts with the eval set's name, and ``write_report`` turns
+a build's rejects into ``contamination.json`` (per eval set: images and questions found, by source).
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from dataclasses import dataclass, field
+from functools import cached_property
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from tasks.core.identity import atomic_write_json, hash_json
+from tasks.data.dedup import NearRule, band_keys
+from tasks.data.signatures import hamming, ngram_hashes
+
+IMAGE_REASON = "eval_contamination"
+TEXT_REASON = "eval_contamination_text"
+
+
+@dataclass(frozen=True)
+class EvalImage:
+    """One evaluation image."""
+
+    eval_set: str
+    """Eval spec name."""
+    item: str
+    """Question id whose image it is."""
+    phash: tuple[int, ...]
+    """``image_phash`` words."""
+
+
+@dataclass(frozen=True)
+class EvalIndex:
+    """What training data must not contain (picklable for Ray workers)."""
+
+    images: tuple[EvalImage, ...]
+    """Every eval image, once per (set, image)."""
+    ngrams: dict[int, tuple[str, str]]
+    """n-gram hash -> (eval set, question id) of the first question holding it."""
+    ngram: int
+    """Words per n-gram."""
+    sets: dict[str, dict[str, int]] = field(default_factory=dict)
+    """Per eval set: ``images``, ``questions`` and ``short_questions`` (fewer words than ``ngram``:
+    they cannot be matched by n-grams)."""
+    missing: tuple[str, ...] = ()
+    """Eval specs of the profile whose files are not on disk (not checked; named in the report)."""
+
+    @cached_property
+    def digest(self) -> str:
+        """Identity of the index (part of every build that uses it)."""
+        images = sorted((i.eval_set, i.item, i.phash) for i in self.images)
+        return hash_json(
+            {"images": images, "ngrams": sorted(self.ngrams), "n": self.ngram, "missing": self.missing}
+        )
+
+    def _buckets(self, max_distance: int) -> tuple[NearRule, dict[tuple[int, int], list[int]]]:
+        rule = NearRule("phash", max_distance + 1, max_distance, IMAGE_REASON)
+        table: dict[tuple[int, int], list[int]] = defaultdict(list)
+        if self.images:
+            keys = band_keys(np.array([i.phash for i in self.images], dtype=np.uint64), rule)
+            for n, row in enumerate(keys):
+                for band, key in enumerate(row):
+                    table[(band, int(key))].append(n)
+        return rule, table
+
+    def image_match(self, phash: np.ndarray, max_distance: int) -> tuple[EvalImage, int] | None:
+        """The closest eval image within ``max_distance`` bits, with its distance, or None."""
+        cache = self.__dict__.setdefault("_tables", {})
+        if max_distance not in cache:
+            cache[max_distance] = self._buckets(max_distance)
+        rule, table = cache[max_distance]
+        candidates = {
+            n
+            for band, key in enumerate(band_keys(phash[None, :], rule)[0])
+            for n in table.get((band, int(key)), ())
+        }
+        best = min(
+            ((hamming(phash, np.array(self.images[n].phash, np.uint64)), n) for n in candidates), default=None
+        )
+        if best is None or best[0] > max_distance:
+            return None
+        return self.images[best[1]], best[0]
+
+    def text_match(self, text: str) -> tuple[str, str] | None:
+        """(eval set, question id) of an eval question sharing an n-gram with ``text``, or None."""
+        for gram in ngram_hashes(text, self.ngram):
+            if (hit := self.ngrams.get(gram)) is not None:
+                return hit
+        return None
+
+
+def image_detail(hit: tuple[EvalImage, int]) -> str:
+    """Reject detail of a contaminated image (starts with the eval set's name)."""
+    image, distance = hit
+    return f"{image.eval_set}: the image of question {image.item} ({distance} of 768 phash bits differ)"
+
+
+def text_detail(hit: tuple[str, str], n: int) -> str:
+    """Reject detail of a text sharing an n-gram with an eval question."""
+    return f"{hit[0]}: shares a {n}-word sequence with question {hit[1]}"
+
+
+def write_report(out: Path, index: EvalIndex, rejects: list[dict[str, Any]]) -> dict[str, Any]:
+    """``contamination.json``: per eval set, the images and questions found, by subset."""
+    report: dict[str, Any] = {
+        name: {"checked": counts, "images": {}, "questions": {}}
+        for name, counts in sorted(index.sets.items())
+    }
+    for row in rejects:
+        kind = {IMAGE_REASON: "images", TEXT_REASON: "questions"}.get(row["reason"])
+        if kind is None:
+            continue
+        eval_set = row["detail"].split(":", 1)[0]
+        found = report.setdefault(eval_set, {"checked": {}, "images": {}, "questions": {}})[kind]
+        found[row["subset"]] = found.get(row["subset"], 0) + 1
+    body = {
+        "eval_sets": report,
+        "ngram": index.ngram,
+        "not_checked": list(index.missing),
+        "index": index.digest,
+    }
+    atomic_write_json(out / "contamination.json", body)
+    return body
