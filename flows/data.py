@@ -32,8 +32,15 @@ def build_dataset_task(spec_path: str, data_root: str, force: bool) -> BuildSumm
     """Build or reuse the dataset; returns its summary."""
     from tasks.data.build import build_dataset
     from tasks.data.previews import token_chart
+    from tasks.data.specs import load_spec
 
-    result = build_dataset(spec_path, data_root, force=force)
+    spec = load_spec(spec_path)
+    index = None
+    if spec.decontaminate is not None:
+        from tasks.quality.eval_index import eval_index
+
+        index = eval_index(spec.profile, data_root, spec.decontaminate.ngram)
+    result = build_dataset(spec_path, data_root, force=force, eval_index=index)
     logger = get_run_logger()
     for item in result.repaired:
         logger.warning("%s: rebuilt shard %s (%s)", result.name, item["shard"], item["reason"])

@@ -199,9 +199,17 @@ def resolve_tokenizer(spec: DatasetSpec, data_root: str | Path) -> tuple[str | N
         ) from err
 
 
-def make_context(spec_path: str | Path, data_root: str | Path) -> BuildContext:
-    """Validate the spec and compute the build identity."""
+def make_context(spec_path: str | Path, data_root: str | Path, eval_index: Any = None) -> BuildContext:
+    """Validate the spec and compute the build identity (with the eval index's, when it decontaminates)."""
     spec = load_spec(spec_path)
+    if spec.decontaminate is None:
+        eval_index = None
+    elif eval_index is None:
+        raise BuildError(
+            f"spec {spec.name}: decontaminate is set, so the build needs the eval sets of profile "
+            f"{spec.profile!r}: build it with `mvlm data build {spec.name}` (or pass eval_index, built by "
+            "tasks.quality.eval_index.eval_index)"
+        )
     if spec.downloads:  # published files the sources read: fetched (or verified as there) first
         from tasks.data.downloads import ensure_downloads
 
@@ -214,11 +222,14 @@ def make_context(spec_path: str | Path, data_root: str | Path) -> BuildContext:
         "tokenizer": tok_hash,
         "code": code_version(BUILDER_COMPONENT[spec.kind]),
     }
+    if eval_index is not None:
+        identity["eval_index"] = eval_index.digest
     build_id = hash_json(identity)
     out = Path(data_root) / "builds" / spec.name / build_id
     return BuildContext(
-        spec, str(spec_path), str(data_root), build_id, str(out), tok_path, tok_hash, source=source
-    )
+        spec, str(spec_path), str(data_root), build_id, str(out), tok_path, tok_hash, eval_index=eval_index,
+        source=source,
+    )  # fmt: skip
 
 
 # --- running -------------------------------------------------------------------------------------
@@ -310,6 +321,10 @@ def finalize(
     }
     stats = {"totals": totals, "subsets": per_subset, "rejects": rejects.counts()}
     atomic_write_json(ctx.out / "stats.json", stats)
+    if ctx.eval_index is not None:
+        from tasks.data.contamination import write_report
+
+        write_report(ctx.out, ctx.eval_index, rejects.to_rows())
     read = max(totals.get("read", 0), 1)
     ratio = totals.get("rejected", 0) / read
     if ratio > ctx.spec.max_failure_ratio:
@@ -370,13 +385,17 @@ def default_fan_out() -> FanOut:
 
 
 def build_dataset(
-    spec_path: str | Path, data_root: str | Path, force: bool = False, fan_out: FanOut | None = None
+    spec_path: str | Path,
+    data_root: str | Path,
+    force: bool = False,
+    fan_out: FanOut | None = None,
+    eval_index: Any = None,
 ) -> BuildResult:
     """Build (or reuse, or resume) the dataset described by ``spec_path``; units run on ``fan_out``
-    (default: Ray tasks)."""
+    (default: Ray tasks). A spec with ``decontaminate`` needs ``eval_index`` (an ``EvalIndex``)."""
     from tasks.core.locks import exclusive
 
-    ctx = make_context(spec_path, data_root)
+    ctx = make_context(spec_path, data_root, eval_index)
     with exclusive(ctx.out.parent / f".{ctx.build_id}.lock"):  # a concurrent builder waits, then reuses
         if force and ctx.out.exists():
             shutil.rmtree(ctx.out)

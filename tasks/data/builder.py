@@ -92,6 +92,8 @@ class BuildContext:
     """Hash of the tokenizer (part of the identity)."""
     verified_units: frozenset[int] = frozenset()
     """Units whose shards the driver verified just before this build (workers do not hash them again)."""
+    eval_index: Any = None
+    """``tasks.data.contamination.EvalIndex`` of the spec's profile when it asks to be decontaminated."""
     source: dict[str, Any] = field(default_factory=dict)
     """The source fingerprint computed at plan time (part of the identity; remote files are fetched
     as it describes them, so the data read is the data identified)."""

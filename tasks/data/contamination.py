@@ -20,7 +20,7 @@ import numpy as np
 
 from tasks.core.identity import atomic_write_json, hash_json
 from tasks.data.dedup import NearRule, band_keys
-from tasks.data.signatures import hamming, ngram_hashes
+from tasks.data.signatures import PHASH_BITS, hamming, image_phash, ngram_hashes
 
 IMAGE_REASON = "eval_contamination"
 TEXT_REASON = "eval_contamination_text"
@@ -101,7 +101,9 @@ class EvalIndex:
 def image_detail(hit: tuple[EvalImage, int]) -> str:
     """Reject detail of a contaminated image (starts with the eval set's name)."""
     image, distance = hit
-    return f"{image.eval_set}: the image of question {image.item} ({distance} of 768 phash bits differ)"
+    return (
+        f"{image.eval_set}: the image of question {image.item} ({distance} of {PHASH_BITS} phash bits differ)"
+    )
 
 
 def text_detail(hit: tuple[str, str], n: int) -> str:
@@ -130,3 +132,22 @@ def write_report(out: Path, index: EvalIndex, rejects: list[dict[str, Any]]) -> 
     }
     atomic_write_json(out / "contamination.json", body)
     return body
+
+
+def check_sample(ctx: Any, image: str | Path | bytes | None, texts: list[str]) -> tuple[str, str] | None:
+    """(reason, detail) when a training sample shows an eval image or holds an eval question, else
+    None (also when the build's spec does not ask for decontamination). ``ctx`` is the BuildContext."""
+    rule, index = ctx.spec.decontaminate, ctx.eval_index
+    if rule is None or index is None:
+        return None
+    if image is not None:
+        try:
+            hit = index.image_match(image_phash(image), rule.max_distance)
+        except (OSError, ValueError):  # an image that does not decode is the builder's reject
+            hit = None
+        if hit is not None:
+            return IMAGE_REASON, image_detail(hit)
+    for text in texts:
+        if (found := index.text_match(text)) is not None:
+            return TEXT_REASON, text_detail(found, index.ngram)
+    return None

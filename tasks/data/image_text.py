@@ -51,6 +51,17 @@ from tasks.data.builder import (
     resolve_path,
     save_unit,
 )
+from tasks.data.contamination import check_sample
+from tasks.data.dedup import (
+    DedupPlan,
+    Drop,
+    NearRule,
+    UnitKeys,
+    run_reduce,
+    scan_record,
+    scan_wheres,
+    unit_drops,
+)
 from tasks.data.image_checks import (
     ImageRejected,
     caption_problem,
@@ -72,6 +83,7 @@ from tasks.data.img2dataset_runner import (
 from tasks.data.rejects import Rejects
 from tasks.data.shard_read import read_tar_samples
 from tasks.data.shards import write_shard
+from tasks.data.signatures import image_phash
 from tasks.data.specs import Filters, LlavaSource, Subset, UrlListSource
 from tasks.data.url_policy import LOCAL_PLACEHOLDER, HostPolicy, url_problem
 
@@ -479,6 +491,9 @@ def process_url_shard(job: UrlShardJob, ctx: BuildContext) -> UnitResult:
                 except ImageRejected as err:
                     writer.reject(err.reason, source, where, err.detail)
                     continue
+                if bad := check_sample(ctx, raw_bytes, [caption]):
+                    writer.reject(bad[0], source, where, bad[1], caption)
+                    continue
                 meta = {
                     "source_key": row["key"],
                     "subset": job.unit.subset,
@@ -618,6 +633,7 @@ def process_llava(job: LlavaJob, ctx: BuildContext) -> UnitResult:
     writer = _UnitWriter(ctx, job.unit)
     source = job.unit.source.split("#", 1)[0]
     entries = sorted(job.entries, key=lambda e: e.get("key", ""))
+    drops = image_drops(ctx, job.unit.index)
 
     def samples() -> Iterator[dict[str, Any]]:
         for entry in entries:
@@ -632,6 +648,14 @@ def process_llava(job: LlavaJob, ctx: BuildContext) -> UnitResult:
             path, reason, detail = image_under_root(root, entry["image"])
             if path is None:
                 writer.reject(reason, source, where, detail, entry["image"])
+                continue
+            if bad := check_sample(ctx, path, [caption]):
+                writer.reject(bad[0], source, where, bad[1], entry["image"])
+                continue
+            if (drop := drops.get(entry["key"])) is not None:
+                writer.reject(
+                    drop.reason, source, where, f"near-identical image of {drop.kept}", entry["image"]
+                )
                 continue
             jpg, sizes, bad = load_local_image(path, ctx)
             if jpg is None:
@@ -649,6 +673,46 @@ def process_llava(job: LlavaJob, ctx: BuildContext) -> UnitResult:
             yield writer.keep(entry["key"], jpg, caption, meta)
 
     return writer.finish(samples())
+
+
+def image_dedup_plan(ctx: BuildContext) -> DedupPlan | None:
+    """The near-identical image search of a spec with ``dedup.image`` (None without)."""
+    rule = ctx.spec.dedup.image
+    if rule is None:
+        return None
+    near = NearRule("phash", rule.max_distance + 1, rule.max_distance, "near_duplicate_image")
+    return DedupPlan(str(ctx.out / "dedup"), ctx.spec.dedup.partitions, False, near)
+
+
+def scan_llava(job: LlavaJob, ctx: BuildContext) -> dict[str, Any]:
+    """Perceptual hashes of one chunk's usable images (``dedup.image``), keyed by sample key."""
+    plan = image_dedup_plan(ctx)
+    assert plan is not None
+    if (done := scan_record(plan, job.unit.index)) is not None:
+        return done
+    root = Path(job.image_root).resolve()
+    keys = UnitKeys(plan)
+    for entry in sorted(job.entries, key=lambda e: e.get("key", "")):
+        usable = "reason" not in entry and not caption_problem(
+            normalise_caption(entry["caption"]), ctx.spec.filters
+        )
+        path = image_under_root(root, entry["image"])[0] if usable else None
+        try:
+            phash = image_phash(path) if path is not None else None
+        except (OSError, ValueError):  # the write pass rejects it with its reason
+            phash = None
+        if phash is not None:
+            keys.add(hashlib.sha256(entry["key"].encode()).hexdigest(), entry["key"], phash)
+    return keys.save(job.unit.index, job.unit.subset, job.unit.source, {"read": len(job.entries)})
+
+
+def image_drops(ctx: BuildContext, unit: int) -> dict[str, Drop]:
+    """Sample key -> drop for the near-identical images of one unit (empty without ``dedup.image``)."""
+    plan = image_dedup_plan(ctx)
+    if plan is None:
+        return {}
+    wheres = scan_wheres(plan, unit)
+    return {wheres[pos]: drop for pos, drop in unit_drops(plan, unit).items()}
 
 
 def plan_llava_subset(ctx: BuildContext, sub: Subset, first_index: int) -> list[LlavaJob]:
@@ -685,6 +749,7 @@ def build_image_text(ctx: BuildContext, fan_out: FanOut) -> list[UnitResult]:
     """Every unit of an image-text spec (finished units are reused), then the preview."""
     done: list[UnitResult] = []
     jobs: list[UrlShardJob | LlavaJob] = []
+    llava: list[LlavaJob] = []
     next_index = 0
     for sub in ctx.spec.subsets:
         if isinstance(sub.source, UrlListSource):
@@ -706,6 +771,7 @@ def build_image_text(ctx: BuildContext, fan_out: FanOut) -> list[UnitResult]:
             ]
         else:
             chunks = plan_llava_subset(ctx, sub, next_index)
+            llava += chunks  # all of them: near-identical images are searched across the whole build
             next_index += len(chunks)
             for job in chunks:
                 if (result := finished_unit(ctx, job.unit.index)) is not None:
@@ -714,6 +780,9 @@ def build_image_text(ctx: BuildContext, fan_out: FanOut) -> list[UnitResult]:
                     jobs.append(job)
     if jobs:
         log.debug("%s: %d units to write (%d reused)", ctx.spec.name, len(jobs), len(done))
+    if (plan := image_dedup_plan(ctx)) is not None and jobs:
+        scans = fan_out(scan_llava, llava, ctx, label=f"{ctx.spec.name}: image hashes")
+        run_reduce(plan, scans, fan_out, ctx.spec.name)
     results = fan_out(process_job, jobs, ctx, label=f"{ctx.spec.name}: filter+shard")
     merged = sorted([*done, *results], key=lambda r: r.index)
     write_preview(ctx, merged)

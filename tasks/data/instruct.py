@@ -29,6 +29,7 @@ from tasks.data.builder import (
     resolve_path,
     save_unit,
 )
+from tasks.data.contamination import check_sample
 from tasks.data.image_checks import ImageRejected, normalise_image
 from tasks.data.rejects import Rejects
 from tasks.data.shards import finished_shard, write_shard
@@ -194,6 +195,8 @@ def build_unit(job: tuple[Unit, int, list[Any], set[int]], ctx: BuildContext) ->
             if index in dups:
                 raise SampleError("duplicate_id", f"id {record.get('id')!r} appeared earlier in the file")
             sample = make_sample(record, ctx.spec, root, key, unit.subset)
+            if bad := _contamination(ctx, record, root):
+                raise SampleError(*bad)
         except SampleError as err:
             excerpt = json.dumps(record, ensure_ascii=False)[:300]
             rejects.add(err.reason, unit.subset, unit.source, f"record {index}", str(err), excerpt)
@@ -212,6 +215,14 @@ def build_unit(job: tuple[Unit, int, list[Any], set[int]], ctx: BuildContext) ->
     counts = {"read": len(records), "rejected": len(rejects.items), "kept": len(records) - len(rejects.items)}
     counts |= {"images": images, "text_only": counts["kept"] - images}
     return save_unit(ctx, UnitResult(unit.index, unit.subset, shards, counts, rejects.to_rows()))
+
+
+def _contamination(ctx: BuildContext, record: dict[str, Any], root: str | None) -> tuple[str, str] | None:
+    """Whether a valid record shows an eval image or asks an eval question (``decontaminate``)."""
+    if ctx.eval_index is None:
+        return None
+    image = resolve_image(root, record["image"]) if root and record.get("image") is not None else None
+    return check_sample(ctx, image, [turn["value"] for turn in record["conversations"]])
 
 
 def build_conversations(ctx: BuildContext, fan_out: FanOut) -> list[UnitResult]:

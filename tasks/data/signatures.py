@@ -33,8 +33,9 @@ def minhash_signature(text: str, ngram: int, num_perm: int) -> np.ndarray:
     return np.asarray(sketch.digest(), dtype=np.uint32)
 
 
-PHASH_SIZE = 16
-"""imagehash's hash_size: 16 x 16 DCT bits per colour channel, 768 bits in all."""
+PHASH_SIZE = 8
+"""imagehash's hash_size: 8 x 8 DCT bits per colour channel, 192 bits in all (at 16 x 16 the extra
+high-frequency bits of smooth pictures flip under a mere resize: ~200 of 768 bits)."""
 PHASH_BITS = 3 * PHASH_SIZE * PHASH_SIZE
 
 
@@ -42,8 +43,8 @@ def image_phash(source: Any) -> np.ndarray:
     """The perceptual hash of an image file (path or bytes) as ``PHASH_BITS / 64`` uint64 words.
 
     imagehash's DCT phash of each of R, G and B (a grey-level hash alone maps images that differ
-    only in colour, like the tiny profile's flat shapes, onto one hash). JPEGs are decoded at reduced
-    size (``draft``): the hash looks at a 64 x 64 thumbnail anyway. Raises ``OSError``/``ValueError``
+    only in colour onto one hash). JPEGs are decoded at reduced size (``draft``): the hash looks at a
+    32 x 32 thumbnail anyway. Raises ``OSError``/``ValueError``
     for data that does not decode."""
     import io
 

@@ -194,6 +194,25 @@ class MinHashDedup(_Strict):
         return self
 
 
+class ImageDedup(_Strict):
+    """Near-identical images within an image-text build, by perceptual hash."""
+
+    max_distance: int = Field(default=16, ge=0, le=191)
+    """Largest Hamming distance (of 192 phash bits: 8 x 8 per colour channel) between two copies of one
+    image. Measured: a resized, re-encoded copy differs in 4-12 bits; distinct pictures in 80 or more."""
+
+
+class Decontaminate(_Strict):
+    """Keep evaluation data out of training data: every ``kind: eval`` spec of the same profile."""
+
+    max_distance: int = Field(default=16, ge=0, le=191)
+    """Images: a training image within this many phash bits (of 192) of an eval image is rejected
+    (``eval_contamination``)."""
+    ngram: int = Field(default=13, ge=3)
+    """Text: a caption, conversation or document sharing a word n-gram of this length with an eval
+    question is rejected (``eval_contamination_text``); shorter questions cannot match."""
+
+
 class Dedup(_Strict):
     """De-duplication settings (partitioned by key over Ray tasks: no process holds every key)."""
 
@@ -202,6 +221,9 @@ class Dedup(_Strict):
     minhash: MinHashDedup | None = None
     """Text: also drop near-duplicates (reason ``near_duplicate``, naming the kept document); the
     earliest document of a cluster of near-copies is kept."""
+    image: ImageDedup | None = None
+    """Image-text: near-identical images are kept once (reason ``near_duplicate_image``, naming the
+    kept sample). Not for instruct builds, where many conversations rightly share one image."""
     partitions: int = Field(default=16, gt=0, le=65535)
     """Buckets the keys are spread over, one reduce task each (memory per task ~ documents / partitions)."""
 
@@ -256,6 +278,9 @@ class DatasetSpec(_Strict):
     """Fraction of samples (by stable hash) kept out of training for evaluation."""
     max_failure_ratio: float = Field(default=0.05, ge=0.0, le=1.0)
     """The build fails when rejected / read exceeds this ratio."""
+    decontaminate: Decontaminate | None = None
+    """Reject training samples that show an eval image or contain an eval question (report:
+    ``contamination.json``)."""
     downloads: list[Download] = []
     """Files fetched (and unpacked) under the data root before the build, through the same fetcher as
     ``remote_files`` sources; done once, verified by a marker, redone when the URL or checksum changes."""

@@ -38,6 +38,7 @@ from tasks.data.builder import (
     finished_unit,
     save_unit,
 )
+from tasks.data.contamination import check_sample
 from tasks.data.dedup import DedupPlan, NearRule, UnitKeys, run_reduce, scan_record, scan_wheres, unit_drops
 from tasks.data.hub import read_revision
 from tasks.data.rejects import Reject
@@ -287,6 +288,8 @@ def scan_unit(unit: Unit, ctx: BuildContext) -> dict[str, Any]:
 
         for doc in read_docs(unit, ctx):
             read += 1
+            if doc.text is not None and (bad := check_sample(ctx, None, [doc.text])):
+                doc = Doc(doc.where, None, *bad, doc.text[:80])
             if doc.text is None:
                 rejects.append([read - 1, asdict(Reject(doc.reason, unit.subset, unit.source, doc.where,
                                                         doc.detail, doc.raw))])  # fmt: skip

@@ -60,7 +60,7 @@ def log_build(mlflow: Any, summary: dict[str, Any], parent_run_id: str) -> str:
             mlflow, run_id, summary["name"], summary["build_id"], str(path / "shards"), "build"
         )
         tracking.log_summary(mlflow, run_id, {k: float(v) for k, v in summary["totals"].items()})
-        for name in ("tokens.png", "preview.png", "stats.json"):
+        for name in ("tokens.png", "preview.png", "stats.json", "contamination.json"):
             if (path / name).is_file():
                 mlflow.log_artifact(run_id, str(path / name))
         mlflow.set_terminated(run_id, "FINISHED")

@@ -1,0 +1,156 @@
+"""Near-identical images and eval decontamination: planted copies are found, exactly those."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from tasks.data.build import BuildError, build_dataset
+from tasks.data.builder import serial_map
+from tasks.quality.eval_index import eval_index
+from tasks.quality.eval_sets import read_eval_set
+from tasks.quality.eval_specs import load_eval_specs
+
+SPEC = """\
+name: {name}
+kind: {kind}
+profile: tiny
+license: CC0-1.0
+image_size: 64
+shard_samples: 16
+max_failure_ratio: 0.5
+{extra}
+subsets:
+  - {{name: main, source: {{type: llava_json, path: world/data.json, image_root: world/images}}}}
+"""
+DISTINCT = 40
+
+
+def _picture(seed: int) -> Image.Image:
+    """A smooth, photo-like picture: random 6x6 colours blown up (distinct phash per seed)."""
+    rng = np.random.default_rng(seed)
+    small = Image.fromarray(rng.integers(0, 255, (6, 6, 3), dtype=np.uint8))
+    return small.resize((96, 96), Image.BICUBIC)
+
+
+@pytest.fixture
+def world(samples_root: Path, tmp_path: Path) -> tuple[Path, dict[str, set[str]]]:
+    """A data root: the tiny eval sets, and a LLaVA json of distinct pictures with planted near-copies,
+    eval images and an eval question; returns the root and the planted ids by the reason expected."""
+    root = tmp_path / "root"
+    (root / "world" / "images").mkdir(parents=True)
+    (root / "samples").symlink_to(samples_root / "samples")
+    spec = load_eval_specs()["tiny-mmbench"][1]
+    items = read_eval_set(spec.model_copy(update={"limit": None}), root).items
+    question = max((i.prompt.removesuffix(spec.instruction).strip() for i in items), key=len)
+    entries, planted = (
+        [],
+        {"near_duplicate_image": set(), "eval_contamination": set(), "eval_contamination_text": set()},
+    )
+
+    def add(ident: str, image: Image.Image, caption: str, quality: int = 95) -> None:
+        image.save(root / "world" / "images" / f"{ident}.jpg", quality=quality)
+        turns = [{"from": "human", "value": "<image>\nDescribe."}, {"from": "gpt", "value": caption}]
+        entries.append({"id": ident, "image": f"{ident}.jpg", "conversations": turns})
+
+    for i in range(DISTINCT):
+        add(f"pic{i:03d}", _picture(i), f"picture number {i}")
+    for i in (3, 11, 27):  # resized and re-encoded copies
+        add(f"copy{i:03d}", _picture(i).resize((80, 80)), f"another look at picture {i}", quality=70)
+        planted["near_duplicate_image"].add(f"copy{i:03d}")
+    for n, name in enumerate(("gqa/images/900001.jpg", "pope/val2014/COCO_val2014_900005.jpg")):
+        with Image.open(samples_root / "samples" / "eval" / name) as image:
+            add(f"evalimg{n}", image.convert("RGB"), f"a scene {n}")
+        planted["eval_contamination"].add(f"evalimg{n}")
+    add("evaltext0", _picture(500), f"Someone asked: {question} and nobody answered.")
+    planted["eval_contamination_text"].add("evaltext0")
+    (root / "world" / "data.json").write_text(json.dumps(entries))
+    return root, planted
+
+
+def _spec(tmp_path: Path, name: str, kind: str, extra: str) -> Path:
+    path = tmp_path / "specs" / f"{name}.yaml"
+    path.parent.mkdir(exist_ok=True)
+    path.write_text(SPEC.format(name=name, kind=kind, extra=extra))
+    return path
+
+
+def _rejected(build: Path) -> dict[str, set[str]]:
+    entries = json.loads((build.parents[2] / "world" / "data.json").read_text())
+    out: dict[str, set[str]] = {}
+    for line in (build / "rejects.jsonl").read_text().splitlines():
+        row = json.loads(line)
+        index = int(row["where"].split()[-1])
+        out.setdefault(row["reason"], set()).add(entries[index]["id"])
+    return out
+
+
+def test_image_text_build_finds_exactly_the_planted_copies_and_eval_data(world, tmp_path: Path) -> None:
+    root, planted = world
+    extra = "dedup: {image: {max_distance: 16}, partitions: 4}\ndecontaminate: {max_distance: 16}"
+    spec = _spec(tmp_path, "world-pairs", "image_text", extra)
+    with pytest.raises(BuildError, match="decontaminate is set"):
+        build_dataset(spec, root, fan_out=serial_map)
+    index = eval_index("tiny", root)
+    result = build_dataset(spec, root, fan_out=serial_map, eval_index=index)
+    assert _rejected(result.path) == planted
+    detail = next(json.loads(r)["detail"] for r in (result.path / "rejects.jsonl").read_text().splitlines()
+                  if "near_duplicate_image" in r)  # fmt: skip
+    assert "near-identical image of main data.json" in detail
+    report = json.loads((result.path / "contamination.json").read_text())
+    images = {name: s["images"] for name, s in report["eval_sets"].items() if s["images"]}
+    questions = {name: s["questions"] for name, s in report["eval_sets"].items() if s["questions"]}
+    assert (
+        sum(n["main"] for n in images.values()) == 2
+    )  # an image shared by several sets: the nearest names it
+    assert set(images) <= {"tiny-gqa", "tiny-pope", "tiny-sqa"} and "tiny-gqa" in images
+    assert questions == {"tiny-mmbench": {"main": 1}}
+    assert report["eval_sets"]["tiny-gqa"]["checked"]["images"] > 0 and report["not_checked"] == []
+    assert result.manifest["stats"]["totals"]["kept"] == DISTINCT
+
+
+def test_instruct_build_rejects_eval_images_and_questions_but_keeps_shared_images(
+    world, tmp_path: Path
+) -> None:
+    root, planted = world
+    data = root / "world" / "data.json"
+    entries = json.loads(data.read_text())
+    entries.append({**entries[0], "id": "same-image-other-talk"})  # conversations may share an image
+    data.write_text(json.dumps(entries))
+    spec = _spec(tmp_path, "world-talk", "instruct", "decontaminate: {max_distance: 16}")
+    result = build_dataset(spec, root, fan_out=serial_map, eval_index=eval_index("tiny", root))
+    expected = {k: v for k, v in planted.items() if k != "near_duplicate_image"}
+    assert _rejected(result.path) == expected
+    assert result.manifest["stats"]["totals"]["kept"] == DISTINCT + 3 + 1
+
+
+def test_eval_index_changes_the_build_identity(world, tmp_path: Path) -> None:
+    root, _ = world
+    spec = _spec(tmp_path, "world-id", "instruct", "decontaminate: {max_distance: 16}")
+    first = build_dataset(spec, root, fan_out=serial_map, eval_index=eval_index("tiny", root))
+    fewer = eval_index("tiny", root)
+    smaller = type(fewer)(fewer.images[1:], fewer.ngrams, fewer.ngram, fewer.sets, fewer.missing)
+    second = build_dataset(spec, root, fan_out=serial_map, eval_index=smaller)
+    assert first.build_id != second.build_id
+
+
+def test_the_contamination_report_is_an_artifact_of_the_build_run(world, tmp_path: Path) -> None:
+    from tasks.lineage import tracking
+    from tasks.lineage.publish import log_build
+
+    root, _ = world
+    spec = _spec(tmp_path, "world-run", "instruct", "decontaminate: {max_distance: 16}")
+    result = build_dataset(spec, root, fan_out=serial_map, eval_index=eval_index("tiny", root))
+    mlflow = tracking.client(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    parent, _ = tracking.run_for(mlflow, tracking.EXPERIMENT, "retrain/contamination", "retrain")
+    summary = {"name": result.name, "build_id": result.build_id, "path": str(result.path), "kind": "instruct",
+               "totals": result.manifest["stats"]["totals"]}  # fmt: skip
+    run_id = log_build(mlflow, summary, parent)
+    assert "contamination.json" in [f.path for f in mlflow.list_artifacts(run_id)]
+    local = Path(mlflow.download_artifacts(run_id, "contamination.json", str(tmp_path / "dl")))
+    report = json.loads(local.read_text())
+    assert sum(sum(s["images"].values()) for s in report["eval_sets"].values()) == 2
