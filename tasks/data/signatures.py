@@ -6,6 +6,8 @@ the same corpus, see ``docs/scaling.md``), seeded, so every process computes the
 
 from __future__ import annotations
 
+import hashlib
+import io
 import re
 from typing import Any
 
@@ -46,8 +48,6 @@ def image_phash(source: Any) -> np.ndarray:
     only in colour onto one hash). JPEGs are decoded at reduced size (``draft``): the hash looks at a
     32 x 32 thumbnail anyway. Raises ``OSError``/``ValueError``
     for data that does not decode."""
-    import io
-
     import imagehash
     from PIL import Image
 
@@ -65,8 +65,6 @@ def hamming(a: np.ndarray, b: np.ndarray) -> int:
 
 def ngram_hashes(text: str, n: int) -> set[int]:
     """64-bit hashes of the lower-cased word ``n``-grams of ``text`` (none when it has fewer words)."""
-    import hashlib
-
     words = WORD.findall(text.lower())
     grams = (" ".join(words[i : i + n]) for i in range(len(words) - n + 1))
     return {int.from_bytes(hashlib.blake2b(g.encode(), digest_size=8).digest(), "little") for g in grams}

@@ -1,10 +1,10 @@
 """The eval index of a profile: what decontaminated builds keep out of training data.
 
-Every ``kind: eval`` spec of the profile is read whole (its ``limit`` does not apply: a question
-left out of a quick evaluation may be asked in a later one); each distinct image is hashed
-(``image_phash``) and each question (without the benchmark's instruction) is cut into word n-grams.
-A spec whose files are not on disk is named in the index (``missing``) and in every report, and a
-WARNING says so: it was not checked.
+Every ``kind: eval`` spec of the profile is fetched (its ``downloads``, as an evaluation does) and
+read whole (its ``limit`` does not apply: a question left out of a quick evaluation may be asked in
+a later one); each distinct image is hashed (``image_phash``) and each question (without the
+benchmark's instruction) is cut into word n-grams. A spec whose files cannot be had is named in the
+index (``missing``) and in every report, and a WARNING says so: it was not checked.
 """
 
 from __future__ import annotations
@@ -33,7 +33,11 @@ def eval_index(
         if spec.profile != profile:
             continue
         try:
-            items = read_eval_set(spec.model_copy(update={"limit": None}), data_root).items
+            from tasks.quality.harness import fetched  # here: the harness imports the answerers (torch)
+
+            items = read_eval_set(
+                fetched(spec, Path(data_root)).model_copy(update={"limit": None}), data_root
+            ).items
         except EvalSetError as err:
             log.warning("decontamination: eval set %s is not checked: %s", name, err)
             missing.append(name)
