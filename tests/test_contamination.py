@@ -154,3 +154,26 @@ def test_the_contamination_report_is_an_artifact_of_the_build_run(world, tmp_pat
     local = Path(mlflow.download_artifacts(run_id, "contamination.json", str(tmp_path / "dl")))
     report = json.loads(local.read_text())
     assert sum(sum(s["images"].values()) for s in report["eval_sets"].values()) == 2
+
+
+def test_text_build_rejects_documents_holding_an_eval_question(world, tmp_path: Path) -> None:
+    root, _ = world
+    spec = load_eval_specs()["tiny-mmbench"][1]
+    items = read_eval_set(spec.model_copy(update={"limit": None}), root).items
+    question = max((i.prompt.removesuffix(spec.instruction).strip() for i in items), key=len)
+    docs = [f"An ordinary document number {i} about circles and squares." for i in range(20)]
+    docs[7] = f"A forum post quoting a benchmark: {question} Answers below."
+    (root / "world" / "web.jsonl").write_text("".join(json.dumps({"text": d}) + "\n" for d in docs))
+    path = tmp_path / "specs" / "world-text.yaml"
+    path.parent.mkdir(exist_ok=True)
+    path.write_text(
+        "name: world-text\nkind: text\nprofile: tiny\nlicense: CC0-1.0\ntokenizer: samples/tokenizer\n"
+        "seq_len: 16\nmax_failure_ratio: 0.5\ndecontaminate: {}\n"
+        "subsets:\n  - {name: web, source: {type: files, paths: [world/web.jsonl]}}\n"
+    )
+    result = build_dataset(path, root, fan_out=serial_map, eval_index=eval_index("tiny", root))
+    rows = [json.loads(r) for r in (result.path / "rejects.jsonl").read_text().splitlines()]
+    assert [(r["reason"], r["where"]) for r in rows] == [("eval_contamination_text", "line 8")]
+    assert rows[0]["detail"].startswith("tiny-mmbench: shares a 13-word sequence with question")
+    report = json.loads((result.path / "contamination.json").read_text())
+    assert report["eval_sets"]["tiny-mmbench"]["questions"] == {"web": 1}
