@@ -8,6 +8,7 @@ reference. Accuracy is reported overall and per question type when a classifier 
 from __future__ import annotations
 
 import io
+import itertools
 import json
 import logging
 import math
@@ -21,7 +22,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from tasks.data.shard_read import load_npy, read_tar_samples
+from tasks.data.shard_read import read_tar_samples, text_rows
 from tasks.train.loader import Source
 
 log = logging.getLogger(__name__)
@@ -56,7 +57,8 @@ def _samples(sources: tuple[Source, ...], limit: int) -> list[dict]:
 def perplexity(model: Any, sources: tuple[Source, ...], limit: int = 200, batch: int = 8) -> EvalResult:
     """exp(mean token NLL) over held-out packed sequences."""
     model.eval()
-    seqs = [load_npy(s["input_ids.npy"]).astype(np.int64) for s in _samples(sources, limit)]
+    rows = (ids for s in _samples(sources, limit) for ids, _ in text_rows(s))  # a sample packs several
+    seqs = [ids.astype(np.int64) for ids in itertools.islice(rows, limit)]
     if not seqs:
         raise ValueError("no held-out text samples to evaluate (is heldout_fraction 0 in the spec?)")
     nll, count = 0.0, 0
