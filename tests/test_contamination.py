@@ -104,10 +104,16 @@ def test_image_text_build_finds_exactly_the_planted_copies_and_eval_data(world, 
     report = json.loads((result.path / "contamination.json").read_text())
     images = {name: s["images"] for name, s in report["eval_sets"].items() if s["images"]}
     questions = {name: s["questions"] for name, s in report["eval_sets"].items() if s["questions"]}
-    assert (
-        sum(n["main"] for n in images.values()) == 2
-    )  # an image shared by several sets: the nearest names it
-    assert set(images) <= {"tiny-gqa", "tiny-pope", "tiny-sqa"} and "tiny-gqa" in images
+    # each image counts under every eval set that shows it: both are images of the pool that GQA, MME,
+    # POPE and MMBench share; ScienceQA has one of them
+    both, one = {"main": 2}, {"main": 1}
+    assert images == {
+        "tiny-gqa": both,
+        "tiny-mmbench": both,
+        "tiny-mme": both,
+        "tiny-pope": both,
+        "tiny-sqa": one,
+    }
     assert questions == {"tiny-mmbench": {"main": 1}}
     assert report["eval_sets"]["tiny-gqa"]["checked"]["images"] > 0 and report["not_checked"] == []
     assert result.manifest["stats"]["totals"]["kept"] == DISTINCT
@@ -153,7 +159,7 @@ def test_the_contamination_report_is_an_artifact_of_the_build_run(world, tmp_pat
     assert "contamination.json" in [f.path for f in mlflow.list_artifacts(run_id)]
     local = Path(mlflow.download_artifacts(run_id, "contamination.json", str(tmp_path / "dl")))
     report = json.loads(local.read_text())
-    assert sum(sum(s["images"].values()) for s in report["eval_sets"].values()) == 2
+    assert sum(s["images"].get("main", 0) for s in report["eval_sets"].values()) == 9  # (image, eval set) pairs
 
 
 def test_text_build_rejects_documents_holding_an_eval_question(world, tmp_path: Path) -> None:
@@ -177,3 +183,61 @@ def test_text_build_rejects_documents_holding_an_eval_question(world, tmp_path: 
     assert rows[0]["detail"].startswith("tiny-mmbench: shares a 13-word sequence with question")
     report = json.loads((result.path / "contamination.json").read_text())
     assert report["eval_sets"]["tiny-mmbench"]["questions"] == {"web": 1}
+
+
+TINY_EXPECTED = {  # spec -> (subset, samples file, reason -> what of SampleSummary.planted is rejected)
+    "tiny-llava-pretrain": (
+        "pretrain",
+        "llava/pretrain.json",
+        {"eval_contamination": "eval_images", "near_duplicate_image": "copies"},
+    ),
+    "tiny-llava-instruct": (
+        "instruct",
+        "llava/instruct.json",
+        {"eval_contamination": "eval_images", "eval_contamination_text": "llava/instruct.json"},
+    ),
+    "tiny-sharegpt": ("chat", "sharegpt/chat.json", {"eval_contamination_text": "sharegpt/chat.json"}),
+}
+
+
+def _planted(summary, what: str) -> set[str]:
+    if what in summary.planted:
+        return {r["id"] for r in summary.planted[what]}
+    return {r["id"] for r in summary.planted["eval_questions"] if r["source"] == what}
+
+
+@pytest.mark.parametrize("name", sorted(TINY_EXPECTED))
+def test_tiny_builds_reject_exactly_the_samples_planted_in_the_tiny_sources(
+    samples_root: Path, name: str
+) -> None:
+    """The tiny profile's own sources hold a few eval images, eval questions and copies of training
+    images (``tasks.testkit.planted``): its decontaminated builds reject those and nothing else."""
+    from tasks.testkit.sample_tree import load_summary
+
+    summary = load_summary(samples_root / "samples")
+    subset, source, reasons = TINY_EXPECTED[name]
+    planted = {reason: _planted(summary, what) for reason, what in reasons.items()}
+    spec = Path(__file__).resolve().parent.parent / "data_specs" / f"{name}.yaml"
+    index = eval_index("tiny", samples_root)
+    result = build_dataset(spec, samples_root, fan_out=serial_map, eval_index=index)
+    entries = json.loads((samples_root / "samples" / source).read_text())
+    found: dict[str, set[str]] = {}
+    details: dict[str, str] = {}
+    for line in (result.path / "rejects.jsonl").read_text().splitlines():
+        row = json.loads(line)
+        if row["reason"] in ("eval_contamination", "eval_contamination_text", "near_duplicate_image"):
+            ident = entries[int(row["where"].split()[-1])]["id"]
+            found.setdefault(row["reason"], set()).add(ident)
+            details[ident] = row["detail"]
+    assert found == planted
+    for row in summary.planted["copies"] if "near_duplicate_image" in planted else ():
+        assert details[row["id"]].startswith("near-identical image of"), details[row["id"]]
+    report = json.loads((result.path / "contamination.json").read_text())
+    questions = {n: s["questions"] for n, s in report["eval_sets"].items() if s["questions"]}
+    images = {n: s["images"] for n, s in report["eval_sets"].items() if s["images"]}
+    assert questions == ({"tiny-sqa": {subset: 1}} if "eval_contamination_text" in planted else {})
+    if "eval_contamination" in planted:  # the pool image is in GQA, MME and more; the word image in TextVQA
+        assert images["tiny-textvqa"] == {subset: 1} and images["tiny-gqa"] == {subset: 1}
+        assert set(images) >= {"tiny-gqa", "tiny-mme", "tiny-textvqa"}
+    else:
+        assert images == {}

@@ -247,8 +247,8 @@ def test_a_50mb_line_is_rejected_with_bounded_memory(tmp_path: Path) -> None:
 
 
 def test_a_50mb_tsv_row_is_rejected_with_bounded_memory(tmp_path: Path) -> None:
-    from tasks.data.image_text import read_url_list
     from tasks.data.specs import UrlListSource
+    from tasks.data.url_list import read_url_list
 
     path = tmp_path / "urls.tsv"
     with open(path, "wb") as handle:
@@ -442,8 +442,8 @@ def test_docs_table_is_the_corpus_table() -> None:
 
 def test_symlink_loops_and_overlong_names_are_rejects_not_crashes(tmp_path: Path) -> None:
     """What the ``symlink_loop`` case needs from the builders, checked on the functions themselves."""
-    from tasks.data.image_text import image_under_root
     from tasks.data.instruct import SampleError, resolve_image
+    from tasks.data.llava_images import image_under_root
 
     root = tmp_path / "img"
     root.mkdir()

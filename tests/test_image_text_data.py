@@ -13,9 +13,9 @@ from PIL import Image
 
 from tasks.core.identity import sha256_file
 from tasks.data.build import BuildError, BuildResult, build_dataset
-from tasks.data.image_checks import resize_image
-from tasks.data.image_text import HostPolicy, sample_key, split_for, url_problem
+from tasks.data.image_checks import resize_image, sample_key, split_for
 from tasks.data.img2dataset_runner import Img2DatasetNotFound, failure_reason, find_img2dataset, read_stats
+from tasks.data.url_policy import HostPolicy, url_problem
 from tasks.testkit.sample_tree import make_samples
 from tasks.testkit.samples import SampleConfig
 

@@ -13,6 +13,7 @@ from PIL import Image
 from model.conversation import VICUNA_SYSTEM
 from model.tokenizer import load_tokenizer, tokenizer_hash
 from tasks.core.identity import sha256_file
+from tasks.data.signatures import image_phash
 from tasks.testkit.sample_tree import make_samples
 from tasks.testkit.samples import (
     BACKGROUNDS,
@@ -50,8 +51,10 @@ def _pixels(path: Path) -> np.ndarray:
 
 
 def _foreground(pixels: np.ndarray, background: str) -> np.ndarray:
-    """Mask of pixels clearly different from the background colour."""
-    return np.abs(pixels - np.array(BACKGROUNDS[background])).sum(axis=-1) > 90
+    """Mask of pixels clearly different from the background colour: by more than its mottle makes
+    them (40 per channel, a little more where the smooth blow-up overshoots), by less than the
+    closest shape colour is (yellow on pale yellow: 235)."""
+    return np.abs(pixels - np.array(BACKGROUNDS[background])).sum(axis=-1) > 190
 
 
 def _dominant_colour(pixels: np.ndarray, mask: np.ndarray) -> str:
@@ -157,13 +160,17 @@ def test_counts_match_summary(samples: tuple[Path, SampleSummary]) -> None:
         total += counts.chars
     assert 150_000 < total < 1_000_000
     assert {t for s in REDPAJAMA_SUBSETS for t in _blank_kinds(root, s)} == {"", " \n\t "}
-    assert summary.pretrain_samples == len(json.loads((root / "llava/pretrain.json").read_text())) == N
+    planted_images = len(summary.planted["eval_images"]) + len(summary.planted["copies"])
+    assert summary.pretrain_samples == len(json.loads((root / "llava/pretrain.json").read_text()))
+    assert summary.pretrain_samples == N + planted_images
     instruct = json.loads((root / "llava/instruct.json").read_text())
-    assert summary.instruct_samples == len(instruct) == N
+    assert summary.instruct_samples == len(instruct) == N + len(summary.planted["eval_images"]) + 1
     assert summary.instruct_rounds == sum(len(e["conversations"]) // 2 for e in instruct)
-    assert sum(summary.instruct_questions.values()) == summary.instruct_rounds
+    planted = {row["id"] for rows in summary.planted.values() for row in rows}
+    generated = sum(len(e["conversations"]) // 2 for e in instruct if e["id"] not in planted)
+    assert sum(summary.instruct_questions.values()) == generated == summary.instruct_rounds - 3
     chats = json.loads((root / "sharegpt/chat.json").read_text())
-    assert summary.chats == len(chats) == config.n_chats
+    assert summary.chats == len(chats) == config.n_chats + 1
     assert summary.chat_turns == sum(len(c["conversations"]) for c in chats)
     assert {k: sha256_file(root / k) for k in summary.files} == summary.files
     listed = {p.relative_to(root).as_posix() for p in root.rglob("*") if p.is_file()}
@@ -197,8 +204,9 @@ def test_urls_tsv_rows(samples: tuple[Path, SampleSummary]) -> None:
             good.append(f)
         except OSError:
             corrupt.append(f)
-    assert (len(good), len(missing), len(corrupt)) == (N, 3, 2)
-    assert (summary.cc3m.good, summary.cc3m.missing, summary.cc3m.corrupt) == (N, 3, 2)
+    assert (len(good), len(missing), len(corrupt)) == (N + summary.cc3m.planted, 3, 2)
+    cc3m = summary.cc3m
+    assert (cc3m.good, cc3m.missing, cc3m.corrupt, cc3m.planted) == (N, 3, 2, 4)
     assert summary.cc3m.rows == len(rows)
     assert sorted(f.name for f in corrupt) == ["broken_0.jpg", "empty_1.jpg"]
     assert (root / "images" / "empty_1.jpg").stat().st_size == 0
@@ -209,11 +217,15 @@ def test_urls_tsv_rows(samples: tuple[Path, SampleSummary]) -> None:
 def test_captions_and_answers_agree_with_metadata(samples: tuple[Path, SampleSummary]) -> None:
     root, summary = samples
     records = {r.id: r for r in summary.images}
+    planted = {row["id"] for rows in summary.planted.values() for row in rows}
     assert all(caption_for(r.shapes) == r.caption and r.count == len(r.shapes) for r in records.values())
     for entry in json.loads((root / "llava/pretrain.json").read_text()):
-        assert entry["conversations"][1]["value"] == records[entry["id"]].caption
+        if entry["id"] not in planted:
+            assert entry["conversations"][1]["value"] == records[entry["id"]].caption
     answers: Counter[str] = Counter()
     for entry in json.loads((root / "llava/instruct.json").read_text()):
+        if entry["id"] in planted:
+            continue
         turns = entry["conversations"]
         for question, answer in zip(turns[::2], turns[1::2], strict=True):
             assert answer["value"] == _expected_answer(records[entry["id"]], question["value"])
@@ -281,7 +293,8 @@ def test_pixels_agree_with_multi_shape_metadata(samples: tuple[Path, SampleSumma
 
 
 def test_instruct_is_llava_format(samples: tuple[Path, SampleSummary]) -> None:
-    root, _ = samples
+    root, summary = samples
+    planted = {row["id"] for rows in summary.planted.values() for row in rows}
     for name in ("pretrain", "instruct"):
         entries = json.loads((root / "llava" / f"{name}.json").read_text())
         for entry in entries:
@@ -292,7 +305,7 @@ def test_instruct_is_llava_format(samples: tuple[Path, SampleSummary]) -> None:
             assert [t["from"] for t in turns] == ["human", "gpt"] * (len(turns) // 2)
             assert turns[0]["value"].startswith("<image>\n")
             assert sum("<image>" in t["value"] for t in turns) == 1
-            if name == "instruct":
+            if name == "instruct" and entry["id"] not in planted:
                 assert all(classify_question(t["value"]) for t in turns[::2])
                 assert all(a["value"].isalpha() and a["value"].islower() for a in turns[1::2])
 
@@ -341,3 +354,26 @@ def test_several_instruct_conversations_per_image_have_their_own_ids_and_questio
     assert [e["image"] for e in entries[:3]] == [f"{records[0].id}.jpg"] * 3
     single, _ = make_instruct(records, SampleConfig(n_images=10))
     assert [e["id"] for e in single] == [r.id for r in records]  # the default keeps one per image, as before
+
+
+def test_only_the_planted_images_look_alike(samples: tuple[Path, SampleSummary]) -> None:
+    """Every generated image is more than 16 phash bits from every other one and from every eval
+    image (the mottled backgrounds); the planted copies are within 16 bits of what they copy."""
+    root, summary = samples
+    names = [f"{r.id}.jpg" for r in summary.images]
+    names += [f"{row['id']}.jpg" for row in summary.planted["eval_images"] + summary.planted["copies"]]
+    train = np.array([image_phash(root / "images" / n) for n in names], dtype=np.uint64)
+    eval_files = sorted(p for p in (root / "eval").rglob("*") if p.suffix in (".jpg", ".png"))
+    evals = np.array([image_phash(p) for p in eval_files], dtype=np.uint64)
+    bits = np.unpackbits(np.concatenate([train, evals]).view(np.uint8), axis=1).astype(np.int16)
+    near: set[tuple[str, str]] = set()
+    labels = names + [p.relative_to(root / "eval").as_posix() for p in eval_files]
+    for i in range(len(names)):
+        distance = (bits[i + 1 :] != bits[i]).sum(axis=1)
+        near |= {(labels[i], labels[i + 1 + j]) for j in np.flatnonzero(distance <= 16)}
+    expected = {(f"{row['of']}.jpg", f"{row['id']}.jpg") for row in summary.planted["copies"]}
+    found_eval = {b for a, b in near if a.startswith("plant_")}
+    near_train = {(a, b) for a, b in near if not a.startswith("plant_")}
+    assert near_train == expected, near_train
+    assert {row["eval_file"] for row in summary.planted["eval_images"]} <= found_eval
+    assert all(f.startswith(("gqa/", "pope/", "mme/", "sqa/", "mmbench/", "textvqa/")) for f in found_eval)

@@ -4,8 +4,9 @@
 of the ``kind: eval`` specs of a profile (``tasks.quality.eval_index`` builds it; the build gets it
 through ``build_dataset(eval_index=...)`` and its digest is part of the build identity). Builders ask
 ``image_match`` and ``text_match``; a hit becomes a reject (``eval_contamination``,
-``eval_contamination_text``) whose detail starts with the eval set's name, and ``write_report`` turns
-a build's rejects into ``contamination.json`` (per eval set: images and questions found, by source).
+``eval_contamination_text``) whose detail starts with the names of the eval sets it is found in,
+and ``write_report`` turns a build's rejects into ``contamination.json`` (per eval set: images and
+questions found, by source).
 """
 
 from __future__ import annotations
@@ -72,8 +73,9 @@ class EvalIndex:
                     table[(band, int(key))].append(n)
         return rule, table
 
-    def image_match(self, phash: np.ndarray, max_distance: int) -> tuple[EvalImage, int] | None:
-        """The closest eval image within ``max_distance`` bits, with its distance, or None."""
+    def image_match(self, phash: np.ndarray, max_distance: int) -> tuple[tuple[EvalImage, ...], int] | None:
+        """Every eval set's closest image within ``max_distance`` bits of ``phash`` (by set name) and
+        the smallest distance, or None when no eval image is that close."""
         cache = self.__dict__.setdefault("_tables", {})
         if max_distance not in cache:
             cache[max_distance] = self._buckets(max_distance)
@@ -83,12 +85,16 @@ class EvalIndex:
             for band, key in enumerate(band_keys(phash[None, :], rule)[0])
             for n in table.get((band, int(key)), ())
         }
-        best = min(
-            ((hamming(phash, np.array(self.images[n].phash, np.uint64)), n) for n in candidates), default=None
-        )
-        if best is None or best[0] > max_distance:
+        closest: dict[str, tuple[int, int]] = {}
+        for n in sorted(candidates):
+            distance = hamming(phash, np.array(self.images[n].phash, np.uint64))
+            name = self.images[n].eval_set
+            if distance <= max_distance and (name not in closest or distance < closest[name][0]):
+                closest[name] = (distance, n)
+        if not closest:
             return None
-        return self.images[best[1]], best[0]
+        best = min(d for d, _ in closest.values())
+        return tuple(self.images[closest[name][1]] for name in sorted(closest)), best
 
     def text_match(self, text: str) -> tuple[str, str] | None:
         """(eval set, question id) of an eval question sharing an n-gram with ``text``, or None."""
@@ -98,12 +104,12 @@ class EvalIndex:
         return None
 
 
-def image_detail(hit: tuple[EvalImage, int]) -> str:
-    """Reject detail of a contaminated image (starts with the eval set's name)."""
-    image, distance = hit
-    return (
-        f"{image.eval_set}: the image of question {image.item} ({distance} of {PHASH_BITS} phash bits differ)"
-    )
+def image_detail(hit: tuple[tuple[EvalImage, ...], int]) -> str:
+    """Reject detail of a contaminated image (starts with the names of the eval sets that show it)."""
+    images, distance = hit
+    sets = ", ".join(i.eval_set for i in images)
+    items = ", ".join(f"{i.eval_set} {i.item}" for i in images)
+    return f"{sets}: the image of question {items} ({distance} of {PHASH_BITS} phash bits differ)"
 
 
 def text_detail(hit: tuple[str, str], n: int) -> str:
@@ -121,9 +127,9 @@ def write_report(out: Path, index: EvalIndex, rejects: list[dict[str, Any]]) -> 
         kind = {IMAGE_REASON: "images", TEXT_REASON: "questions"}.get(row["reason"])
         if kind is None:
             continue
-        eval_set = row["detail"].split(":", 1)[0]
-        found = report.setdefault(eval_set, {"checked": {}, "images": {}, "questions": {}})[kind]
-        found[row["subset"]] = found.get(row["subset"], 0) + 1
+        for eval_set in row["detail"].split(":", 1)[0].split(", "):
+            found = report.setdefault(eval_set, {"checked": {}, "images": {}, "questions": {}})[kind]
+            found[row["subset"]] = found.get(row["subset"], 0) + 1
     body = {
         "eval_sets": report,
         "ngram": index.ngram,

@@ -308,6 +308,11 @@ class DatasetSpec(_Strict):
         names = [s.name for s in self.subsets]
         if len(set(names)) != len(names):
             raise ValueError(f"subset names must be unique, got {names}")
+        if self.dedup.image is not None and self.kind != "image_text":
+            raise ValueError(
+                f"dedup.image is for image_text specs; kind {self.kind!r} keeps every conversation of a "
+                "shared image (use decontaminate to keep eval images out)"
+            )
         if self.dedup.minhash is not None and self.kind != "text":
             raise ValueError(
                 f"dedup.minhash is for text specs; kind {self.kind!r} has no documents to shingle"

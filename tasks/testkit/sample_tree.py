@@ -13,6 +13,7 @@ from pathlib import Path
 
 from tasks.core.identity import atomic_path, atomic_write_json, atomic_write_text, sha256_file
 from tasks.testkit.eval_samples import make_eval_sets
+from tasks.testkit.planted import plant
 from tasks.testkit.samples import (
     GENERATOR_VERSION,
     QUESTION_TEMPLATES,
@@ -109,19 +110,22 @@ def make_samples(out_dir: Path, config: SampleConfig | None = None) -> SampleSum
         logger.info("samples in %s are complete for this config; skipping", out_dir)
         return existing
     records, image_files = make_images(config)
-    _write_images(out_dir, image_files)
     eval_files = make_eval_sets(config)
+    plants = plant(records, image_files, eval_files)
+    image_files.update(plants.files)
+    _write_images(out_dir, image_files)
     _write_tree(out_dir / "eval", eval_files)
     all_docs, subset_counts = [], {}
     for subset in REDPAJAMA_SUBSETS:
         docs, subset_counts[subset] = make_subset(subset, config)
         atomic_write_text(out_dir / "redpajama" / f"{subset}.jsonl", jsonl_text(docs))
         all_docs += docs
-    urls_text, url_counts = make_urls_tsv(records, config)
+    urls_text, url_counts = make_urls_tsv(records, config, plants.url_rows)
     atomic_write_text(out_dir / "cc3m" / "urls.tsv", urls_text)
-    pretrain = make_pretrain(records, config)
+    pretrain = make_pretrain(records, config) + plants.pretrain
     instruct, question_types = make_instruct(records, config)
-    chats = make_chats(config)
+    instruct += plants.instruct
+    chats = make_chats(config) + plants.chats
     for rel, data in (
         ("llava/pretrain.json", pretrain),
         ("llava/instruct.json", instruct),
@@ -147,6 +151,7 @@ def make_samples(out_dir: Path, config: SampleConfig | None = None) -> SampleSum
         chat_turns=sum(len(c["conversations"]) for c in chats),
         tokenizer_vocab_size=vocab,
         tokenizer_hash=tok_hash,
+        planted=plants.summary,
     )
     summary.files = _file_hashes(out_dir, _written_files(out_dir, image_files, eval_files))
     atomic_write_json(out_dir / "samples.json", summary.to_json())

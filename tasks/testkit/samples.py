@@ -7,8 +7,9 @@ the pixels show, and answers are single lowercase words so exact-match accuracy 
 
 Layout under ``out_dir`` (all written atomically; ``samples.json`` last, as the manifest):
 
-* ``images/{id}.jpg`` - RGB JPEGs of 1..3 shapes on a pale background, plus ``broken_{i}.jpg`` (bytes
-  that are not an image) and ``empty_{i}.jpg`` (zero bytes) for the corrupt CC3M rows;
+* ``images/{id}.jpg`` - RGB JPEGs of 1..3 shapes on a pale, softly mottled background, plus
+  ``broken_{i}.jpg`` (bytes that are not an image) and ``empty_{i}.jpg`` (zero bytes) for the corrupt
+  CC3M rows, and the planted copies of eval and training images (``planted.py``);
 * ``redpajama/{subset}.jsonl`` - ``{"text", "meta"}`` lines for the seven RedPajama v1 subsets, with
   a known number of exact duplicates and empty/whitespace-only documents per subset;
 * ``cc3m/urls.tsv`` - ``url<TAB>caption`` with URLs ``{LOCAL_SERVER}/images/{id}.jpg`` (good), then
@@ -36,13 +37,14 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+import numpy as np
 from PIL import Image, ImageDraw
 
 from tasks.data.local_server import LOCAL_SERVER_PLACEHOLDER
 
 logger = logging.getLogger(__name__)
 
-GENERATOR_VERSION = "samples/2"
+GENERATOR_VERSION = "samples/3"
 """Bump when the bytes written for the same config change."""
 
 RGB = tuple[int, int, int]
@@ -134,6 +136,8 @@ _CENTRES: dict[int, dict[str, tuple[float, float]]] = {
 _RADIUS: dict[int, float] = {1: 0.2, 2: 0.17, 3: 0.13}
 _JITTER: dict[int, float] = {1: 0.02, 2: 0.02, 3: 0.012}
 _SUPERSAMPLE = 4
+MOTTLE_GRID = 4
+"""Side of the grid of random background offsets (``SampleConfig.mottle``)."""
 
 QUESTION_TEMPLATES: dict[str, tuple[str, ...]] = {
     "colour": ("What colour is the shape?", "What colour is the {kind}?"),
@@ -205,6 +209,10 @@ class SampleConfig:
     """Images of the six benchmark replicas under ``eval/`` (drawn apart from the training images)."""
     vocab_size: int = 1024
     """Tokenizer vocabulary size (the ``tiny-llama`` row uses 1024)."""
+    mottle: float = 40.0
+    """Amplitude (0-255 scale) of the smooth random colour field under each image's background, its
+    own per image as every photo's is: plain backgrounds give hundreds of images one perceptual hash,
+    with 40 no two of the default config's images are within 16 bits of each other (0 = plain)."""
 
     def validate(self) -> None:
         """Raise ValueError for impossible settings."""
@@ -222,7 +230,7 @@ class SampleConfig:
         if self.n_docs_per_subset < 1 or self.dup_docs_per_subset > self.n_docs_per_subset:
             raise ValueError("need n_docs_per_subset >= 1 and dup_docs_per_subset <= n_docs_per_subset")
         counts = (self.dup_docs_per_subset, self.empty_docs_per_subset, self.n_missing_urls)
-        if min(*counts, self.n_corrupt_images, self.n_chats) < 0:
+        if min(*counts, self.n_corrupt_images, self.n_chats, self.mottle) < 0:
             raise ValueError("counts must not be negative")
 
 
@@ -286,6 +294,8 @@ class UrlCounts:
     """Rows whose URL serves bytes that are not an image."""
     rows: int
     """All rows."""
+    planted: int = 0
+    """Rows (after the good ones) whose URL serves a planted image (``SampleSummary.planted``)."""
 
 
 @dataclass
@@ -324,6 +334,9 @@ class SampleSummary:
     """Tokens in the trained tokenizer."""
     tokenizer_hash: str
     """``model.tokenizer.tokenizer_hash`` of the trained tokenizer."""
+    planted: dict[str, list[dict[str, str]]] = field(default_factory=dict)
+    """The planted contamination (``tasks.testkit.planted``): ``eval_images``, ``eval_questions``
+    and ``copies``, one row per planted sample with its id and what it copies."""
     files: dict[str, str] = field(default_factory=dict)
     """sha256 of every written file (paths relative to the samples folder), ``samples.json`` excluded."""
 
@@ -398,11 +411,22 @@ def _draw_shape(draw: ImageDraw.ImageDraw, kind: str, cx: float, cy: float, r: f
 
 
 def render_image(
-    shapes: Sequence[tuple[str, str, float, float, float]], background: str, size: int
+    shapes: Sequence[tuple[str, str, float, float, float]],
+    background: str,
+    size: int,
+    mottle: Sequence[float] = (),
 ) -> Image.Image:
-    """Render ``(kind, colour, cx, cy, r)`` shapes (pixels) on a plain background, anti-aliased."""
+    """Render ``(kind, colour, cx, cy, r)`` shapes (pixels) on a background, anti-aliased. ``mottle``:
+    ``3 * MOTTLE_GRID**2`` offsets added to the background colour, blown up smoothly (none: plain)."""
     big = size * _SUPERSAMPLE
     image = Image.new("RGB", (big, big), BACKGROUNDS[background])
+    if mottle:
+        offsets = np.asarray(mottle, dtype=np.float32).reshape(MOTTLE_GRID, MOTTLE_GRID, 3)
+        bands = [
+            np.asarray(Image.fromarray(offsets[:, :, c]).resize((big, big), Image.Resampling.BICUBIC)) + base
+            for c, base in enumerate(BACKGROUNDS[background])
+        ]
+        image = Image.fromarray(np.clip(np.stack(bands, axis=-1), 0, 255).astype(np.uint8))
     draw = ImageDraw.Draw(image)
     for kind, colour, cx, cy, r in shapes:
         s = _SUPERSAMPLE
@@ -461,7 +485,9 @@ def plan_image(
         count=count,
         caption=caption_for(shapes),
     )
-    return record, render_image(drawn, background, size)
+    n = 3 * MOTTLE_GRID**2 if config.mottle else 0
+    mottle = [rng.uniform(-config.mottle, config.mottle) for _ in range(n)]
+    return record, render_image(drawn, background, size, mottle)
 
 
 def _shape_counts(config: SampleConfig) -> list[int]:
@@ -1066,10 +1092,12 @@ def json_text(obj: Any) -> str:
     return json.dumps(obj, indent=2, sort_keys=True, ensure_ascii=False) + "\n"
 
 
-def make_urls_tsv(records: Sequence[ImageRecord], config: SampleConfig) -> tuple[str, UrlCounts]:
-    """The CC3M-like URL list: good rows, then 404 rows, then corrupt-file rows."""
+def make_urls_tsv(
+    records: Sequence[ImageRecord], config: SampleConfig, planted: Sequence[tuple[str, str]] = ()
+) -> tuple[str, UrlCounts]:
+    """The CC3M-like URL list: good rows, the ``planted`` rows, then 404 rows, then corrupt-file rows."""
     rng = _rng(config, "cc3m")
-    rows = [(f"{LOCAL_SERVER_PLACEHOLDER}/{r.file}", r.caption) for r in records]
+    rows = [(f"{LOCAL_SERVER_PLACEHOLDER}/{r.file}", r.caption) for r in records] + list(planted)
     bad = [f"images/missing_{i}.jpg" for i in range(config.n_missing_urls)]
     bad += [f"images/{name}" for name in _corrupt_files(config)]
     for rel in bad:
@@ -1078,7 +1106,11 @@ def make_urls_tsv(records: Sequence[ImageRecord], config: SampleConfig) -> tuple
         )
         rows.append((f"{LOCAL_SERVER_PLACEHOLDER}/{rel}", caption_for([shape])))
     counts = UrlCounts(
-        good=len(records), missing=config.n_missing_urls, corrupt=config.n_corrupt_images, rows=len(rows)
+        good=len(records),
+        missing=config.n_missing_urls,
+        corrupt=config.n_corrupt_images,
+        rows=len(rows),
+        planted=len(planted),
     )
     return "url\tcaption\n" + "".join(f"{u}\t{c}\n" for u, c in rows), counts
 
