@@ -159,7 +159,9 @@ def test_the_contamination_report_is_an_artifact_of_the_build_run(world, tmp_pat
     assert "contamination.json" in [f.path for f in mlflow.list_artifacts(run_id)]
     local = Path(mlflow.download_artifacts(run_id, "contamination.json", str(tmp_path / "dl")))
     report = json.loads(local.read_text())
-    assert sum(s["images"].get("main", 0) for s in report["eval_sets"].values()) == 9  # (image, eval set) pairs
+    assert (
+        sum(s["images"].get("main", 0) for s in report["eval_sets"].values()) == 9
+    )  # (image, eval set) pairs
 
 
 def test_text_build_rejects_documents_holding_an_eval_question(world, tmp_path: Path) -> None:

@@ -20,6 +20,9 @@ from tasks.testkit.sample_tree import make_samples
 from tasks.testkit.samples import SampleConfig
 
 N_GOOD, N_MISSING, N_CORRUPT = 24, 3, 2
+"""Rows serving a good image (the generated ones and the 4 planted copies), 404 rows, corrupt files."""
+N_PLANTED = 4
+"""Of the good rows: 2 planted eval images and 2 planted copies of training images."""
 REFUSED_URLS = (
     "file:///etc/passwd",
     "ftp://127.0.0.1/images/000000.jpg",
@@ -67,7 +70,7 @@ def data_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Sample images (good, 404, corrupt) and a URL list with refused, duplicate and empty-caption rows."""
     root = tmp_path_factory.mktemp("image_text")
     config = SampleConfig(
-        n_images=N_GOOD,
+        n_images=N_GOOD - N_PLANTED,
         n_missing_urls=N_MISSING,
         n_corrupt_images=N_CORRUPT,
         n_docs_per_subset=2,
@@ -318,3 +321,32 @@ def test_missing_img2dataset_names_the_make_target(monkeypatch: pytest.MonkeyPat
     monkeypatch.setenv("MVLM_IMG2DATASET", str(tmp_path / "nope" / "img2dataset"))
     with pytest.raises(Img2DatasetNotFound, match=r"make \.venv-img2dataset/\.installed"):
         find_img2dataset()
+
+
+def test_url_list_near_identical_images_and_eval_images_are_rejected(data_root: Path) -> None:
+    """``dedup.image`` and ``decontaminate`` on a URL list: the downloaded images are hashed, the planted
+    copies of training images and of eval images (``tasks.testkit.planted``) are rejected, exactly."""
+    from tasks.quality.eval_index import eval_index
+    from tasks.testkit.sample_tree import load_summary
+
+    spec = CC3M_SPEC.replace("name: t-cc3m", "name: t-cc3m-clean").replace(
+        "subsets:", "dedup: {image: {max_distance: 16}, partitions: 3}\ndecontaminate: {}\nsubsets:"
+    )
+    index = eval_index("tiny", data_root)
+    result = build_dataset(write_spec(data_root / "specs", spec), data_root, eval_index=index)
+    summary = load_summary(data_root / "samples")
+    rejects = [json.loads(line) for line in (result.path / "rejects.jsonl").read_text().splitlines()]
+    found = {
+        (r["reason"], r["source"].rsplit("/", 1)[1].removesuffix(".jpg"))
+        for r in rejects
+        if r["reason"] in ("near_duplicate_image", "eval_contamination")
+    }
+    expected = {("near_duplicate_image", row["id"]) for row in summary.planted["copies"]}
+    expected |= {("eval_contamination", row["id"]) for row in summary.planted["eval_images"]}
+    assert found == expected
+    copies = {r["source"]: r["detail"] for r in rejects if r["reason"] == "near_duplicate_image"}
+    for row in summary.planted["copies"]:  # the original is kept, named by its unit and sample key
+        (detail,) = [d for src, d in copies.items() if src.endswith(f"/{row['id']}.jpg")]
+        # the good rows come first in list order, so image 000007 is img2dataset's key 000007
+        assert detail.startswith("near-identical image of cc3m ") and detail.endswith(f" cc3m-{row['of']}")
+    assert result.manifest["stats"]["totals"]["kept"] == N_GOOD - N_PLANTED
