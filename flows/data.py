@@ -30,17 +30,10 @@ def validate_spec(name: str, spec_dir: str | None) -> str:
 @task(name="build-dataset", cache_policy=NONE)
 def build_dataset_task(spec_path: str, data_root: str, force: bool) -> BuildSummary:
     """Build or reuse the dataset; returns its summary."""
-    from tasks.data.build import build_dataset
     from tasks.data.previews import token_chart
-    from tasks.data.specs import load_spec
+    from tasks.quality.eval_index import build_decontaminated
 
-    spec = load_spec(spec_path)
-    index = None
-    if spec.decontaminate is not None:
-        from tasks.quality.eval_index import eval_index
-
-        index = eval_index(spec.profile, data_root, spec.decontaminate.ngram)
-    result = build_dataset(spec_path, data_root, force=force, eval_index=index)
+    result = build_decontaminated(spec_path, data_root, force=force)
     logger = get_run_logger()
     for item in result.repaired:
         logger.warning("%s: rebuilt shard %s (%s)", result.name, item["shard"], item["reason"])

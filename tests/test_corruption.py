@@ -17,7 +17,8 @@ import pytest
 from test_training import _losses, _pretrain
 
 from tasks.core.identity import read_json
-from tasks.data.build import BuildResult, build_dataset
+from tasks.data.build import BuildResult
+from tasks.quality.eval_index import build_decontaminated as build_dataset
 from tasks.train.stage import StageError, plan_stage, run_stage
 
 pytestmark = pytest.mark.usefixtures("ray_local")

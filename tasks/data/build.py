@@ -207,8 +207,8 @@ def make_context(spec_path: str | Path, data_root: str | Path, eval_index: Any =
     elif eval_index is None:
         raise BuildError(
             f"spec {spec.name}: decontaminate is set, so the build needs the eval sets of profile "
-            f"{spec.profile!r}: build it with `mvlm data build {spec.name}` (or pass eval_index, built by "
-            "tasks.quality.eval_index.eval_index)"
+            f"{spec.profile!r}: build it with `mvlm data build {spec.name}` (in Python: "
+            "tasks.quality.eval_index.build_decontaminated, or pass eval_index)"
         )
     if spec.downloads:  # published files the sources read: fetched (or verified as there) first
         from tasks.data.downloads import ensure_downloads

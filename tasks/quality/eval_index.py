@@ -12,11 +12,16 @@ from __future__ import annotations
 import base64
 import logging
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 from tasks.data.contamination import EvalImage, EvalIndex
 from tasks.data.signatures import image_phash, ngram_hashes
 from tasks.quality.eval_sets import EvalSetError, read_eval_set
 from tasks.quality.eval_specs import load_eval_specs
+
+if TYPE_CHECKING:
+    from tasks.data.build import BuildResult
+    from tasks.data.specs import DatasetSpec
 
 log = logging.getLogger(__name__)
 
@@ -60,6 +65,22 @@ def eval_index(
                 grams.setdefault(gram, (name, str(item.question_id)))
         sets[name] = {"images": len(seen), "questions": len(items), "short_questions": short}
     return EvalIndex(tuple(images), grams, ngram, sets, tuple(missing))
+
+
+def index_for(spec: DatasetSpec, data_root: str | Path) -> EvalIndex | None:
+    """The eval index a build of ``spec`` needs (None when it does not ask for decontamination)."""
+    if spec.decontaminate is None:
+        return None
+    return eval_index(spec.profile, data_root, spec.decontaminate.ngram)
+
+
+def build_decontaminated(spec_path: str | Path, data_root: str | Path, **options: Any) -> BuildResult:
+    """``build_dataset`` with the eval index its spec asks for (what ``mvlm data build`` runs)."""
+    from tasks.data.build import build_dataset
+    from tasks.data.specs import load_spec
+
+    index = index_for(load_spec(spec_path), data_root)
+    return build_dataset(spec_path, data_root, eval_index=index, **options)
 
 
 def _image_source(ref: str) -> str | bytes:
