@@ -2,8 +2,10 @@
 
 Ours is ``tasks.data.build.build_dataset`` on a generated corpus of jsonl files in a fresh temporary data
 root each repeat (identity, source hashing, scan + tokenize, partitioned exact dedup, pack, shard
-writing, manifest) on real Ray, and the same with MinHash near-duplicate search on (a second
-ratio), after a warm-up build so worker start-up is not counted. The reference is the
+writing, manifest) on real Ray, the same with MinHash near-duplicate search on (a second ratio)
+and with eval decontamination on (``decontaminate: {ngram: 13}`` against an index of 20,000
+questions of 16 words drawn from another corpus, so nothing is rejected: a third ratio), after a
+warm-up build so worker start-up is not counted. The reference is the
 same tokenizer's Rust ``encode_batch`` on the same documents in this process, with nothing else
 (no reading, no dedup, no packing, no writing). Both rates count the same tokens (the documents'
 token ids), divided by the cores each used. The ratio ours/reference is printed last.
@@ -26,9 +28,16 @@ import statistics
 import tempfile
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from tasks.data.contamination import EvalIndex
 
 EXACT = "{exact: true}"
 MINHASH = "{exact: true, minhash: {threshold: 0.8, ngram: 5, num_perm: 128, bands: 16}}"
+DECONTAMINATE = "decontaminate: {ngram: 13}"
+QUESTIONS = 20_000
+"""Questions in the benchmark's eval index (the six benchmarks hold ~37,000, most under 13 words)."""
 SPEC = """\
 name: bench-text
 kind: text
@@ -39,6 +48,7 @@ seq_len: {seq_len}
 shard_samples: 256
 max_failure_ratio: 0.0
 dedup: {dedup}
+{extra}
 subsets:
   - {{name: web, source: {{type: files, paths: ["raw/*.jsonl"]}}}}
 """
@@ -75,7 +85,13 @@ def make_documents(megabytes: float, seed: int = 0) -> list[str]:
 
 
 def write_root(
-    root: Path, docs: list[str], files: int, tokenizer_dir: Path, seq_len: int, dedup: str = "{exact: true}"
+    root: Path,
+    docs: list[str],
+    files: int,
+    tokenizer_dir: Path,
+    seq_len: int,
+    dedup: str = "{exact: true}",
+    extra: str = "",
 ) -> Path:
     """A data root with the corpus split over ``files`` jsonl files, the tokenizer and the spec."""
     (root / "raw").mkdir(parents=True)
@@ -86,8 +102,24 @@ def write_root(
     shutil.copytree(tokenizer_dir, root / "tokenizer")
     spec = root / "specs" / "bench-text.yaml"
     spec.parent.mkdir()
-    spec.write_text(SPEC.format(seq_len=seq_len, dedup=dedup))
+    spec.write_text(SPEC.format(seq_len=seq_len, dedup=dedup, extra=extra))
     return spec
+
+
+def question_index(docs: list[str]) -> EvalIndex:
+    """An eval index of ``QUESTIONS`` 16-word spans of ``docs`` (another corpus than the one built)."""
+    from tasks.data.contamination import EvalIndex
+    from tasks.data.signatures import ngram_hashes
+
+    rng = random.Random(7)
+    grams: dict[int, tuple[str, str]] = {}
+    long_docs = [d.split() for d in docs if len(d.split()) > 16]
+    for q in range(QUESTIONS):
+        words = rng.choice(long_docs)
+        start = rng.randrange(len(words) - 16)
+        for gram in ngram_hashes(" ".join(words[start : start + 16]), 13):
+            grams.setdefault(gram, ("bench-eval", str(q)))
+    return EvalIndex((), grams, 13, {"bench-eval": {"questions": QUESTIONS}})
 
 
 def make_tokenizer(kind: str, docs: list[str], vocab_size: int, out: Path) -> str:
@@ -132,14 +164,17 @@ def main() -> None:
             write_root(work / "warmup", docs[:50], args.files, work / "tok", args.seq_len), work / "warmup"
         )
 
+        index = question_index(make_documents(2.0, seed=1))
         ours, manifest = [], None
         near: list[float] = []
+        clean: list[float] = []
+        variants = ((EXACT, "", None, ours), (MINHASH, "", None, near), (EXACT, DECONTAMINATE, index, clean))
         for r in range(args.repeats):
-            for dedup, times in ((EXACT, ours), (MINHASH, near)):
+            for dedup, extra, eval_index, times in variants:
                 root = work / f"run{r}"
-                spec = write_root(root, docs, args.files, work / "tok", args.seq_len, dedup)
+                spec = write_root(root, docs, args.files, work / "tok", args.seq_len, dedup, extra)
                 start = time.perf_counter()
-                result = build_dataset(spec, root, force=True)
+                result = build_dataset(spec, root, force=True, eval_index=eval_index)
                 times.append(time.perf_counter() - start)
                 assert not result.reused
                 manifest = manifest or result.manifest
@@ -184,6 +219,13 @@ def main() -> None:
         f"{t_near:7.3f} s  {tokens / t_near:12,.0f} tok/s  {tokens / t_near / cores_ours:12,.0f} tok/s/core"
     )
     print(f"ratio ours+minhash/reference tokens/s per core: {tokens / t_near / cores_ours / ref_rate:.3f}")
+    t_clean = statistics.median(clean)
+    clean_rate = tokens / t_clean / cores_ours
+    print(
+        f"ours+decontaminate build_dataset, 13-grams against {len(index.ngrams):,} question n-grams "
+        f"{t_clean:7.3f} s  {tokens / t_clean:12,.0f} tok/s  {clean_rate:12,.0f} tok/s/core"
+    )
+    print(f"ratio ours+decontaminate/reference tokens/s per core: {clean_rate / ref_rate:.3f}")
     bytes_per_token = sum(r["bytes"] for r in manifest["shards"]) / totals["tokens"]
     print(f"shards on disk: {bytes_per_token:.3f} bytes per token at seq_len {args.seq_len}")
     print(f"ratio ours/reference tokens/s per core: {ours_rate / ref_rate:.3f}")

@@ -98,10 +98,10 @@ class EvalIndex:
 
     def text_match(self, text: str) -> tuple[str, str] | None:
         """(eval set, question id) of an eval question sharing an n-gram with ``text``, or None."""
-        for gram in ngram_hashes(text, self.ngram):
-            if (hit := self.ngrams.get(gram)) is not None:
-                return hit
-        return None
+        found = ngram_hashes(text, self.ngram)
+        if self.ngrams.keys().isdisjoint(found):
+            return None
+        return self.ngrams[min(found & self.ngrams.keys())]
 
 
 def image_detail(hit: tuple[tuple[EvalImage, ...], int]) -> str:

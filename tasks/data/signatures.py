@@ -63,8 +63,36 @@ def hamming(a: np.ndarray, b: np.ndarray) -> int:
     return sum(int(x).bit_count() for x in np.bitwise_xor(a, b))
 
 
+_WORD_HASHES: dict[str, int] = {}
+_WORD_CACHE = 1 << 20
+"""Words whose hash is kept (web text is Zipfian: most words of a document are in the cache)."""
+_GRAM_BASE = np.uint64(0x9E3779B97F4A7C15)
+"""Odd multiplier of the polynomial that combines word hashes into an n-gram hash (mod 2**64)."""
+
+
+def _word_hash(word: str) -> int:
+    value = _WORD_HASHES.get(word)
+    if value is None:
+        value = int.from_bytes(hashlib.blake2b(word.encode(), digest_size=8).digest(), "little")
+        if len(_WORD_HASHES) >= _WORD_CACHE:
+            _WORD_HASHES.clear()
+        _WORD_HASHES[word] = value
+    return value
+
+
 def ngram_hashes(text: str, n: int) -> set[int]:
-    """64-bit hashes of the lower-cased word ``n``-grams of ``text`` (none when it has fewer words)."""
+    """64-bit hashes of the lower-cased word ``n``-grams of ``text`` (none when it has fewer words).
+
+    Each word is hashed once (blake2b, cached) and the ``n`` word hashes of a gram are combined as
+    a polynomial mod 2**64 with numpy, so the cost is a dictionary lookup per word, not a hash per
+    gram; the same in every process (no Python ``hash``)."""
     words = WORD.findall(text.lower())
-    grams = (" ".join(words[i : i + n]) for i in range(len(words) - n + 1))
-    return {int.from_bytes(hashlib.blake2b(g.encode(), digest_size=8).digest(), "little") for g in grams}
+    count = len(words) - n + 1
+    if count <= 0:
+        return set()
+    hashes = np.fromiter((_word_hash(w) for w in words), dtype=np.uint64, count=len(words))
+    grams = hashes[:count].copy()
+    with np.errstate(over="ignore"):
+        for k in range(1, n):
+            grams = grams * _GRAM_BASE + hashes[k : k + count]
+    return set(grams.tolist())
