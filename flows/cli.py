@@ -11,7 +11,7 @@ from typing import Annotated
 
 import typer
 
-from flows import cli_data, cli_eval, cli_export, cli_model, cli_retrain, cli_train
+from flows import cli_data, cli_eval, cli_export, cli_model, cli_retrain, cli_servers, cli_train
 from flows.logs import setup_logging
 
 app = typer.Typer(
@@ -30,7 +30,7 @@ def _main(
         os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 
 
-for _module in (cli_model, cli_data, cli_train, cli_export, cli_retrain, cli_eval):
+for _module in (cli_model, cli_data, cli_train, cli_export, cli_retrain, cli_eval, cli_servers):
     _module.register(app)
 
 

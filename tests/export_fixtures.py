@@ -119,10 +119,13 @@ def free_port() -> int:
 class MlflowServer:
     """A real ``mlflow server`` subprocess on 127.0.0.1 that can be stopped and started again."""
 
-    def __init__(self, root: Path, port: int) -> None:
+    def __init__(
+        self, root: Path, port: int, app_name: str | None = None, env: dict[str, str] | None = None
+    ) -> None:
         self.root, self.port = root, port
         self.url = f"http://127.0.0.1:{port}"
         self.process: subprocess.Popen | None = None
+        self.app_name, self.env = app_name, env or {}
 
     def start(self, timeout: float = 90.0) -> None:
         """Start the server and wait until /health answers."""
@@ -133,8 +136,10 @@ class MlflowServer:
             "--artifacts-destination", str(self.root / "artifacts"),
             "--workers", "1",
         ]  # fmt: skip
+        command += ["--app-name", self.app_name] if self.app_name else []
         log = open(self.root / "server.log", "ab")  # noqa: SIM115 - closed with the process
-        self.process = subprocess.Popen(command, stdout=log, stderr=log, start_new_session=True)
+        env = {**os.environ, **self.env}
+        self.process = subprocess.Popen(command, stdout=log, stderr=log, start_new_session=True, env=env)
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.healthy():

@@ -115,11 +115,25 @@ def _converge(mlflow: MlflowClient, exp_id: str, identity: str, owner: str) -> s
         if run.info.run_id == keep or not (is_complete(run) or run.data.tags.get(tag.OWNER) == owner):
             continue  # another owner's incomplete run: that pusher cleans it up when it looks again
         log.warning("identity %s: removing duplicate run %s (keeping %s)", identity, run.info.run_id, keep)
-        with contextlib.suppress(Exception):  # a concurrent pusher may have removed it already
+        try:
             if run.info.status == "RUNNING":
                 mlflow.set_terminated(run.info.run_id, "KILLED")
             mlflow.delete_run(run.info.run_id)
+        except Exception as err:  # a concurrent pusher may have removed it already
+            if auth_refusal(err):  # a runner account may not delete runs: an admin removes the copy
+                log.warning(
+                    "identity %s: this account may not delete run %s; an admin can", identity, run.info.run_id
+                )
+            else:
+                log.debug("identity %s: run %s not removed: %s", identity, run.info.run_id, err)
     return keep
+
+
+def auth_refusal(err: BaseException) -> str | None:
+    """``UNAUTHENTICATED`` or ``PERMISSION_DENIED`` when ``err`` is an MLflow server refusing the
+    caller's credentials or rights, else None."""
+    code = getattr(err, "error_code", None)
+    return code if code in ("UNAUTHENTICATED", "PERMISSION_DENIED") else None
 
 
 # --- payloads and the outbox --------------------------------------------------------------------------
@@ -201,7 +215,9 @@ class FlushReport:
     sent: dict[str, str] = field(default_factory=dict)
     """Identity -> run id of payloads now complete in MLflow."""
     kept: list[str] = field(default_factory=list)
-    """Identities still waiting (server unreachable or a push failed)."""
+    """Identities still waiting (server unreachable, credentials refused or a push failed)."""
+    refused: str | None = None
+    """Why the server refused this account (then nothing more was tried), or None."""
 
 
 def flush(
@@ -225,10 +241,13 @@ def flush(
         return report
     busy: list[Payload] = []
     for payload in pending:
-        if report.kept and not reachable(uri):
+        if report.refused or (report.kept and not reachable(uri)):
             report.kept.append(payload.identity)
         elif not _flush_one(outbox, payload, uri, on_step, 0.0, report):
             busy.append(payload)
+    if report.refused:
+        log.error("%s; %d result(s) stay in %s", report.refused, len(report.kept), outbox.folder)
+        return report
     for payload in busy:
         if not _flush_one(outbox, payload, uri, on_step, wait_s, report):
             log.warning(
@@ -257,12 +276,31 @@ def _flush_one(
         try:
             run_id = push(payload, uri, on_step, owner=outbox.owner)
         except Exception as err:
-            log.warning("push of %s failed (%s); kept in %s", payload.identity, err, outbox.folder)
+            if code := auth_refusal(err):
+                log.debug("MLflow refused the push of %s", payload.identity, exc_info=True)
+                report.refused = refusal_message(uri, code)
+            else:
+                log.warning("push of %s failed (%s); kept in %s", payload.identity, err, outbox.folder)
             report.kept.append(payload.identity)
             return True
         outbox.remove(payload.identity)
         report.sent[payload.identity] = run_id
         return True
+
+
+def refusal_message(uri: str, code: str) -> str:
+    """What to do when the server at ``uri`` refuses this account (``auth_refusal``'s code)."""
+    user = os.environ.get("MLFLOW_TRACKING_USERNAME")
+    if code == "UNAUTHENTICATED":
+        who = f"the password of {user!r}" if user else "no credentials (MLFLOW_TRACKING_USERNAME is not set)"
+        return (
+            f"MLflow at {uri} refused {who}: set MLFLOW_TRACKING_USERNAME / MLFLOW_TRACKING_PASSWORD "
+            "to a runner account"
+        )
+    return (
+        f"MLflow at {uri} does not let {user!r} write to the pipeline's experiment: an admin runs "
+        f"`mvlm servers add-runner {user}` (infra/servers/README.md)"
+    )
 
 
 def push(
