@@ -130,11 +130,21 @@ def test_redpajama_rejects_are_the_generators_duplicates_and_empties(flow_runs: 
     }
 
 
-def test_instruct_and_chat_builds_keep_every_generated_sample(flow_runs: dict) -> None:
+def test_instruct_and_chat_builds_keep_every_generated_sample(flow_runs: dict, root: Path) -> None:
+    """Every generated conversation is kept; the planted eval images and questions are rejected."""
+    from tasks.testkit.sample_tree import load_summary
+
+    planted = load_summary(root / "samples").planted
+    in_instruct = len(planted["eval_images"]) + sum(
+        q["source"] == "llava/instruct.json" for q in planted["eval_questions"]
+    )
+    in_chat = sum(q["source"] == "sharegpt/chat.json" for q in planted["eval_questions"])
     summary_instruct = flow_runs["tiny-llava-instruct"][0]["totals"]
     summary_chat = flow_runs["tiny-sharegpt"][0]["totals"]
-    assert summary_instruct["rejected"] == 0 and summary_instruct["kept"] == summary_instruct["images"] > 0
-    assert summary_chat["rejected"] == 0 and summary_chat["kept"] == summary_chat["text_only"] > 0
+    assert summary_instruct["rejected"] == in_instruct == 3
+    assert summary_instruct["kept"] == summary_instruct["images"] == summary_instruct["read"] - 3
+    assert summary_chat["rejected"] == in_chat == 1
+    assert summary_chat["kept"] == summary_chat["text_only"] == summary_chat["read"] - 1
 
 
 def test_cli_stats_shows_subsets_and_reasons(flow_runs: dict, root: Path) -> None:

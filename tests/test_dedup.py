@@ -8,6 +8,7 @@ import random
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from tasks.core.identity import read_json
@@ -174,3 +175,36 @@ def test_a_kill_in_the_middle_of_dedup_resumes_to_the_same_shards(data_root, tmp
         for b, r in ((fresh, fresh_root), (killed, root))
     ]
     assert rejects[0] == rejects[1] and '"near_duplicate"' in rejects[0]
+
+
+def test_every_near_identical_image_is_found_among_a_million_hashes(tmp_path: Path) -> None:
+    """At CC3M scale a band group holds hundreds of images: every earlier member is compared, so a
+    copy within ``max_distance`` bits is always found (pigeonhole), however big its groups are."""
+    from tasks.data.builder import serial_map
+    from tasks.data.dedup import DedupPlan, NearRule, UnitKeys, run_reduce, scan_wheres, unit_drops
+
+    rng = np.random.default_rng(0)
+    n, copies, units = 1_000_000, 200, 4
+    hashes = rng.integers(0, np.iinfo(np.uint64).max, size=(n, 3), dtype=np.uint64, endpoint=True)
+    originals = rng.choice(n, copies, replace=False)
+    planted = hashes[originals].copy()
+    bits = np.unpackbits(planted.view(np.uint8), axis=1)
+    for row, flips in zip(bits, rng.integers(1, 17, copies), strict=True):  # 1-16 bits differ
+        row[rng.choice(192, flips, replace=False)] ^= 1
+    hashes = np.concatenate([hashes, np.packbits(bits, axis=1).view(np.uint64)])
+    plan = DedupPlan(str(tmp_path / "dedup"), 8, False, NearRule("phash", 17, 16, "near_duplicate_image"))
+    per_unit = -(-len(hashes) // units)
+    scans = []
+    for unit in range(units):
+        keys = UnitKeys(plan)
+        for pos in range(unit * per_unit, min(len(hashes), (unit + 1) * per_unit)):
+            keys.add("0" * 32, str(pos), hashes[pos])
+        scans.append(keys.save(unit, "s", "src", {"read": 0}))
+    run_reduce(plan, scans, serial_map, "million")
+    dropped = {}
+    for unit in range(units):
+        wheres = scan_wheres(plan, unit)
+        dropped |= {
+            int(wheres[pos]): int(drop.kept.split()[-1]) for pos, drop in unit_drops(plan, unit).items()
+        }
+    assert dropped == {n + k: int(o) for k, o in enumerate(originals)}  # each copy, naming its original

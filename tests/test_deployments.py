@@ -326,10 +326,13 @@ def test_deploy_all_and_a_worker_runs_a_scheduled_build(
         _stop(server)
 
     from tasks.data.build import make_context, verify_build
-    from tasks.data.specs import find_spec
+    from tasks.data.specs import find_spec, load_spec
+    from tasks.quality.eval_index import index_for
 
     (build_dir,) = (p for p in (data_root / "builds" / "tiny-sharegpt").iterdir() if p.is_dir())
-    assert build_dir.name == make_context(find_spec("tiny-sharegpt")[0], str(data_root)).build_id
+    spec_path = find_spec("tiny-sharegpt")[0]
+    index = index_for(load_spec(spec_path), data_root)  # the spec decontaminates: the index is in its id
+    assert build_dir.name == make_context(spec_path, str(data_root), index).build_id
     manifest = verify_build(build_dir)  # manifest.json, every shard's sha256 checked
     assert manifest is not None and manifest["name"] == "tiny-sharegpt" and manifest["shards"]
     assert (data_root / "catalog.duckdb").is_file()

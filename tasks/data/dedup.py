@@ -30,14 +30,13 @@ import numpy as np
 from tasks.core import faults
 from tasks.core.identity import atomic_write_bytes, atomic_write_json, read_json
 from tasks.data.shards import npy_bytes
-from tasks.data.signatures import hamming
 
 EXACT = np.dtype([("h1", "<u8"), ("h2", "<u8"), ("pos", "<u4")])
 BAND = np.dtype([("key", "<u8"), ("pos", "<u4")])
 DROP = np.dtype([("unit", "<u4"), ("pos", "<u4"), ("kept_unit", "<u4"), ("kept_pos", "<u4")])
 _MIX = np.uint64(0x100000001B3)
-MAX_COMPARE = 32
-"""Earlier members of a band group a candidate is compared with before it counts as distinct."""
+COMPARE_ELEMENTS = 1 << 24
+"""Signature values compared at once within a band group (bounds the memory of a big group)."""
 
 
 @dataclass(frozen=True)
@@ -92,13 +91,6 @@ def band_keys(signatures: np.ndarray, rule: NearRule) -> np.ndarray:
         for j in range(rows.shape[2]):
             keys = (keys ^ rows[:, :, j]) * _MIX
     return keys
-
-
-def similar(a: np.ndarray, b: np.ndarray, rule: NearRule) -> bool:
-    """Whether two signatures pass the rule."""
-    if rule.kind == "phash":
-        return hamming(a, b) <= rule.threshold
-    return float(np.mean(a == b)) >= rule.threshold
 
 
 class UnitKeys:
@@ -221,25 +213,55 @@ def _drop_rows(unit: Any, pos: Any, kept_unit: Any, kept_pos: Any) -> np.ndarray
 
 
 def _near_edges(plan: DedupPlan, rows: np.ndarray) -> np.ndarray:
-    """Each candidate to the earliest member of its band group whose signature it matches."""
+    """Each candidate to the earliest member of its band group whose signature it matches (every
+    earlier member is compared, in blocks: a big group costs time, never a missed copy)."""
     assert plan.near is not None
     rows, start = _first_of_groups(rows, ("key",))
-    signatures: dict[int, np.ndarray] = {}
+    signatures = _gather_signatures(plan, rows)
+    firsts = np.flatnonzero(np.arange(len(rows)) == start)
+    ends = np.append(firsts[1:], len(rows))
+    edges: list[np.ndarray] = []
+    for lo, hi in zip(firsts[ends - firsts > 1], ends[ends - firsts > 1], strict=True):
+        first = first_similar(signatures[lo:hi], plan.near)
+        found = np.flatnonzero(first >= 0)
+        if len(found):
+            me, other = lo + found, lo + first[found]
+            edges.append(
+                np.stack([rows["unit"][me], rows["pos"][me], rows["unit"][other], rows["pos"][other]], 1)
+            )
+    flat = np.concatenate(edges).astype(np.uint32) if edges else np.zeros((0, 4), np.uint32)
+    return _drop_rows(*flat.T)
 
-    def sig(unit: int, pos: int) -> np.ndarray:
-        if unit not in signatures:
-            signatures[unit] = np.load(plan.path("scan", f"{unit:05d}.sig.npy"), mmap_mode="r")
-        return signatures[unit][pos]
 
-    edges: list[tuple[int, int, int, int]] = []
-    for i in np.flatnonzero(np.arange(len(rows)) != start):
-        me = (int(rows["unit"][i]), int(rows["pos"][i]))
-        for j in range(start[i], min(i, start[i] + MAX_COMPARE)):
-            other = (int(rows["unit"][j]), int(rows["pos"][j]))
-            if other != me and similar(sig(*me), sig(*other), plan.near):
-                edges.append((*me, *other))
-                break
-    return _drop_rows(*np.array(edges, dtype=np.uint32).reshape(-1, 4).T)
+def _gather_signatures(plan: DedupPlan, rows: np.ndarray) -> np.ndarray:
+    """The signature of every row (read per unit from ``scan/NNNNN.sig.npy``)."""
+    out: np.ndarray | None = None
+    for unit in np.unique(rows["unit"]):
+        sigs = np.load(plan.path("scan", f"{int(unit):05d}.sig.npy"), mmap_mode="r")
+        if out is None:
+            out = np.zeros((len(rows), sigs.shape[1]), sigs.dtype)
+        mine = rows["unit"] == unit
+        out[mine] = sigs[rows["pos"][mine]]
+    return out if out is not None else np.zeros((0, 1), np.uint64)
+
+
+def first_similar(signatures: np.ndarray, rule: NearRule) -> np.ndarray:
+    """For each signature of a group (in order), the index of the first earlier one that passes the
+    rule, or -1; all pairs are compared, ``COMPARE_ELEMENTS`` values at a time."""
+    count, width = signatures.shape
+    first = np.full(count, -1, np.int64)
+    block = max(1, COMPARE_ELEMENTS // max(1, count * width))
+    for lo in range(1, count, block):
+        hi = min(count, lo + block)
+        mine, earlier = signatures[lo:hi, None, :], signatures[None, : hi - 1, :]
+        if rule.kind == "phash":
+            ok = np.bitwise_count(mine ^ earlier).sum(axis=2) <= rule.threshold
+        else:
+            ok = (mine == earlier).mean(axis=2) >= rule.threshold
+        ok &= np.arange(hi - 1)[None, :] < np.arange(lo, hi)[:, None]
+        hit = ok.any(axis=1)
+        first[lo:hi][hit] = ok.argmax(axis=1)[hit]
+    return first
 
 
 def cluster_edges(plan: DedupPlan) -> dict[str, int]:

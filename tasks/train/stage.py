@@ -28,7 +28,8 @@ from tasks.core.identity import (
     sha256_file,
 )
 from tasks.data.build import make_context, verify_build
-from tasks.data.specs import find_spec
+from tasks.data.specs import find_spec, load_spec
+from tasks.quality.eval_index import index_for
 from tasks.train.loader import LoaderConfig, Source
 from tasks.train.recipes import Recipe, StageConfig, stage_dict
 
@@ -150,7 +151,7 @@ def resolve_builds(
                 spec_path, _ = find_spec(ds.spec, spec_dir)
             except KeyError as err:
                 raise StageError(f"stage {stage.name}: {err.args[0]}") from err
-            where = make_context(spec_path, data_root).out
+            where = make_context(spec_path, data_root, index_for(load_spec(spec_path), data_root)).out
         manifest = verify_build(where, deep=False)
         if manifest is None:
             raise StageError(
