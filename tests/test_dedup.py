@@ -146,8 +146,12 @@ def test_minhash_finds_planted_near_duplicates_with_precision_and_recall_0_95(
     )
     shared = set(kept.split()) & set(mine["text"].split())
     assert len(shared) >= 0.8 * len(set(mine["text"].split()))  # the named document is the original
+    before = _shard_hashes(result.path)  # the same spec has the same build folder: read it before the rebuild
+    rejects = (result.path / "rejects.jsonl").read_bytes()
     again = build_dataset(_spec(tmp_path / "serial", "near", dedup), root, force=True, fan_out=serial_map)
-    assert _shard_hashes(again.path) == _shard_hashes(result.path)  # scheduling does not pick the copy
+    assert again.path == result.path and not again.reused
+    assert _shard_hashes(again.path) == before  # scheduling (Ray or one process) does not pick the copy
+    assert (again.path / "rejects.jsonl").read_bytes() == rejects
 
 
 def test_a_kill_in_the_middle_of_dedup_resumes_to_the_same_shards(data_root, tmp_path: Path) -> None:
