@@ -243,3 +243,29 @@ def test_tiny_builds_reject_exactly_the_samples_planted_in_the_tiny_sources(
         assert set(images) >= {"tiny-gqa", "tiny-mme", "tiny-textvqa"}
     else:
         assert images == {}
+
+
+def test_a_rejected_image_never_stands_for_the_copy_that_is_dropped(
+    samples_root: Path, tmp_path: Path
+) -> None:
+    """A thumbnail too small for the filters, listed before the full picture: the thumbnail is
+    rejected for its size and the picture is kept (it is no near-copy of anything in the build)."""
+    root = tmp_path / "root"
+    (root / "world" / "images").mkdir(parents=True)
+    entries = []
+    for ident, image in (
+        ("a-thumb", _picture(5).resize((40, 40))),
+        ("b-full", _picture(5)),
+        ("c-other", _picture(6)),
+    ):
+        image.save(root / "world" / "images" / f"{ident}.jpg", quality=90)
+        turns = [
+            {"from": "human", "value": "<image>\nDescribe."},
+            {"from": "gpt", "value": f"picture {ident}"},
+        ]
+        entries.append({"id": ident, "image": f"{ident}.jpg", "conversations": turns})
+    (root / "world" / "data.json").write_text(json.dumps(entries))
+    extra = "dedup: {image: {max_distance: 16}}\nfilters: {min_image_side: 48}"
+    result = build_dataset(_spec(tmp_path, "world-thumb", "image_text", extra), root, fan_out=serial_map)
+    assert _rejected(result.path) == {"image_too_small": {"a-thumb"}}
+    assert result.manifest["stats"]["totals"]["kept"] == 2

@@ -11,6 +11,7 @@ questions found, by source).
 
 from __future__ import annotations
 
+import logging
 from collections import defaultdict
 from dataclasses import dataclass, field
 from functools import cached_property
@@ -22,6 +23,8 @@ import numpy as np
 from tasks.core.identity import atomic_write_json, hash_json
 from tasks.data.dedup import NearRule, band_keys
 from tasks.data.signatures import PHASH_BITS, hamming, image_phash, ngram_hashes
+
+log = logging.getLogger(__name__)
 
 IMAGE_REASON = "eval_contamination"
 TEXT_REASON = "eval_contamination_text"
@@ -142,17 +145,26 @@ def write_report(out: Path, index: EvalIndex, rejects: list[dict[str, Any]]) -> 
 
 def check_sample(ctx: Any, image: str | Path | bytes | None, texts: list[str]) -> tuple[str, str] | None:
     """(reason, detail) when a training sample shows an eval image or holds an eval question, else
-    None (also when the build's spec does not ask for decontamination). ``ctx`` is the BuildContext."""
+    None (also when the build's spec does not ask for decontamination). ``ctx`` is the BuildContext;
+    ``image`` is one the builder has checked already (header sizes, decode)."""
+    if ctx.spec.decontaminate is None or ctx.eval_index is None:
+        return None
+    phash = None
+    if image is not None:
+        try:
+            phash = image_phash(image)
+        except Exception as err:  # an image that does not hash is the builder's reject, not ours
+            log.debug("image does not hash: %s: %s", type(err).__name__, err)
+    return check_signature(ctx, phash, texts)
+
+
+def check_signature(ctx: Any, phash: np.ndarray | None, texts: list[str]) -> tuple[str, str] | None:
+    """``check_sample`` for an image whose ``image_phash`` is known already (or None: no image)."""
     rule, index = ctx.spec.decontaminate, ctx.eval_index
     if rule is None or index is None:
         return None
-    if image is not None:
-        try:
-            hit = index.image_match(image_phash(image), rule.max_distance)
-        except (OSError, ValueError):  # an image that does not decode is the builder's reject
-            hit = None
-        if hit is not None:
-            return IMAGE_REASON, image_detail(hit)
+    if phash is not None and (hit := index.image_match(phash, rule.max_distance)) is not None:
+        return IMAGE_REASON, image_detail(hit)
     for text in texts:
         if (found := index.text_match(text)) is not None:
             return TEXT_REASON, text_detail(found, index.ngram)

@@ -20,6 +20,7 @@ scheduling, so a resumed build writes the same shards byte for byte):
 from __future__ import annotations
 
 import json
+import shutil
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -296,6 +297,13 @@ def cluster_edges(plan: DedupPlan) -> dict[str, int]:
 
 def _encode(unit: np.ndarray, pos: np.ndarray) -> np.ndarray:
     return (unit.astype(np.uint64) << np.uint64(32)) | pos.astype(np.uint64)
+
+
+def forget_reduce(plan: DedupPlan) -> None:
+    """Delete what was found from the scans (a scan was redone: every bucket and cluster depends on it)."""
+    shutil.rmtree(plan.path("reduce"), ignore_errors=True)
+    for name in ("near.json", "near.npy"):
+        plan.path(name).unlink(missing_ok=True)
 
 
 def run_reduce(

@@ -20,6 +20,8 @@ from itertools import chain
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from tasks.core.identity import atomic_write_bytes
 from tasks.data.builder import (
     BuildContext,
@@ -27,6 +29,7 @@ from tasks.data.builder import (
     UnitResult,
     save_unit,
 )
+from tasks.data.contamination import check_signature
 from tasks.data.dedup import (
     DedupPlan,
     Drop,
@@ -35,11 +38,15 @@ from tasks.data.dedup import (
     unit_drops,
 )
 from tasks.data.image_checks import (
+    JPEG_MAX_SIDE,
+    image_problem,
+    resized_size,
     split_for,
 )
 from tasks.data.rejects import Rejects
 from tasks.data.shard_read import read_tar_samples
 from tasks.data.shards import write_shard
+from tasks.data.signatures import image_phash
 
 log = logging.getLogger(__name__)
 
@@ -122,6 +129,30 @@ class UnitWriter:
 
 
 # --- near-identical images ----------------------------------------------------------------------
+
+
+def keepable_phash(source: bytes | str | Path, ctx: BuildContext, caption: str) -> np.ndarray | None:
+    """The perceptual hash of an image the write pass will keep, else None: an image it rejects (sizes
+    from the header, aspect ratio, decode, eval contamination) takes no part in the near-identical
+    search, so it never stands for a copy that is then dropped in its favour."""
+    from PIL import Image
+
+    pillow_limit, Image.MAX_IMAGE_PIXELS = Image.MAX_IMAGE_PIXELS, None  # sizes are checked first
+    try:
+        with Image.open(io.BytesIO(source) if isinstance(source, bytes) else source) as image:
+            size = image.size
+        if image_problem(*size, ctx.spec.filters):
+            return None
+        target = resized_size(*size, int(ctx.spec.image_size or 0), ctx.spec.resize_mode)
+        phash = image_phash(source) if max(target) <= JPEG_MAX_SIDE else None
+    except Exception as err:  # the write pass rejects it with its reason
+        log.debug("no perceptual hash: %s: %s", type(err).__name__, err)
+        return None
+    finally:
+        Image.MAX_IMAGE_PIXELS = pillow_limit
+    if phash is None or check_signature(ctx, phash, [caption]) is not None:
+        return None
+    return phash
 
 
 def image_dedup_plan(ctx: BuildContext) -> DedupPlan | None:

@@ -40,8 +40,7 @@ from tasks.data.image_checks import (
     normalise_image,
     sample_key,
 )
-from tasks.data.image_units import UnitWriter, image_dedup_plan, image_drops
-from tasks.data.signatures import image_phash
+from tasks.data.image_units import UnitWriter, image_dedup_plan, image_drops, keepable_phash
 from tasks.data.specs import Filters, LlavaSource, Subset
 
 log = logging.getLogger(__name__)
@@ -188,6 +187,10 @@ def process_llava(job: LlavaJob, ctx: BuildContext) -> UnitResult:
             if path is None:
                 writer.reject(reason, source, where, detail, entry["image"])
                 continue
+            jpg, sizes, bad = load_local_image(path, ctx)  # header sizes first, then the decode
+            if jpg is None:
+                writer.reject(bad[0], source, where, bad[1], entry["image"])
+                continue
             if bad := check_sample(ctx, path, [caption]):
                 writer.reject(bad[0], source, where, bad[1], entry["image"])
                 continue
@@ -195,10 +198,6 @@ def process_llava(job: LlavaJob, ctx: BuildContext) -> UnitResult:
                 writer.reject(
                     drop.reason, source, where, f"near-identical image of {drop.kept}", entry["image"]
                 )
-                continue
-            jpg, sizes, bad = load_local_image(path, ctx)
-            if jpg is None:
-                writer.reject(bad[0], source, where, bad[1], entry["image"])
                 continue
             digest = sha256_file(path)
             meta = {
@@ -223,14 +222,10 @@ def scan_llava(job: LlavaJob, ctx: BuildContext) -> dict[str, Any]:
     root = Path(job.image_root).resolve()
     keys = UnitKeys(plan)
     for entry in sorted(job.entries, key=lambda e: e.get("key", "")):
-        usable = "reason" not in entry and not caption_problem(
-            normalise_caption(entry["caption"]), ctx.spec.filters
-        )
+        caption = normalise_caption(entry.get("caption"))
+        usable = "reason" not in entry and not caption_problem(caption, ctx.spec.filters)
         path = image_under_root(root, entry["image"])[0] if usable else None
-        try:
-            phash = image_phash(path) if path is not None else None
-        except (OSError, ValueError):  # the write pass rejects it with its reason
-            phash = None
+        phash = keepable_phash(path, ctx, caption) if path is not None else None
         if phash is not None:
             keys.add(hashlib.sha256(entry["key"].encode()).hexdigest(), entry["key"], phash)
     return keys.save(job.unit.index, job.unit.subset, job.unit.source, {"read": len(job.entries)})

@@ -33,7 +33,7 @@ from tasks.data.builder import (
     resolve_path,
 )
 from tasks.data.contamination import check_sample
-from tasks.data.dedup import UnitKeys, scan_record
+from tasks.data.dedup import UnitKeys, forget_reduce, scan_record
 from tasks.data.image_checks import (
     ImageRejected,
     caption_problem,
@@ -41,7 +41,7 @@ from tasks.data.image_checks import (
     normalise_image,
     sample_key,
 )
-from tasks.data.image_units import UnitWriter, image_dedup_plan, image_drops
+from tasks.data.image_units import UnitWriter, image_dedup_plan, image_drops, keepable_phash
 from tasks.data.img2dataset_runner import (
     DownloadOptions,
     Img2DatasetError,
@@ -52,7 +52,6 @@ from tasks.data.img2dataset_runner import (
     run_img2dataset,
     shard_files,
 )
-from tasks.data.signatures import image_phash
 from tasks.data.specs import Filters, Subset, UrlListSource
 from tasks.data.url_policy import LOCAL_PLACEHOLDER, HostPolicy, url_problem
 
@@ -418,19 +417,25 @@ def scan_url_shard(job: UrlShardJob, ctx: BuildContext) -> dict[str, Any]:
     """Perceptual hashes of one img2dataset shard's downloaded images (``dedup.image``), by sample key."""
     plan = image_dedup_plan(ctx)
     assert plan is not None
+    tar_path = shard_files(Path(job.raw_dir), job.shard_id)[0]
+    stat = tar_path.stat() if tar_path.is_file() else None
+    raw = f"{stat.st_size}:{stat.st_mtime_ns}" if stat else None
     if (done := scan_record(plan, job.unit.index)) is not None:
-        return done
+        if raw is None or done["counts"].get("raw") == raw:  # no tar: the unit is written already
+            return done
+        log.warning(
+            "%s: img2dataset shard %d was downloaded again: hashing it again", ctx.spec.name, job.shard_id
+        )
+        forget_reduce(plan)
     keys = UnitKeys(plan)
     with _opened_shard(job) as (rows, tar, index):
         for row in rows:
-            if row["status"] != "success" or caption_problem(
-                normalise_caption(row.get("caption")), ctx.spec.filters
-            ):
+            caption = normalise_caption(row.get("caption"))
+            if row["status"] != "success" or caption_problem(caption, ctx.spec.filters):
                 continue
-            try:
-                phash = image_phash(tar.extractfile(index[row["key"]]["jpg"]).read())
-            except (OSError, ValueError):  # the write pass rejects it with its reason
+            phash = keepable_phash(tar.extractfile(index[row["key"]]["jpg"]).read(), ctx, caption)
+            if phash is None:  # the write pass rejects it with its reason
                 continue
             key = sample_key(job.unit.subset, row["key"])
             keys.add(hashlib.sha256(key.encode()).hexdigest(), key, phash)
-    return keys.save(job.unit.index, job.unit.subset, job.unit.source, {"read": len(rows)})
+    return keys.save(job.unit.index, job.unit.subset, job.unit.source, {"read": len(rows), "raw": raw})
