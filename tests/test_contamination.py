@@ -142,6 +142,11 @@ def test_eval_index_changes_the_build_identity(world, tmp_path: Path) -> None:
     smaller = type(fewer)(fewer.images[1:], fewer.ngrams, fewer.ngram, fewer.sets, fewer.missing)
     second = build_dataset(spec, root, fan_out=serial_map, eval_index=smaller)
     assert first.build_id != second.build_id
+    renamed = type(fewer)(fewer.images, {g: ("another-set", q) for g, (_, q) in fewer.ngrams.items()},
+                          fewer.ngram, fewer.sets, fewer.missing)  # fmt: skip
+    assert renamed.digest != fewer.digest  # what a report names is part of the identity too
+    recounted = type(fewer)(fewer.images, fewer.ngrams, fewer.ngram, {**fewer.sets, "x": {}}, fewer.missing)
+    assert recounted.digest != fewer.digest
 
 
 def test_the_contamination_report_is_an_artifact_of_the_build_run(world, tmp_path: Path) -> None:

@@ -217,3 +217,11 @@ def test_every_near_identical_image_is_found_however_big_its_band_groups(tmp_pat
             int(wheres[pos]): int(drop.kept.split()[-1]) for pos, drop in unit_drops(plan, unit).items()
         }
     assert dropped == {n + k: int(o) for k, o in enumerate(originals)}  # each copy, naming its original
+
+
+def test_documents_without_words_are_not_near_copies_of_each_other() -> None:
+    from tasks.data.signatures import minhash_signature
+
+    first, second = minhash_signature("★★ ☆ ★", 5, 128), minhash_signature("♠♣ ♥ ♦♦", 5, 128)
+    assert float(np.mean(first == second)) < 0.2  # they used to share the empty shingle: identical
+    assert (minhash_signature("★★ ☆ ★", 5, 128) == first).all()  # and each is still deterministic

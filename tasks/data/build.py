@@ -224,12 +224,25 @@ def make_context(spec_path: str | Path, data_root: str | Path, eval_index: Any =
     }
     if eval_index is not None:
         identity["eval_index"] = eval_index.digest
+    if libraries := signature_libraries(spec):
+        identity["libraries"] = libraries
     build_id = hash_json(identity)
     out = Path(data_root) / "builds" / spec.name / build_id
     return BuildContext(
         spec, str(spec_path), str(data_root), build_id, str(out), tok_path, tok_hash, eval_index=eval_index,
         source=source,
     )  # fmt: skip
+
+
+def signature_libraries(spec: DatasetSpec) -> dict[str, str]:
+    """Versions of the libraries whose values decide what a spec's dedup or decontamination drops
+    (rensa's MinHash, imagehash's phash): another version may find other copies, so another build."""
+    from importlib.metadata import version
+
+    names = ["rensa"] if spec.dedup.minhash is not None else []
+    if spec.dedup.image is not None or spec.decontaminate is not None:
+        names += ["imagehash", "pillow"]
+    return {name: version(name) for name in names}
 
 
 # --- running -------------------------------------------------------------------------------------

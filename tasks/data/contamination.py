@@ -62,9 +62,15 @@ class EvalIndex:
     def digest(self) -> str:
         """Identity of the index (part of every build that uses it)."""
         images = sorted((i.eval_set, i.item, i.phash) for i in self.images)
-        return hash_json(
-            {"images": images, "ngrams": sorted(self.ngrams), "n": self.ngram, "missing": self.missing}
-        )
+        ngrams = sorted((gram, *where) for gram, where in self.ngrams.items())
+        body = {
+            "images": images,
+            "ngrams": ngrams,
+            "n": self.ngram,
+            "sets": self.sets,
+            "missing": self.missing,
+        }
+        return hash_json(body)
 
     def _buckets(self, max_distance: int) -> tuple[NearRule, dict[tuple[int, int], list[int]]]:
         rule = NearRule("phash", max_distance + 1, max_distance, IMAGE_REASON)

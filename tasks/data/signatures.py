@@ -19,8 +19,11 @@ MINHASH_SEED = 1
 
 
 def shingles(text: str, ngram: int) -> list[str]:
-    """Lower-cased word n-grams of ``text`` (all its words as one shingle when it has fewer)."""
+    """Lower-cased word n-grams of ``text`` (all its words as one shingle when it has fewer; the text
+    itself when it has no words, so that two documents of symbols only are not near-copies)."""
     words = WORD.findall(text.lower())
+    if not words:
+        return [text]
     if len(words) <= ngram:
         return [" ".join(words)]
     return [" ".join(words[i : i + ngram]) for i in range(len(words) - ngram + 1)]
