@@ -115,7 +115,7 @@ def quantize_command(
 
 def _log_quant(result: Any) -> str:
     """Log a quant to MLflow, or fail with what to do when the server is down."""
-    from tasks.lineage.push import log_quant
+    from tasks.lineage.quant_artifacts import log_quant
     from tasks.lineage.tracking import reachable, tracking_uri
 
     uri = tracking_uri()

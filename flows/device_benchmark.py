@@ -30,7 +30,7 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 @task(name="fetch-quant", retries=2, retry_delay_seconds=10)
 def fetch_quant_task(quant_run_id: str, uri: str | None) -> Any:
     """Download the quant run's GGUFs (or reuse the verified cache)."""
-    from tasks.lineage.push import fetch_quant
+    from tasks.lineage.quant_artifacts import fetch_quant
 
     return fetch_quant(quant_run_id, uri=uri)
 

@@ -114,7 +114,7 @@ def quantize_task(
     """llama.cpp quantization logged to MLflow and registered as a model version."""
     from tasks.lineage import tracking
     from tasks.lineage.publish import register_quant
-    from tasks.lineage.push import log_quant
+    from tasks.lineage.quant_artifacts import log_quant
     from tasks.ship.quantize import quantize
 
     quant = quantize(export.llm, quant_type)

@@ -22,7 +22,7 @@ from mlflow import MlflowClient
 from typer.testing import CliRunner
 
 from tasks.lineage import tags as tag
-from tasks.lineage.push import log_quant
+from tasks.lineage.quant_artifacts import log_quant
 from tasks.lineage.tracking import experiment_id
 
 pytest_plugins = ("export_fixtures",)

@@ -8,15 +8,8 @@ import pytest
 from mlflow import MlflowClient
 
 from tasks.lineage import tags as tag
-from tasks.lineage.push import (
-    ArtifactError,
-    Outbox,
-    Payload,
-    fetch_quant,
-    flush,
-    log_quant,
-    push,
-)
+from tasks.lineage.push import Outbox, Payload, flush, push
+from tasks.lineage.quant_artifacts import ArtifactError, fetch_quant, log_quant
 from tasks.lineage.tracking import experiment_id
 
 pytest_plugins = ("export_fixtures",)

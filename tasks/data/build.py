@@ -23,6 +23,7 @@ import shutil
 from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from importlib.metadata import version as package_version
 from pathlib import Path
 from typing import Any
 
@@ -237,12 +238,10 @@ def make_context(spec_path: str | Path, data_root: str | Path, eval_index: Any =
 def signature_libraries(spec: DatasetSpec) -> dict[str, str]:
     """Versions of the libraries whose values decide what a spec's dedup or decontamination drops
     (rensa's MinHash, imagehash's phash): another version may find other copies, so another build."""
-    from importlib.metadata import version
-
     names = ["rensa"] if spec.dedup.minhash is not None else []
     if spec.dedup.image is not None or spec.decontaminate is not None:
         names += ["imagehash", "pillow"]
-    return {name: version(name) for name in names}
+    return {name: package_version(name) for name in names}
 
 
 # --- running -------------------------------------------------------------------------------------
