@@ -53,8 +53,8 @@ class EvalIndex:
     ngram: int
     """Words per n-gram."""
     sets: dict[str, dict[str, int]] = field(default_factory=dict)
-    """Per eval set: ``images``, ``questions`` and ``short_questions`` (fewer words than ``ngram``:
-    they cannot be matched by n-grams)."""
+    """Per eval set: ``images`` (hashed), ``unhashed_images`` (do not decode: not checked),
+    ``questions`` and ``short_questions`` (fewer words than ``ngram``: they cannot be matched)."""
     missing: tuple[str, ...] = ()
     """Eval specs of the profile whose files are not on disk (not checked; named in the report)."""
 

@@ -48,14 +48,15 @@ def eval_index(
             missing.append(name)
             continue
         seen: set[str] = set()
-        short = 0
+        short = unhashed = 0
         for item in items:
             if item.image and item.image not in seen:
                 seen.add(item.image)
                 try:
                     phash = image_phash(_image_source(item.image))
-                except (OSError, ValueError) as err:  # the eval reader set such images aside already
+                except Exception as err:  # counted and named: such an image is not checked
                     log.debug("%s: image %s does not hash: %s", name, item.image[:80], err)
+                    unhashed += 1
                     continue
                 images.append(EvalImage(name, str(item.question_id), tuple(int(w) for w in phash)))
             question = item.prompt.removesuffix(spec.instruction).strip()
@@ -63,7 +64,14 @@ def eval_index(
             short += not found
             for gram in found:
                 grams.setdefault(gram, (name, str(item.question_id)))
-        sets[name] = {"images": len(seen), "questions": len(items), "short_questions": short}
+        if unhashed:
+            log.warning(
+                "decontamination: %d image(s) of eval set %s do not decode and are not checked",
+                unhashed,
+                name,
+            )
+        sets[name] = {"images": len(seen) - unhashed, "unhashed_images": unhashed, "questions": len(items),
+                      "short_questions": short}  # fmt: skip
     return EvalIndex(tuple(images), grams, ngram, sets, tuple(missing))
 
 
