@@ -310,7 +310,8 @@ def run_reduce(
     plan: DedupPlan, scans: Sequence[dict[str, Any]], fan_out: Callable[..., list], label: str
 ) -> dict:
     """Steps 2 and 3 over the scanned units; returns the drop counts."""
-    counts = fan_out(reduce_bucket, list(range(plan.partitions)), plan, list(scans), label=f"{label}: dedup")
+    offsets = [{k: scan[k] for k in ("unit", "exact", "bands") if k in scan} for scan in scans]  # no rejects
+    counts = fan_out(reduce_bucket, list(range(plan.partitions)), plan, offsets, label=f"{label}: dedup")
     total = {"exact_drops": sum(c["exact_drops"] for c in counts)}
     if plan.near is not None:
         total |= fan_out(_cluster_job, [plan], label=f"{label}: near-duplicate clusters")[0]
