@@ -248,7 +248,7 @@ def test_a_50mb_line_is_rejected_with_bounded_memory(tmp_path: Path) -> None:
 
 def test_a_50mb_tsv_row_is_rejected_with_bounded_memory(tmp_path: Path) -> None:
     from tasks.data.specs import UrlListSource
-    from tasks.data.url_list import read_url_list
+    from tasks.data.url_rows import read_url_list
 
     path = tmp_path / "urls.tsv"
     with open(path, "wb") as handle:
