@@ -341,10 +341,10 @@ def test_two_retrains_of_different_recipes_build_shared_data_once(
     from PIL import Image
 
     from tasks.core.identity import read_json
-    from tasks.data.build import build_dataset
     from tasks.data.catalog import query
     from tasks.data.specs import find_spec
     from tasks.lineage import tracking
+    from tasks.quality.eval_index import build_decontaminated
     from tasks.train.recipes import get_recipe
 
     specs = sorted({d.spec for s in get_recipe("tiny").enabled_stages() for d in s.datasets})
@@ -387,7 +387,7 @@ def test_two_retrains_of_different_recipes_build_shared_data_once(
             u.stat().st_mtime_ns <= (build / "manifest.json").stat().st_mtime_ns for u in units
         )
         # the same bytes as a serial build in a root of its own
-        serial = build_dataset(find_spec(spec)[0], serial_root)
+        serial = build_decontaminated(find_spec(spec)[0], serial_root)
         assert not serial.reused and serial.build_id == build_id
         assert _shard_hashes(build) == _shard_hashes(serial.path)
         assert {r["path"]: r["sha256"] for r in manifest["shards"]} == {
