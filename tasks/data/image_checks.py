@@ -139,6 +139,20 @@ def decoded_size(data: bytes) -> tuple[int, int]:
         return image.size
 
 
+def jpeg_side_problem(
+    size: tuple[int, int], original: tuple[int, int], image_size: int, resize_mode: str
+) -> tuple[str, str] | None:
+    """(reason, detail) when an image of ``size`` would, once resized, have a side a JPEG cannot hold."""
+    target = resized_size(*size, image_size, resize_mode)
+    if max(target) <= JPEG_MAX_SIDE:
+        return None
+    return (
+        "bad_aspect_ratio",
+        f"{original[0]}x{original[1]} would be {target[0]}x{target[1]} after {resize_mode} to "
+        f"{image_size}; a JPEG side holds at most {JPEG_MAX_SIDE} pixels (lower max_aspect_ratio)",
+    )
+
+
 class ImageRejected(ValueError):
     """An image that fails a check or does not decode: ``reason`` and our own ``detail``."""
 
@@ -206,12 +220,7 @@ def normalise_image(
         ) from None
     finally:
         Image.MAX_IMAGE_PIXELS = pillow_limit
-    target = resized_size(*rgb.size, image_size, resize_mode)
-    if max(target) > JPEG_MAX_SIDE:
-        raise ImageRejected(
-            "bad_aspect_ratio",
-            f"{original[0]}x{original[1]} would be {target[0]}x{target[1]} after {resize_mode} to "
-            f"{image_size}; a JPEG side holds at most {JPEG_MAX_SIDE} pixels (lower max_aspect_ratio)",
-        )
+    if bad := jpeg_side_problem(rgb.size, original, image_size, resize_mode):
+        raise ImageRejected(*bad)
     out = resize_image(rgb, image_size, resize_mode)
     return NormalisedImage(encode_jpeg(out), out.size[0], out.size[1], original[0], original[1])

@@ -38,9 +38,8 @@ from tasks.data.dedup import (
     unit_drops,
 )
 from tasks.data.image_checks import (
-    JPEG_MAX_SIDE,
     image_problem,
-    resized_size,
+    jpeg_side_problem,
     split_for,
 )
 from tasks.data.rejects import Rejects
@@ -141,10 +140,10 @@ def keepable_phash(source: bytes | str | Path, ctx: BuildContext, caption: str) 
     try:
         with Image.open(io.BytesIO(source) if isinstance(source, bytes) else source) as image:
             size = image.size
-        if image_problem(*size, ctx.spec.filters):
+        image_size, mode = int(ctx.spec.image_size or 0), ctx.spec.resize_mode
+        if image_problem(*size, ctx.spec.filters) or jpeg_side_problem(size, size, image_size, mode):
             return None
-        target = resized_size(*size, int(ctx.spec.image_size or 0), ctx.spec.resize_mode)
-        phash = image_phash(source) if max(target) <= JPEG_MAX_SIDE else None
+        phash = image_phash(source)
     except Exception as err:  # the write pass rejects it with its reason
         log.debug("no perceptual hash: %s: %s", type(err).__name__, err)
         return None
