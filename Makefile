@@ -29,7 +29,7 @@ $(VENV_I2D)/.installed:
 setup: $(VENV)/.installed $(VENV_I2D)/.installed
 
 test: setup llama-cpp-programs
-	$(BIN)/pytest -q
+	$(BIN)/pytest -q --durations=40
 
 test-fast: setup
 	$(BIN)/pytest -q -m "not slow"

@@ -28,6 +28,8 @@ def _main(
     setup_logging(verbose)  # everything also goes to work_dir/logs/ (the path is printed on errors)
     if not os.environ.get("PREFECT_API_URL"):  # our own ephemeral server: offline, no telemetry
         os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+        # Prefect waits 20 s for it by default; a busy machine (a build's Ray workers, a CI box) needs more
+        os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
 
 
 for _module in (cli_model, cli_data, cli_train, cli_export, cli_retrain, cli_eval, cli_servers):

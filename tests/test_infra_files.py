@@ -279,9 +279,10 @@ def test_prefect_server_unit_runs_a_flow_on_postgresql() -> None:
             "@flow(name='infra-servers-check')\ndef check():\n    return add(2, 3)\n"
             "assert check() == 5\n"
         )
-        subprocess.run(
-            [sys.executable, "-c", script], env=client_env, check=True, capture_output=True, timeout=120
+        client = subprocess.run(
+            [sys.executable, "-c", script], env=client_env, capture_output=True, text=True, timeout=300
         )
+        assert client.returncode == 0, f"the flow through the unit's API failed:\n{client.stderr[-3000:]}"
 
         query = ("select f.name || ':' || r.state_type from flow_run r join flow f on f.id = r.flow_id; "
                  "select extname from pg_extension where extname = 'pg_trgm';")  # fmt: skip
