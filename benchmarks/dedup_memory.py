@@ -56,7 +56,8 @@ def write_corpus(root: Path, docs: int, files: int, duplicates: float, seed: int
 
 def global_hashes(unit, ctx) -> dict:
     """The old scan's result: every kept document's hash, as a list of hex strings."""
-    from tasks.data.text import doc_hash, read_docs
+    from tasks.data.text import doc_hash
+    from tasks.data.text_sources import read_docs
 
     return {"hashes": [doc_hash(d.text) for d in read_docs(unit, ctx) if d.text is not None]}
 
@@ -84,7 +85,8 @@ def main() -> None:
     from tasks.core.parallel import ensure_ray, ray_map
     from tasks.data.build import make_context
     from tasks.data.dedup import run_reduce
-    from tasks.data.text import dedup_plan, plan_units, scan_unit
+    from tasks.data.text import dedup_plan, scan_unit
+    from tasks.data.text_sources import plan_units
     from tasks.testkit.sample_tree import make_samples
 
     work = Path(tempfile.mkdtemp(prefix="bench-dedup-"))

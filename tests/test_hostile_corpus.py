@@ -225,7 +225,7 @@ def _write_big(path: Path, first: bytes, size: int, last: bytes) -> None:
 
 
 def test_a_50mb_line_is_rejected_with_bounded_memory(tmp_path: Path) -> None:
-    from tasks.data.text import read_docs
+    from tasks.data.text_sources import read_docs
 
     spec = parse_spec(TEXT_SPEC)
     path = tmp_path / "big.jsonl"
