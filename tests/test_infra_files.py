@@ -273,6 +273,7 @@ def test_prefect_server_unit_runs_a_flow_on_postgresql() -> None:
         client_env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
         client_env["PREFECT_API_URL"] = f"http://127.0.0.1:{api_port}/api"
         client_env["PREFECT_HOME"] = str(work / "client-home")
+        client_env["PREFECT_API_AUTH_STRING"] = service_env["PREFECT_SERVER_API_AUTH_STRING"]  # else 401
         script = (
             "from prefect import flow, task\n"
             "@task\ndef add(a, b):\n    return a + b\n"
