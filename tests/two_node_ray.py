@@ -37,7 +37,12 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 SPECS = ROOT / "data_specs"
 OBJECT_STORE_BYTES = 150 * 1024 * 1024
-TRAIN = {"max_steps": 4, "checkpoint_every": 2, "micro_batch": 4, "global_batch": 8, "num_workers": 2}
+TRAIN = {"max_steps": 8, "checkpoint_every": 2, "micro_batch": 4, "global_batch": 8, "num_workers": 2}
+LOSE_NODE_FAILURES = 2
+"""``max_failures`` of the stage in the node-loss run (Ray Train restarts the workers from the checkpoint)."""
+KILLS = ({"point": "unit-commit", "n": 2}, {"point": "train-step", "n": 5})
+"""Where the node-loss run loses the second node: the build's second unit is written but not recorded;
+step 3 of the stage (two workers: hits 5 and 6), after the checkpoint of step 2."""
 
 
 # --- cluster: runs inside `unshare -n` ------------------------------------------------------------
@@ -107,7 +112,7 @@ def stop_groups(pgids: list[int], grace: float = 20.0) -> None:
                 os.killpg(pgid, signal.SIGKILL)
 
 
-def cluster(out: Path, samples: Path, ray_temp: Path, timeout: float) -> int:
+def cluster(out: Path, samples: Path, ray_temp: Path, timeout: float, lose_node: bool = False) -> int:
     bring_loopback_up()
     ifaces = interfaces()
     if ifaces != ["lo"]:
@@ -121,6 +126,9 @@ def cluster(out: Path, samples: Path, ray_temp: Path, timeout: float) -> int:
         GLOO_SOCKET_IFNAME="lo",
         MVLM_NO_PROGRESS="1",
     )
+    if lose_node:  # every process of the cluster counts the fault points (tasks.core.faults)
+        (out / "faults").mkdir()
+        env["MVLM_FAULTS"] = str(out / "faults")
     ray_bin = str(Path(sys.executable).parent / "ray")
     common = [
         "--block",
@@ -147,18 +155,23 @@ def cluster(out: Path, samples: Path, ray_temp: Path, timeout: float) -> int:
         head = start(head_cmd, "head")
         wait_for_port(port, head, 60)
         start(worker_cmd, "worker")
-        left = timeout - (time.monotonic() - started)
         drive_cmd = [sys.executable, __file__, "drive", "--out", str(out), "--samples", str(samples)]
-        driver = subprocess.run(
+        if lose_node:
+            drive_cmd.append("--lose-node")
+        driver = subprocess.Popen(
             drive_cmd,
             env={**env, "RAY_ADDRESS": f"127.0.0.1:{port}"},
             cwd=ROOT,
-            timeout=max(left, 1),
             stdout=(out / "driver.log").open("w"),
             stderr=subprocess.STDOUT,
         )
+        if lose_node:
+            losses = [lose_worker_node(out, procs, driver, lambda: start(worker_cmd, "worker-again"), kill)
+                      for kill in KILLS]  # fmt: skip
+            (out / "losses.json").write_text(json.dumps(losses, indent=2))
+        driver.wait(timeout=max(timeout - (time.monotonic() - started), 1))
         for proc in procs:
-            if proc.poll() is not None:
+            if proc.poll() is not None and not getattr(proc, "lost", False):
                 raise RuntimeError(f"{proc.args[:3]} exited with {proc.returncode} while the driver ran")
         return driver.returncode
     finally:
@@ -167,10 +180,50 @@ def cluster(out: Path, samples: Path, ray_temp: Path, timeout: float) -> int:
             proc.wait(timeout=5)
 
 
+def lose_worker_node(out: Path, procs: list, driver: subprocess.Popen, restart, kill: dict) -> dict:
+    """Arm fault point ``kill``; when a process sits at it, SIGKILL the second node's whole process
+    group (raylet, object store, workers: the node is lost, not stopped) and the process at the point
+    if it ran on the head; start a new second node once the build is done on the head alone, or 3 s
+    after the loss in the stage (Ray Train waits for room for both workers). Returns what was lost
+    when."""
+    folder = out / "faults"
+    (folder / "fired.json").unlink(missing_ok=True)
+    (folder / ".plan.json").write_text(json.dumps(kill))
+    os.replace(folder / ".plan.json", folder / "plan.json")
+    deadline = time.monotonic() + 240
+    while not (folder / "fired.json").exists():
+        if driver.poll() is not None or time.monotonic() > deadline:
+            raise RuntimeError(f"fault point {kill} was never reached (driver exit {driver.returncode})")
+        time.sleep(0.05)
+    fired = json.loads((folder / "fired.json").read_text())
+    node = next(p for p in procs if not getattr(p, "lost", False) and p is not procs[0])
+    on_node = fired["pid"] in group_members(node.pid)
+    os.killpg(node.pid, signal.SIGKILL)
+    node.lost = True
+    node.wait(timeout=10)
+    if not on_node:  # it ran on the head: that one task or worker dies too (Ray retries it)
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(fired["pid"], signal.SIGKILL)
+    (folder / "plan.json").unlink()
+    lost = {**kill, "fired_on_lost_node": on_node, "time": time.time()}
+    if kill["point"] == "unit-commit":  # the build finishes on the head alone
+        manifests = out / "data" / "builds" / "tiny-redpajama"
+        while not any(manifests.glob("*/manifest.json")):
+            if driver.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"the build did not finish after the node was lost ({driver.returncode})")
+            time.sleep(0.2)
+        lost["build_done"] = time.time()
+    else:
+        time.sleep(3)
+    restart()  # a new second node (for the stage: Ray Train waits for room for both workers)
+    lost["node_back"] = time.time()
+    return lost
+
+
 # --- drive: the driver process (RAY_ADDRESS set) --------------------------------------------------
 
 
-def drive(out: Path, samples: Path) -> None:
+def drive(out: Path, samples: Path, lose_node: bool = False) -> None:
     sys.path.insert(0, str(ROOT))
     import ray
     from ray._private import state
@@ -182,11 +235,7 @@ def drive(out: Path, samples: Path) -> None:
 
     started = time.monotonic()
     ensure_ray()  # connects to RAY_ADDRESS, as every pipeline step does
-    deadline = time.monotonic() + 60
-    while len(alive := [n for n in ray.nodes() if n["Alive"]]) < 2:
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"only {len(alive)} Ray node(s) joined within 60s")
-        time.sleep(0.5)
+    alive = _wait_nodes(2)
     result: dict = {
         "ray_address": os.environ["RAY_ADDRESS"],
         "gcs_address": ray.get_runtime_context().gcs_address,
@@ -205,7 +254,10 @@ def drive(out: Path, samples: Path) -> None:
     result["build"] = {"path": str(build.path), "build_id": build.build_id, "reused": build.reused,
                        "seconds": time.monotonic() - t0}  # fmt: skip
 
-    recipe = get_recipe("tiny", **{"llm-pretrain": TRAIN})
+    if lose_node:  # the build was done on the head alone; the second node joins again for the stage
+        _wait_nodes(2)
+    train = {**TRAIN, "max_failures": LOSE_NODE_FAILURES} if lose_node else TRAIN
+    recipe = get_recipe("tiny", **{"llm-pretrain": train})
     stage = recipe.stage("llm-pretrain")
     t0 = time.monotonic()
     plan, _ = plan_stage(recipe, stage, {"kind": "scratch", "path": ""}, data_root, runs_root)
@@ -223,6 +275,18 @@ def drive(out: Path, samples: Path) -> None:
     (out / "result.json").write_text(json.dumps(result, indent=2, default=str))
 
 
+def _wait_nodes(count: int, timeout: float = 60) -> list[dict]:
+    """The live Ray nodes, once there are ``count`` of them."""
+    import ray
+
+    deadline = time.monotonic() + timeout
+    while len(alive := [n for n in ray.nodes() if n["Alive"]]) < count:
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"only {len(alive)} Ray node(s) alive within {timeout:.0f}s")
+        time.sleep(0.5)
+    return alive
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("mode", choices=["cluster", "drive"])
@@ -230,13 +294,14 @@ def main() -> None:
     parser.add_argument("--samples", type=Path, required=True, help="a data root holding samples/")
     parser.add_argument("--ray-temp", type=Path, help="Ray --temp-dir (short: socket paths live there)")
     parser.add_argument("--timeout", type=float, default=270.0, help="driver seconds, start-up included")
+    parser.add_argument("--lose-node", action="store_true", help="lose node 2 mid-build, mid-stage")
     args = parser.parse_args()
     if args.mode == "drive":
-        drive(args.out, args.samples)
+        drive(args.out, args.samples, args.lose_node)
         return
     if args.ray_temp is None:
         parser.error("cluster needs --ray-temp")
-    sys.exit(cluster(args.out, args.samples, args.ray_temp, args.timeout))
+    sys.exit(cluster(args.out, args.samples, args.ray_temp, args.timeout, args.lose_node))
 
 
 if __name__ == "__main__":

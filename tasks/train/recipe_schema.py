@@ -116,6 +116,11 @@ class StageConfig:
     """Form micro-batches of one modality and similar length (LLaVA's ``group_by_modality_length``)."""
     checkpoint_every: int = 100
     """Optimizer steps between checkpoints (and metric flushes)."""
+    max_failures: int = field(default=0, metadata=LATER)
+    """Times Ray Train restarts the workers after one of them (or its node) is lost, each time from the
+    last checkpoint; a restart waits for room for every worker (the node back, or another one). 0: the
+    stage fails and a rerun of the retrain resumes it (an error in the training code also counts as a
+    failure: it is retried too)."""
     loader_workers: int = 0
     """DataLoader worker processes per Ray worker."""
     shuffle_buffer: int = 256

@@ -490,7 +490,7 @@ def run_stage(plan: StagePlan) -> dict[str, Any]:
 
 def _run_stage_locked(plan: StagePlan) -> dict[str, Any]:
     import ray.train
-    from ray.train import RunConfig, ScalingConfig
+    from ray.train import FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
     from tasks.core.parallel import ensure_ray
@@ -515,7 +515,11 @@ def _run_stage_locked(plan: StagePlan) -> dict[str, Any]:
             resources_per_worker=stage["resources_per_worker"],
         ),
         torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
-        run_config=RunConfig(storage_path=str(plan.out / "ray"), name="train"),
+        run_config=RunConfig(
+            storage_path=str(plan.out / "ray"),
+            name="train",
+            failure_config=FailureConfig(max_failures=stage.get("max_failures", 0)),
+        ),
     )
     try:
         trainer.fit()
