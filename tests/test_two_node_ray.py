@@ -53,15 +53,15 @@ def _tail(path: Path, lines: int = 40) -> str:
     return "\n".join(path.read_text(errors="replace").splitlines()[-lines:]) if path.exists() else ""
 
 
-@pytest.mark.slow
-@pytest.mark.skipif(not _namespaces_available(), reason="needs `unshare -n` (network namespaces)")
-def test_two_node_cluster_builds_shards_and_trains_across_nodes(samples_root: Path, tmp_path: Path) -> None:
-    out = tmp_path / "two-node"
+def _run_cluster(out: Path, samples_root: Path, lose_node: bool = False) -> dict:
+    """Run the helper's ``cluster`` (in a fresh network namespace); its result.json."""
     out.mkdir()
     # Ray's Unix sockets live under --temp-dir; pytest's tmp_path is too long for their 107-byte limit.
     ray_temp = Path(tempfile.mkdtemp(prefix="mvlm-2n-"))
     cmd = ["unshare", "-n", sys.executable, str(HELPER), "cluster", "--out", str(out),
            "--samples", str(samples_root), "--ray-temp", str(ray_temp), "--timeout", "270"]  # fmt: skip
+    if lose_node:
+        cmd.append("--lose-node")
     helper = subprocess.Popen(
         cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True
     )
@@ -78,7 +78,29 @@ def test_two_node_cluster_builds_shards_and_trains_across_nodes(samples_root: Pa
     logs = "\n".join(f"--- {n}\n{_tail(out / n)}" for n in ("head.log", "worker.log", "driver.log"))
     assert helper.returncode == 0, f"{stdout}\n{stderr}\n{logs}"
     assert leftovers == [], f"Ray processes left running: {leftovers}"
-    result = json.loads((out / "result.json").read_text())
+    return json.loads((out / "result.json").read_text())
+
+
+needs_namespaces = pytest.mark.skipif(
+    not _namespaces_available(), reason="needs `unshare -n` (network namespaces)"
+)
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(samples_root: Path, tmp_path_factory) -> dict:
+    """The cluster run with both nodes up throughout."""
+    return _run_cluster(tmp_path_factory.mktemp("two-node") / "run", samples_root)
+
+
+def _losses(stage_out: Path) -> list[tuple[int, float]]:
+    rows = [json.loads(line) for line in (stage_out / "metrics.jsonl").read_text().splitlines()]
+    return [(r["step"], r["loss"]) for r in rows]
+
+
+@pytest.mark.slow
+@needs_namespaces
+def test_two_node_cluster_builds_shards_and_trains_across_nodes(uninterrupted: dict) -> None:
+    result = uninterrupted
 
     # A cluster of two Ray nodes, reached and advertised on loopback only.
     nodes = result["nodes"]
@@ -99,10 +121,13 @@ def test_two_node_cluster_builds_shards_and_trains_across_nodes(samples_root: Pa
 
     # (b) The 2-worker stage finished, with every step logged once and a verified final checkpoint.
     stage = result["stage"]
-    assert stage["steps"] == 4 and stage["builds"][0]["build_id"] == build["build_id"]
+    assert (
+        stage["steps"] == two_node_ray.TRAIN["max_steps"]
+        and stage["builds"][0]["build_id"] == build["build_id"]
+    )
     stage_out = Path(result["stage_out"])
     steps = [json.loads(line)["step"] for line in (stage_out / "metrics.jsonl").read_text().splitlines()]
-    assert steps == [1, 2, 3, 4]
+    assert steps == list(range(1, two_node_ray.TRAIN["max_steps"] + 1))
     from tasks.train.stage import finished_stage
 
     assert finished_stage(stage_out)["final_sha256"] == stage["final_sha256"]
@@ -111,3 +136,37 @@ def test_two_node_cluster_builds_shards_and_trains_across_nodes(samples_root: Pa
     workers = result["train_workers"]
     assert len(workers) == 2 and all(w["same_job"] for w in workers)
     assert {w["node_id"] for w in workers} == {n["id"] for n in nodes}
+
+
+@pytest.mark.slow
+@needs_namespaces
+def test_losing_a_node_mid_build_and_mid_stage_gives_the_same_shards_and_losses(
+    uninterrupted: dict, samples_root: Path, tmp_path: Path
+) -> None:
+    """The second node's whole process group is SIGKILLed (raylet, object store, workers) while a build
+    unit sits between its shards and its record, and again inside step 3 of the 2-worker stage (after
+    the step-2 checkpoint). The build finishes on the head alone with the shards of the uninterrupted
+    run; Ray Train (``max_failures``) restarts both workers once a new second node joins, they resume
+    from the step-2 checkpoint, and every step's loss equals the uninterrupted run's within 1e-5."""
+    out = tmp_path / "lose-node"
+    result = _run_cluster(out, samples_root, lose_node=True)
+    lost = json.loads((out / "losses.json").read_text())
+    assert [(k["point"], k["n"]) for k in lost] == [(k["point"], k["n"]) for k in two_node_ray.KILLS]
+    build_lost, stage_lost = lost
+    assert build_lost["time"] < build_lost["build_done"] <= build_lost["node_back"] < stage_lost["time"]
+
+    build, reference = result["build"], uninterrupted["build"]
+    assert build["build_id"] == reference["build_id"] and not build["reused"]
+    manifest = verify_build(Path(build["path"]), deep=True)
+    expected = verify_build(Path(reference["path"]), deep=True)
+    assert manifest is not None and expected is not None
+    assert [(r["path"], r["sha256"]) for r in manifest["shards"]] == [
+        (r["path"], r["sha256"]) for r in expected["shards"]
+    ]
+    assert manifest["stats"]["totals"] == expected["stats"]["totals"]
+
+    driver_log = (out / "driver.log").read_text(errors="replace")
+    assert "resumed from" in driver_log and "checkpoints/step-2" in driver_log, _tail(out / "driver.log")
+    got, want = _losses(Path(result["stage_out"])), _losses(Path(uninterrupted["stage_out"]))
+    assert [s for s, _ in got] == [s for s, _ in want] == list(range(1, two_node_ray.TRAIN["max_steps"] + 1))
+    assert max(abs(a - b) for (_, a), (_, b) in zip(got, want, strict=True)) <= 1e-5, (got, want)
