@@ -165,6 +165,48 @@ class MlflowServer:
         self.process = None
 
 
+class PrefectServer:
+    """A real ``prefect server start`` subprocess on 127.0.0.1 with its SQLite database under ``home``
+    (``home / "prefect.db"``), optionally asking for ``auth`` (``PREFECT_SERVER_API_AUTH_STRING``)."""
+
+    def __init__(self, home: Path, auth: str | None = None) -> None:
+        self.home, self.auth, self.port = home, auth, free_port()
+        self.url = f"http://127.0.0.1:{self.port}/api"
+        self.process: subprocess.Popen | None = None
+
+    def start(self, timeout: float = 120.0) -> None:
+        """Start the server and wait until /health answers (or asks for credentials)."""
+        self.home.mkdir(parents=True, exist_ok=True)
+        env = {**os.environ, "PREFECT_HOME": str(self.home), "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+               "PREFECT_API_URL": ""}  # fmt: skip
+        if self.auth:
+            env["PREFECT_SERVER_API_AUTH_STRING"] = self.auth
+        command = [sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1",
+                   "--port", str(self.port)]  # fmt: skip
+        log = open(self.home / "server.log", "ab")  # noqa: SIM115 - closed with the process
+        self.process = subprocess.Popen(command, stdout=log, stderr=log, env=env, start_new_session=True)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            try:
+                with urllib.request.urlopen(f"{self.url}/health", timeout=2):
+                    return
+            except OSError as err:
+                if getattr(err, "code", None) == 401:  # up, and asking for credentials
+                    return
+                if self.process.poll() is not None:
+                    tail = (self.home / "server.log").read_text()[-2000:]
+                    raise RuntimeError(f"prefect server exited: {tail}") from None
+                time.sleep(0.5)
+        raise TimeoutError(f"prefect server on {self.url} did not answer within {timeout}s")
+
+    def stop(self) -> None:
+        """Stop the server (its process group) and wait for it."""
+        if self.process and self.process.poll() is None:
+            os.killpg(self.process.pid, 15)
+            self.process.wait(timeout=30)
+        self.process = None
+
+
 @pytest.fixture(scope="session")
 def mlflow_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[MlflowServer]:
     """A running ``mlflow server`` for the session (tests that stop it start it again)."""

@@ -9,13 +9,11 @@ import secrets
 import subprocess
 import sys
 import textwrap
-import time
-import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from export_fixtures import MlflowServer, free_port
+from export_fixtures import MlflowServer, PrefectServer, free_port
 from typer.testing import CliRunner
 
 from tasks.lineage import tags as tag
@@ -187,29 +185,12 @@ def test_add_runner_says_what_is_missing(auth_mlflow: MlflowServer, monkeypatch:
 @pytest.fixture(scope="module")
 def auth_prefect(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, str]]:
     """``prefect server start`` on 127.0.0.1 with ``PREFECT_SERVER_API_AUTH_STRING``; (api url, auth)."""
-    home = tmp_path_factory.mktemp("prefect-auth")
-    port, auth = free_port(), f"admin:{secrets.token_hex(12)}"
-    env = {**os.environ, "PREFECT_HOME": str(home), "PREFECT_SERVER_API_AUTH_STRING": auth,
-           "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "PREFECT_API_URL": ""}  # fmt: skip
-    command = [sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1", "--port", str(port)]
-    log = open(home / "server.log", "ab")  # noqa: SIM115 - closed with the process
-    process = subprocess.Popen(command, stdout=log, stderr=log, env=env, start_new_session=True)
-    url = f"http://127.0.0.1:{port}/api"
-    deadline = time.monotonic() + 120
+    server = PrefectServer(tmp_path_factory.mktemp("prefect-auth"), auth=f"admin:{secrets.token_hex(12)}")
+    server.start()
     try:
-        while time.monotonic() < deadline:
-            try:
-                with urllib.request.urlopen(f"{url}/health", timeout=2):
-                    break
-            except OSError as err:
-                if getattr(err, "code", None) == 401:  # up, and asking for credentials
-                    break
-                assert process.poll() is None, (home / "server.log").read_text()[-2000:]
-                time.sleep(1)
-        yield url, auth
+        yield server.url, server.auth
     finally:
-        os.killpg(process.pid, 15)
-        process.wait(timeout=30)
+        server.stop()
 
 
 FLOW = textwrap.dedent(

@@ -24,7 +24,7 @@ from dataclasses import asdict
 from pathlib import Path
 
 import pytest
-from export_fixtures import MlflowServer, free_port
+from export_fixtures import MlflowServer, PrefectServer, free_port
 
 from tasks.lineage import tags as tag
 
@@ -47,19 +47,22 @@ def chaos(tiny_retrain: tuple[Path, dict], tmp_path_factory) -> dict:
     server = MlflowServer(root / "mlflow", free_port())
     server.root.mkdir()
     server.start()
+    # One Prefect server for every attempt, as on a cluster (its database: root/prefect/prefect.db); a
+    # killed attempt leaves its flow run Running there and the next attempt marks it Crashed.
+    prefect = PrefectServer(root / "prefect")
+    prefect.start()
     secret = "hf_" + secrets.token_hex(16)
     env = {
         **os.environ,
         "MVLM_WORK_DIR": str(work),
         "MLFLOW_TRACKING_URI": server.url,
-        "PREFECT_HOME": str(root / "prefect"),
-        "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+        "PREFECT_HOME": str(root / "prefect-client"),
+        "PREFECT_API_URL": prefect.url,
         "MVLM_NO_PROGRESS": "1",
         "HF_TOKEN": secret,
         "AWS_SECRET_ACCESS_KEY": secret[::-1],
     }
-    for key in ("PREFECT_API_URL", "RAY_ADDRESS"):
-        env.pop(key, None)
+    env.pop("RAY_ADDRESS", None)
     started = time.time()
     try:
         kills = plan_kills(KILLS, SEED)
@@ -72,6 +75,7 @@ def chaos(tiny_retrain: tuple[Path, dict], tmp_path_factory) -> dict:
         )
     finally:
         server.stop()
+        prefect.stop()
     server.start()  # read back what the killed runs left
     report = {"kills": [k.describe() for k in kills], "attempts": [asdict(a) for a in attempts]}
     report["seconds"] = round(time.time() - started, 1)
