@@ -358,7 +358,8 @@ def test_resume_after_lost_unit_record_and_torn_shard_is_byte_identical(tmp_path
     files = sorted(p for p in first.path.rglob("*") if p.is_file())
     digests = {p.relative_to(first.path): sha256_file(p) for p in files}
     assert {rec["split"] for rec in first.manifest["shards"]} == {"train", "heldout"}
-    assert len(list((first.path / "units").iterdir())) == 4
+    assert len(list((first.path / "units").glob("*.json"))) == 4  # one record per unit
+    assert len(list((first.path / "units").glob("*.rejects.jsonl"))) == 4  # and its reject rows
     (first.path / "units" / "00001.json").unlink()
     torn = next(first.path / r["path"] for r in first.manifest["shards"] if "-00002" in r["path"])
     torn.write_bytes(torn.read_bytes()[:700])

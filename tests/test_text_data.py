@@ -103,6 +103,43 @@ def test_every_bad_line_is_counted_by_reason_and_kept_aside(data_root: Path, tmp
     assert {r["where"] for r in rows if r["reason"] == "duplicate"} == {"line 29", "line 21"}
 
 
+def test_reject_rows_stay_in_unit_files_and_never_reach_the_driver(data_root: Path, tmp_path: Path) -> None:
+    """The driver gets counts per reason from each unit, not rows: rejects.jsonl is the units' reject
+    files streamed in unit order; a unit record written before those files existed (rows inline)
+    merges to the same bytes."""
+    from dataclasses import asdict
+
+    from tasks.data.build import make_context, merge_rejects
+    from tasks.data.builder import UnitResult, finished_unit, unit_record_path, unit_rejects_path
+
+    spec = _spec(tmp_path)
+    result = build_dataset(spec, data_root)
+    ctx = make_context(spec, data_root)
+    units = [finished_unit(ctx, i) for i in range(len(list((result.path / "units").glob("*.json"))))]
+    assert all(u is not None and u.rejects == [] for u in units)  # what a unit hands back: no rows
+    from tasks.data.dedup import scan_record, scan_rejects
+    from tasks.data.text import dedup_plan
+
+    plan = dedup_plan(ctx)  # nor does a scan record (the pack step reads the scan's rejects file)
+    scans = [scan_record(plan, u.index) for u in units]
+    assert all("rejects" not in scan for scan in scans)
+    scanned = sum(len(scan_rejects(plan, u.index)) for u in units)
+    assert sum(scan["rejected"] for scan in scans) == scanned == 8  # all but the 2 duplicates
+    assert sum(sum(u.reject_counts.values()) for u in units) == 10
+    merged = "".join(unit_rejects_path(ctx, u.index).read_text() for u in units)
+    assert (result.path / "rejects.jsonl").read_text() == merged and merged.count("\n") == 10
+
+    web = next(u for u in units if u.reject_counts)  # rewrite its record as an older build left it
+    rows = [json.loads(line) for line in unit_rejects_path(ctx, web.index).read_text().splitlines()]
+    old = UnitResult(web.index, web.subset, web.shards, web.counts, rows)
+    unit_record_path(ctx, web.index).write_text(json.dumps(asdict(old)))
+    unit_rejects_path(ctx, web.index).unlink()
+    again = [finished_unit(ctx, u.index) for u in units]
+    reasons, contamination = merge_rejects(ctx, again)
+    assert (result.path / "rejects.jsonl").read_text() == merged
+    assert reasons == result.manifest["stats"]["rejects"] and contamination == []
+
+
 def test_packing_is_exact_with_eos_and_document_starts(data_root: Path, tmp_path: Path) -> None:
     result = build_dataset(_spec(tmp_path), data_root)
     tok = load_tokenizer(data_root / "samples" / "tokenizer")

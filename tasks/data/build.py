@@ -20,15 +20,16 @@ import json
 import logging
 import os
 import shutil
-from collections.abc import Iterable
+from collections import Counter
+from collections.abc import Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from tasks.core.identity import (
+    atomic_path,
     atomic_write_json,
-    atomic_write_text,
     code_version,
     hash_json,
     read_json,
@@ -39,10 +40,12 @@ from tasks.data.builder import (
     BuildError,
     FanOut,
     UnitResult,
+    reject_lines,
     unit_record_path,
+    unit_rejects_path,
 )
+from tasks.data.contamination import IMAGE_REASON, TEXT_REASON
 from tasks.data.fingerprints import resolve_tokenizer, signature_libraries, source_fingerprint
-from tasks.data.rejects import Rejects
 from tasks.data.shards import remove_stray_temps, shard_problem
 from tasks.data.specs import (
     load_spec,
@@ -233,29 +236,24 @@ def finalize(
     ctx: BuildContext, results: list[UnitResult], extra: dict[str, Any] | None = None
 ) -> dict[str, Any]:
     """Merge unit results, enforce the failure ratio, write rejects, stats and (last) the manifest."""
-    rejects = Rejects()
-    for result in results:
-        rejects.extend(result.rejects)
-    atomic_write_text(
-        ctx.out / "rejects.jsonl", "".join(json.dumps(r, sort_keys=True) + "\n" for r in rejects.to_rows())
-    )
+    reasons, contamination = merge_rejects(ctx, results)
     totals = _sum_counts(r.counts for r in results)
     per_subset = {
         s.name: _sum_counts(r.counts for r in results if r.subset == s.name) for s in ctx.spec.subsets
     }
-    stats = {"totals": totals, "subsets": per_subset, "rejects": rejects.counts()}
+    stats = {"totals": totals, "subsets": per_subset, "rejects": reasons}
     atomic_write_json(ctx.out / "stats.json", stats)
     if ctx.eval_index is not None:
         from tasks.data.contamination import write_report
 
-        write_report(ctx.out, ctx.eval_index, rejects.to_rows())
+        write_report(ctx.out, ctx.eval_index, contamination)
     read = max(totals.get("read", 0), 1)
     ratio = totals.get("rejected", 0) / read
     if ratio > ctx.spec.max_failure_ratio:
         raise BuildError(
             f"spec {ctx.spec.name}: {totals.get('rejected', 0)} of {totals.get('read', 0)} samples rejected "
             f"({ratio:.1%} > max_failure_ratio {ctx.spec.max_failure_ratio:.1%}); "
-            f"reasons {rejects.counts()}; see {ctx.out / 'rejects.jsonl'}"
+            f"reasons {reasons}; see {ctx.out / 'rejects.jsonl'}"
         )
     shards = [rec for r in results for rec in r.shards]
     if not shards:
@@ -276,6 +274,34 @@ def finalize(
     }
     atomic_write_json(ctx.out / "manifest.json", manifest)
     return manifest
+
+
+def merge_rejects(ctx: BuildContext, results: list[UnitResult]) -> tuple[dict[str, int], list[dict]]:
+    """Stream every unit's reject rows, in unit order, into ``rejects.jsonl`` (no process holds them
+    all); returns (rejects per reason, the eval-contamination rows the report counts)."""
+    reasons: Counter[str] = Counter()
+    contamination = []
+    with atomic_path(ctx.out / "rejects.jsonl") as tmp, open(tmp, "w") as out:
+        for result in results:
+            for line in _unit_reject_lines(ctx, result):
+                out.write(line)
+                row = json.loads(line)
+                reasons[row["reason"]] += 1
+                if row["reason"] in (IMAGE_REASON, TEXT_REASON):
+                    contamination.append(row)
+    return dict(sorted(reasons.items())), contamination
+
+
+def _unit_reject_lines(ctx: BuildContext, result: UnitResult) -> Iterator[str]:
+    """One unit's reject lines: from its rejects file, or from a record that still holds the rows
+    (written before unit rejects files existed)."""
+    if result.rejects:
+        yield from reject_lines(result.rejects).splitlines(keepends=True)
+        return
+    path = unit_rejects_path(ctx, result.index)
+    if path.is_file():
+        with path.open() as handle:
+            yield from handle
 
 
 def _sum_counts(counts) -> dict[str, int]:

@@ -9,7 +9,9 @@ verify (``finished_unit``); ``save_unit`` writes that record once the unit's sha
 
 from __future__ import annotations
 
+import dataclasses
 import glob as globlib
+import json
 import logging
 import os
 from collections.abc import Callable, Sequence
@@ -18,7 +20,7 @@ from pathlib import Path
 from typing import Any, Protocol, TypeVar
 
 from tasks.core import faults
-from tasks.core.identity import atomic_write_json, read_json
+from tasks.core.identity import atomic_write_json, atomic_write_text, read_json
 from tasks.data.shards import shard_problem
 from tasks.data.specs import DatasetSpec
 
@@ -69,7 +71,10 @@ class UnitResult:
     counts: dict[str, int] = field(default_factory=dict)
     """``read``, ``kept``, ``rejected``, ``tokens``, ... for this unit."""
     rejects: list[dict[str, str]] = field(default_factory=list)
-    """Reject rows (tasks.data.rejects.Reject as dicts)."""
+    """Reject rows (tasks.data.rejects.Reject as dicts) until ``save_unit`` writes them to the unit's
+    rejects file; a saved result carries ``reject_counts`` only, so the driver never holds the rows."""
+    reject_counts: dict[str, int] = field(default_factory=dict)
+    """Rejects per reason (set by ``save_unit``)."""
 
 
 @dataclass(frozen=True)
@@ -135,6 +140,18 @@ def unit_record_path(ctx: BuildContext, index: int) -> Path:
     return ctx.out / "units" / f"{index:05d}.json"
 
 
+def unit_rejects_path(ctx: BuildContext, index: int) -> Path:
+    """Where a finished unit's reject rows live (json lines, in source order; merged into rejects.jsonl)."""
+    return ctx.out / "units" / f"{index:05d}.rejects.jsonl"
+
+
+def reject_lines(rows: list[dict[str, str]]) -> str:
+    """Reject rows as the json lines of ``rejects.jsonl`` (fields truncated as ``Reject`` does)."""
+    from tasks.data.rejects import Reject
+
+    return "".join(json.dumps(asdict(Reject(**row)), sort_keys=True) + "\n" for row in rows)
+
+
 def finished_unit(ctx: BuildContext, index: int) -> UnitResult | None:
     """A unit already done whose shards all verify, else None."""
     path = unit_record_path(ctx, index)
@@ -154,10 +171,16 @@ def finished_unit(ctx: BuildContext, index: int) -> UnitResult | None:
 
 
 def save_unit(ctx: BuildContext, result: UnitResult) -> UnitResult:
-    """Record a finished unit (after its shards are written)."""
+    """Record a finished unit (after its shards are written): its reject rows go to the unit's rejects
+    file, then the record; returns the result without the rows (what travels back to the driver)."""
+    counts: dict[str, int] = {}
+    for row in result.rejects:
+        counts[row["reason"]] = counts.get(row["reason"], 0) + 1
+    atomic_write_text(unit_rejects_path(ctx, result.index), reject_lines(result.rejects))
+    saved = dataclasses.replace(result, rejects=[], reject_counts=dict(sorted(counts.items())))
     faults.hit("unit-commit")
-    atomic_write_json(unit_record_path(ctx, result.index), asdict(result))
-    return result
+    atomic_write_json(unit_record_path(ctx, result.index), asdict(saved))
+    return saved
 
 
 Builder = Callable[["BuildContext", FanOut], list["UnitResult"]]

@@ -114,8 +114,9 @@ class UnitKeys:
     def save(
         self, unit: int, subset: str, source: str, counts: dict[str, int], rejects: list | None = None
     ) -> dict[str, Any]:
-        """Write the unit's bucketed rows, signatures and places; the record (written last, with the
-        scan's ``counts`` and ``rejects``) says the unit is scanned."""
+        """Write the unit's bucketed rows, signatures, places and the scan's ``rejects`` (rows of
+        ``[read ordinal, reject]``: ``scan_rejects``); the record (written last, with the scan's
+        ``counts``) says the unit is scanned."""
         stem = f"{unit:05d}"
         record: dict[str, Any] = {"unit": unit, "subset": subset, "source": source, "kept": len(self.wheres)}
         exact = np.zeros(len(self.exact), EXACT)
@@ -132,7 +133,9 @@ class UnitKeys:
             bands["pos"] = np.repeat(np.arange(len(sigs)), keys.shape[1])
             record["bands"] = self._bucketed(stem, "bands", bands, bands["key"])
         atomic_write_json(self.plan.path("scan", f"{stem}.where.json"), self.wheres)
-        record |= {"counts": counts, "rejects": rejects or []}
+        # the scan's rejects wait in their own file for the pack step: records travel to the driver
+        atomic_write_json(self.plan.path("scan", f"{stem}.rejects.json"), rejects or [])
+        record |= {"counts": counts, "rejected": len(rejects or [])}
         atomic_write_json(self.plan.path("scan", f"{stem}.json"), record)
         return record
 
@@ -147,6 +150,12 @@ class UnitKeys:
 def scan_wheres(plan: DedupPlan, unit: int) -> list[str]:
     """Where each kept sample of a scanned unit is (line, row or key), by position."""
     return json.loads(plan.path("scan", f"{unit:05d}.where.json").read_text())
+
+
+def scan_rejects(plan: DedupPlan, unit: int) -> list[list[Any]]:
+    """The rejects a unit's scan found, as ``[read ordinal, reject row]`` pairs in source order."""
+    path = plan.path("scan", f"{unit:05d}.rejects.json")
+    return json.loads(path.read_text()) if path.is_file() else []
 
 
 def scan_record(plan: DedupPlan, unit: int) -> dict[str, Any] | None:
@@ -310,7 +319,7 @@ def run_reduce(
     plan: DedupPlan, scans: Sequence[dict[str, Any]], fan_out: Callable[..., list], label: str
 ) -> dict:
     """Steps 2 and 3 over the scanned units; returns the drop counts."""
-    offsets = [{k: scan[k] for k in ("unit", "exact", "bands") if k in scan} for scan in scans]  # no rejects
+    offsets = [{k: scan[k] for k in ("unit", "exact", "bands") if k in scan} for scan in scans]
     counts = fan_out(reduce_bucket, list(range(plan.partitions)), plan, offsets, label=f"{label}: dedup")
     total = {"exact_drops": sum(c["exact_drops"] for c in counts)}
     if plan.near is not None:

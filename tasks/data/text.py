@@ -32,7 +32,16 @@ from tasks.data.builder import (
     save_unit,
 )
 from tasks.data.contamination import check_sample
-from tasks.data.dedup import DedupPlan, NearRule, UnitKeys, run_reduce, scan_record, scan_wheres, unit_drops
+from tasks.data.dedup import (
+    DedupPlan,
+    NearRule,
+    UnitKeys,
+    run_reduce,
+    scan_record,
+    scan_rejects,
+    scan_wheres,
+    unit_drops,
+)
 from tasks.data.rejects import Reject
 from tasks.data.shards import finished_shard, npy_bytes, write_shard
 from tasks.data.signatures import minhash_signature
@@ -181,7 +190,7 @@ def pack_unit(unit: Unit, ctx: BuildContext, scan: dict[str, Any]) -> UnitResult
     tokens = np.fromfile(path, dtype=dtype)
     ends = np.cumsum(docs[:, 0])
     wheres = scan_wheres(plan, unit.index)
-    found: list[tuple[int, dict[str, str]]] = [(at, row) for at, row in scan["rejects"]]
+    found: list[tuple[int, dict[str, str]]] = [(at, row) for at, row in scan_rejects(plan, unit.index)]
     eos = [scan["counts"]["eos"]]
     for pos, (length, heldout, ordinal) in enumerate(docs.tolist()):
         if (drop := drops.get(pos)) is not None:
