@@ -274,3 +274,32 @@ def test_a_rejected_image_never_stands_for_the_copy_that_is_dropped(
     result = build_dataset(_spec(tmp_path, "world-thumb", "image_text", extra), root, fan_out=serial_map)
     assert _rejected(result.path) == {"image_too_small": {"a-thumb"}}
     assert result.manifest["stats"]["totals"]["kept"] == 2
+
+
+def test_the_write_pass_reuses_the_scans_perceptual_hashes(
+    world, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With ``dedup.image`` and ``decontaminate`` both on, an image the near-identical scan hashed is
+    checked against the eval index with that hash: only the scan's rejects (the planted eval images and
+    the eval question, whose hashes the scan does not keep) are hashed a second time. Same rejects."""
+    import tasks.data.contamination as contamination
+    import tasks.data.image_units as image_units
+
+    calls: list[object] = []
+
+    def counting(source, *args, **kwargs):
+        calls.append(source)
+        return real(source, *args, **kwargs)
+
+    real = image_units.image_phash
+    monkeypatch.setattr(image_units, "image_phash", counting)
+    monkeypatch.setattr(contamination, "image_phash", counting)
+    root, planted = world
+    extra = "dedup: {image: {max_distance: 16}, partitions: 4}\ndecontaminate: {max_distance: 16}"
+    index = eval_index("tiny", root)
+    result = build_dataset(_spec(tmp_path, "world-once", "image_text", extra), root, fan_out=serial_map,
+                           eval_index=index)  # fmt: skip
+    assert _rejected(result.path) == planted
+    images = DISTINCT + 3 + 2 + 1  # every picture, once by the scan
+    again = len(planted["eval_contamination"]) + len(planted["eval_contamination_text"])
+    assert len(calls) == images + again, len(calls)

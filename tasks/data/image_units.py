@@ -29,7 +29,7 @@ from tasks.data.builder import (
     UnitResult,
     save_unit,
 )
-from tasks.data.contamination import check_signature
+from tasks.data.contamination import check_sample, check_signature
 from tasks.data.dedup import (
     DedupPlan,
     Drop,
@@ -161,6 +161,27 @@ def image_dedup_plan(ctx: BuildContext) -> DedupPlan | None:
         return None
     near = NearRule("phash", rule.max_distance + 1, rule.max_distance, "near_duplicate_image")
     return DedupPlan(str(ctx.out / "dedup"), ctx.spec.dedup.partitions, False, near)
+
+
+def scanned_phashes(ctx: BuildContext, unit: int) -> dict[str, np.ndarray]:
+    """Sample key -> the perceptual hash the ``dedup.image`` scan computed for a kept image of this
+    unit (empty without ``dedup.image``), so the write pass checks it against the eval index without
+    hashing the image again."""
+    plan = image_dedup_plan(ctx)
+    if plan is None:
+        return {}
+    signatures = np.load(plan.path("scan", f"{unit:05d}.sig.npy"))
+    return dict(zip(scan_wheres(plan, unit), signatures, strict=True))
+
+
+def contamination(
+    ctx: BuildContext, known: dict[str, np.ndarray], key: str, image: str | Path | bytes, caption: str
+) -> tuple[str, str] | None:
+    """``check_sample`` for one image-text sample, with the scan's hash of its image when there is one
+    (``scanned_phashes``: the same bytes, so the same hash)."""
+    if (phash := known.get(key)) is not None:
+        return check_signature(ctx, phash, [caption])
+    return check_sample(ctx, image, [caption])
 
 
 def image_drops(ctx: BuildContext, unit: int) -> dict[str, Drop]:

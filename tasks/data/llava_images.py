@@ -28,7 +28,6 @@ from tasks.data.builder import (
     expand_files,
     resolve_path,
 )
-from tasks.data.contamination import check_sample
 from tasks.data.dedup import (
     UnitKeys,
     scan_record,
@@ -40,7 +39,14 @@ from tasks.data.image_checks import (
     normalise_image,
     sample_key,
 )
-from tasks.data.image_units import UnitWriter, image_dedup_plan, image_drops, keepable_phash
+from tasks.data.image_units import (
+    UnitWriter,
+    contamination,
+    image_dedup_plan,
+    image_drops,
+    keepable_phash,
+    scanned_phashes,
+)
 from tasks.data.specs import Filters, LlavaSource, Subset
 
 log = logging.getLogger(__name__)
@@ -171,7 +177,7 @@ def process_llava(job: LlavaJob, ctx: BuildContext) -> UnitResult:
     writer = UnitWriter(ctx, job.unit)
     source = job.unit.source.split("#", 1)[0]
     entries = sorted(job.entries, key=lambda e: e.get("key", ""))
-    drops = image_drops(ctx, job.unit.index)
+    drops, hashed = image_drops(ctx, job.unit.index), scanned_phashes(ctx, job.unit.index)
 
     def samples() -> Iterator[dict[str, Any]]:
         for entry in entries:
@@ -191,7 +197,7 @@ def process_llava(job: LlavaJob, ctx: BuildContext) -> UnitResult:
             if jpg is None:
                 writer.reject(bad[0], source, where, bad[1], entry["image"])
                 continue
-            if bad := check_sample(ctx, path, [caption]):
+            if bad := contamination(ctx, hashed, entry["key"], path, caption):
                 writer.reject(bad[0], source, where, bad[1], entry["image"])
                 continue
             if (drop := drops.get(entry["key"])) is not None:

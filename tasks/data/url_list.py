@@ -30,7 +30,6 @@ from tasks.data.builder import (
     expand_files,
     resolve_path,
 )
-from tasks.data.contamination import check_sample
 from tasks.data.dedup import UnitKeys, forget_reduce, scan_record
 from tasks.data.image_checks import (
     ImageRejected,
@@ -39,7 +38,14 @@ from tasks.data.image_checks import (
     normalise_image,
     sample_key,
 )
-from tasks.data.image_units import UnitWriter, image_dedup_plan, image_drops, keepable_phash
+from tasks.data.image_units import (
+    UnitWriter,
+    contamination,
+    image_dedup_plan,
+    image_drops,
+    keepable_phash,
+    scanned_phashes,
+)
 from tasks.data.img2dataset_runner import (
     DownloadOptions,
     Img2DatasetError,
@@ -254,7 +260,7 @@ def _opened_shard(job: UrlShardJob) -> Iterator[tuple[list[dict[str, Any]], tarf
 def process_url_shard(job: UrlShardJob, ctx: BuildContext) -> UnitResult:
     """Turn one img2dataset shard into final shards: failures become rejects, filters apply."""
     writer = UnitWriter(ctx, job.unit)
-    drops = image_drops(ctx, job.unit.index)
+    drops, hashed = image_drops(ctx, job.unit.index), scanned_phashes(ctx, job.unit.index)
     with _opened_shard(job) as (rows, tar, index):
 
         def samples() -> Iterator[dict[str, Any]]:
@@ -280,10 +286,10 @@ def process_url_shard(job: UrlShardJob, ctx: BuildContext) -> UnitResult:
                 except ImageRejected as err:
                     writer.reject(err.reason, source, where, err.detail)
                     continue
-                if bad := check_sample(ctx, raw_bytes, [caption]):
+                key = sample_key(job.unit.subset, row["key"])
+                if bad := contamination(ctx, hashed, key, raw_bytes, caption):
                     writer.reject(bad[0], source, where, bad[1], caption)
                     continue
-                key = sample_key(job.unit.subset, row["key"])
                 if (drop := drops.get(key)) is not None:
                     writer.reject(drop.reason, source, where, f"near-identical image of {drop.kept}", caption)
                     continue
