@@ -197,6 +197,7 @@ class PrefectServer:
                     tail = (self.home / "server.log").read_text()[-2000:]
                     raise RuntimeError(f"prefect server exited: {tail}") from None
                 time.sleep(0.5)
+        self.stop()
         raise TimeoutError(f"prefect server on {self.url} did not answer within {timeout}s")
 
     def stop(self) -> None:

@@ -1,12 +1,13 @@
 """Crash anywhere: the tiny retrain SIGKILLed at K >= 10 seeded moments, restarted each time.
 
 The killed run is ``mvlm retrain tiny`` in a subprocess, pushing to a real ``mlflow server``; the
-harness (``tasks.testkit.chaos``) kills its whole process tree (driver, Ray, Prefect's temporary server,
-data-loader workers) at fault points during shard writes, inside training steps, between the files
-of a checkpoint save, after metrics reach MLflow, during outbox pushes and registrations, and at
-seeded times. After the last restart completes, everything is compared with the session's
-uninterrupted run (``tiny_retrain``): shards, catalog rows, losses, evaluations, registered model
-versions, MLflow runs (one per step, none left RUNNING) and device results.
+harness (``tasks.testkit.chaos``) kills its whole process tree (driver, Ray, data-loader workers; the
+Prefect server, like the MLflow one, outlives the kills) at fault points during shard writes, inside
+training steps, between the files of a checkpoint save, after metrics reach MLflow, during outbox
+pushes and registrations, and at seeded times. After the last restart completes, everything is
+compared with the session's uninterrupted run (``tiny_retrain``): shards, catalog rows, losses,
+evaluations, registered model versions, MLflow runs (one per step, none left RUNNING) and device
+results.
 
 The same run carries a planted secret in ``HF_TOKEN`` and ``AWS_SECRET_ACCESS_KEY``: every byte it
 writes (data, runs, both MLflow stores and artifacts, Prefect's database, logs) is grepped for it.
@@ -46,11 +47,9 @@ def chaos(tiny_retrain: tuple[Path, dict], tmp_path_factory) -> dict:
     (work / "data" / "samples").symlink_to(tiny_retrain[0] / "data" / "samples")
     server = MlflowServer(root / "mlflow", free_port())
     server.root.mkdir()
-    server.start()
     # One Prefect server for every attempt, as on a cluster (its database: root/prefect/prefect.db); a
     # killed attempt leaves its flow run Running there and the next attempt marks it Crashed.
     prefect = PrefectServer(root / "prefect")
-    prefect.start()
     secret = "hf_" + secrets.token_hex(16)
     env = {
         **os.environ,
@@ -65,6 +64,8 @@ def chaos(tiny_retrain: tuple[Path, dict], tmp_path_factory) -> dict:
     env.pop("RAY_ADDRESS", None)
     started = time.time()
     try:
+        server.start()
+        prefect.start()
         kills = plan_kills(KILLS, SEED)
         attempts = chaos_run(
             [sys.executable, "-m", "flows.cli", "retrain", "tiny"],
@@ -74,8 +75,10 @@ def chaos(tiny_retrain: tuple[Path, dict], tmp_path_factory) -> dict:
             attempt_timeout_s=900,
         )
     finally:
-        server.stop()
-        prefect.stop()
+        try:
+            server.stop()
+        finally:
+            prefect.stop()
     server.start()  # read back what the killed runs left
     report = {"kills": [k.describe() for k in kills], "attempts": [asdict(a) for a in attempts]}
     report["seconds"] = round(time.time() - started, 1)

@@ -125,6 +125,12 @@ def test_reject_rows_stay_in_unit_files_and_never_reach_the_driver(data_root: Pa
     assert all("rejects" not in scan for scan in scans)
     scanned = sum(len(scan_rejects(plan, u.index)) for u in units)
     assert sum(scan["rejected"] for scan in scans) == scanned == 8  # all but the 2 duplicates
+    hostile = next(u.index for u in units if scan_rejects(plan, u.index))  # a scan record as older
+    rows = scan_rejects(plan, hostile)  # builds wrote it: rows inline, no rejects file
+    old_scan = {**scan_record(plan, hostile), "rejects": rows}
+    plan.path("scan", f"{hostile:05d}.json").write_text(json.dumps(old_scan))
+    plan.path("scan", f"{hostile:05d}.rejects.json").unlink()
+    assert scan_rejects(plan, hostile) == rows
     assert sum(sum(u.reject_counts.values()) for u in units) == 10
     merged = "".join(unit_rejects_path(ctx, u.index).read_text() for u in units)
     assert (result.path / "rejects.jsonl").read_text() == merged and merged.count("\n") == 10

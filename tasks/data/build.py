@@ -28,7 +28,6 @@ from pathlib import Path
 from typing import Any
 
 from tasks.core.identity import (
-    atomic_path,
     atomic_write_json,
     code_version,
     hash_json,
@@ -281,14 +280,25 @@ def merge_rejects(ctx: BuildContext, results: list[UnitResult]) -> tuple[dict[st
     all); returns (rejects per reason, the eval-contamination rows the report counts)."""
     reasons: Counter[str] = Counter()
     contamination = []
-    with atomic_path(ctx.out / "rejects.jsonl") as tmp, open(tmp, "w") as out:
+    tmp = ctx.out / f".rejects.jsonl.{os.getpid()}.tmp"  # a killed merge leaves a stray temp file
+    with open(tmp, "w") as out:
         for result in results:
+            before = sum(reasons.values())
             for line in _unit_reject_lines(ctx, result):
                 out.write(line)
                 row = json.loads(line)
                 reasons[row["reason"]] += 1
                 if row["reason"] in (IMAGE_REASON, TEXT_REASON):
                     contamination.append(row)
+            if result.reject_counts and sum(reasons.values()) - before != sum(result.reject_counts.values()):
+                raise BuildError(
+                    f"spec {ctx.spec.name}: unit {result.index}'s rejects file does not hold the "
+                    f"{sum(result.reject_counts.values())} rejects its record counts; delete "
+                    f"{unit_record_path(ctx, result.index)} and build again to redo that unit"
+                )
+        out.flush()
+        os.fsync(out.fileno())
+    os.replace(tmp, ctx.out / "rejects.jsonl")
     return dict(sorted(reasons.items())), contamination
 
 

@@ -158,6 +158,9 @@ def finished_unit(ctx: BuildContext, index: int) -> UnitResult | None:
     if not path.is_file():
         return None
     result = UnitResult(**read_json(path))
+    if result.reject_counts and not unit_rejects_path(ctx, index).is_file():
+        log.warning("%s: unit %d lost its rejects file; rebuilding that unit", ctx.spec.name, index)
+        return None
     if index in ctx.verified_units:
         return result
     problems = [(rec["path"], why) for rec in result.shards if (why := shard_problem(ctx.out, rec))]

@@ -155,7 +155,10 @@ def scan_wheres(plan: DedupPlan, unit: int) -> list[str]:
 def scan_rejects(plan: DedupPlan, unit: int) -> list[list[Any]]:
     """The rejects a unit's scan found, as ``[read ordinal, reject row]`` pairs in source order."""
     path = plan.path("scan", f"{unit:05d}.rejects.json")
-    return json.loads(path.read_text()) if path.is_file() else []
+    if path.is_file():
+        return json.loads(path.read_text())
+    record = scan_record(plan, unit)  # a record written before scans had a rejects file holds them
+    return record.get("rejects", []) if record else []
 
 
 def scan_record(plan: DedupPlan, unit: int) -> dict[str, Any] | None:

@@ -34,6 +34,8 @@ from tasks.train.loader import LoaderConfig, Source
 from tasks.train.recipes import Recipe, StageConfig, stage_dict
 
 log = logging.getLogger(__name__)
+REPAIRED = ".checkpoints-repaired"
+"""Marker: the driver just repaired the checkpoints (rank 0 removes it on the workers' first start)."""
 
 
 class StageError(RuntimeError):
@@ -415,6 +417,12 @@ def train_worker(config: dict[str, Any]) -> None:
         dist_init_required=False,
     )
     ckpt_dir = plan.out / "checkpoints"
+    if rank == 0:
+        if (marker := plan.out / REPAIRED).exists():
+            marker.unlink()  # the driver repaired the checkpoints just before this first start
+        else:  # a Ray Train restart (max_failures): a node lost mid-save may have left `latest` on
+            check_checkpoints(plan)  # an incomplete tag
+    torch.distributed.barrier()
     state = load_checkpoint(engine, ckpt_dir) or LoopState()
     loader_cfg = loader_from_dict(plan.loader)
     sink = _MetricSink(plan, state.step) if rank == 0 else (lambda rows: None)
@@ -500,7 +508,8 @@ def _run_stage_locked(plan: StagePlan) -> dict[str, Any]:
         return done
     plan.out.mkdir(parents=True, exist_ok=True)
     atomic_write_json(plan.out / "plan.json", asdict(plan))
-    check_checkpoints(plan)  # once, here: the ranks only load what this leaves in `latest`
+    check_checkpoints(plan)  # here, before the ranks load what this leaves in `latest`
+    (plan.out / REPAIRED).touch()  # rank 0 repairs again only when Ray Train restarts the workers
     ensure_ray()
     stage = plan.stage
     log.info("stage %s: training %d steps on %d Ray Train workers (%s)", stage["name"], plan.total_steps,
