@@ -120,7 +120,8 @@ class StageConfig:
     """Times Ray Train restarts the workers after one of them (or its node) is lost, each time from the
     last checkpoint; a restart waits for room for every worker (the node back, or another one). 0: the
     stage fails and a rerun of the retrain resumes it (an error in the training code also counts as a
-    failure: it is retried too)."""
+    failure: it is retried too). A value other than 0 is part of the stage identity, so set it before
+    the stage first runs."""
     loader_workers: int = 0
     """DataLoader worker processes per Ray worker."""
     shuffle_buffer: int = 256
