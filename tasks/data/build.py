@@ -43,12 +43,10 @@ from tasks.data.builder import (
     unit_record_path,
     unit_rejects_path,
 )
-from tasks.data.contamination import IMAGE_REASON, TEXT_REASON
+from tasks.data.contamination import IMAGE_REASON, TEXT_REASON, write_report
 from tasks.data.fingerprints import resolve_tokenizer, signature_libraries, source_fingerprint
 from tasks.data.shards import remove_stray_temps, shard_problem
-from tasks.data.specs import (
-    load_spec,
-)
+from tasks.data.specs import load_spec
 
 log = logging.getLogger(__name__)
 
@@ -243,8 +241,6 @@ def finalize(
     stats = {"totals": totals, "subsets": per_subset, "rejects": reasons}
     atomic_write_json(ctx.out / "stats.json", stats)
     if ctx.eval_index is not None:
-        from tasks.data.contamination import write_report
-
         write_report(ctx.out, ctx.eval_index, contamination)
     read = max(totals.get("read", 0), 1)
     ratio = totals.get("rejected", 0) / read

@@ -163,6 +163,12 @@ def image_dedup_plan(ctx: BuildContext) -> DedupPlan | None:
     return DedupPlan(str(ctx.out / "dedup"), ctx.spec.dedup.partitions, False, near)
 
 
+def scan_results(ctx: BuildContext, unit: int) -> tuple[dict[str, Drop], dict[str, np.ndarray]]:
+    """What the write pass of one unit takes from its ``dedup.image`` scan: (``image_drops``,
+    ``scanned_phashes``); both empty without ``dedup.image``."""
+    return image_drops(ctx, unit), scanned_phashes(ctx, unit)
+
+
 def scanned_phashes(ctx: BuildContext, unit: int) -> dict[str, np.ndarray]:
     """Sample key -> the perceptual hash the ``dedup.image`` scan computed for a kept image of this
     unit (empty without ``dedup.image``), so the write pass checks it against the eval index without

@@ -43,9 +43,8 @@ from tasks.data.image_units import (
     UnitWriter,
     contamination,
     image_dedup_plan,
-    image_drops,
     keepable_phash,
-    scanned_phashes,
+    scan_results,
 )
 from tasks.data.specs import Filters, LlavaSource, Subset
 
@@ -177,7 +176,7 @@ def process_llava(job: LlavaJob, ctx: BuildContext) -> UnitResult:
     writer = UnitWriter(ctx, job.unit)
     source = job.unit.source.split("#", 1)[0]
     entries = sorted(job.entries, key=lambda e: e.get("key", ""))
-    drops, hashed = image_drops(ctx, job.unit.index), scanned_phashes(ctx, job.unit.index)
+    drops, hashed = scan_results(ctx, job.unit.index)
 
     def samples() -> Iterator[dict[str, Any]]:
         for entry in entries:

@@ -42,9 +42,8 @@ from tasks.data.image_units import (
     UnitWriter,
     contamination,
     image_dedup_plan,
-    image_drops,
     keepable_phash,
-    scanned_phashes,
+    scan_results,
 )
 from tasks.data.img2dataset_runner import (
     DownloadOptions,
@@ -260,7 +259,7 @@ def _opened_shard(job: UrlShardJob) -> Iterator[tuple[list[dict[str, Any]], tarf
 def process_url_shard(job: UrlShardJob, ctx: BuildContext) -> UnitResult:
     """Turn one img2dataset shard into final shards: failures become rejects, filters apply."""
     writer = UnitWriter(ctx, job.unit)
-    drops, hashed = image_drops(ctx, job.unit.index), scanned_phashes(ctx, job.unit.index)
+    drops, hashed = scan_results(ctx, job.unit.index)
     with _opened_shard(job) as (rows, tar, index):
 
         def samples() -> Iterator[dict[str, Any]]:
