@@ -8,7 +8,7 @@ answerer vs a bare loop over the same library calls (``llama_decode`` of the sam
 with a ``mobilevlm-tiny-336`` (random weights, so every answer runs to the token limit).
 The ratios printed last are bare time / our time (1.00 = no overhead; targets 0.9 and 0.95).
 
-    python benchmarks/eval_throughput.py [--questions 96] [--batch 16] [--tokens 8] [--repetitions 3]
+    python benchmarks/eval_throughput.py [--questions 192] [--batch 16] [--tokens 8] [--repetitions 3]
 """
 
 from __future__ import annotations
@@ -127,7 +127,7 @@ def timed(fn) -> float:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--questions", type=int, default=96)
+    parser.add_argument("--questions", type=int, default=192)
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--tokens", type=int, default=8)
     parser.add_argument("--repetitions", type=int, default=3)

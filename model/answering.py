@@ -1,4 +1,9 @@
-"""Batched greedy answers of a MobileVLM to prompts, with or without an image (KV cache on)."""
+"""Batched greedy answers of a MobileVLM to prompts, with or without an image (KV cache on).
+
+The next batch's prompts are tokenised and its images preprocessed on a helper thread while the
+current batch decodes (PIL's resize and numpy's lookups release the GIL), as LLaVA's evaluation
+overlaps its data loader with the model.
+"""
 
 from __future__ import annotations
 
@@ -10,6 +15,7 @@ from PIL import Image
 
 from model.conversation import tokenize_prompt
 from model.image import preprocess_images
+from model.prefetch import ahead
 
 
 @torch.no_grad()
@@ -24,17 +30,26 @@ def greedy_answers(
     vlm.eval()
     vision = vlm.config.vision_config or {}
     size, mode = vision.get("image_size", 0), vlm.config.image_aspect_ratio
+
+    def prepare(chunk: list[int], with_image: bool) -> tuple[list[list[int]], torch.Tensor | None]:
+        ids = [tokenize_prompt(prompts[i], tokenizer) for i in chunk]
+        return ids, preprocess_images([images[i] for i in chunk], size, mode) if with_image else None
+
     answers: list[str | None] = [None] * len(prompts)
+    for (chunk, _), (ids, pixels) in ahead(_batches(images, batch), lambda b: prepare(*b)):
+        tokens = _generate(vlm, tokenizer, ids, pixels, max_new_tokens)
+        for i, row in zip(chunk, tokens, strict=True):
+            answers[i] = tokenizer.decode(row, skip_special_tokens=True).strip()
+    return [a or "" for a in answers]
+
+
+def _batches(images: Sequence[Any], batch: int) -> list[tuple[list[int], bool]]:
+    """(prompt indices, with image) per batch: first every prompt with an image, then the rest."""
+    out = []
     for with_image in (True, False):
         order = [i for i, img in enumerate(images) if (img is not None) == with_image]
-        for start in range(0, len(order), batch):
-            chunk = order[start : start + batch]
-            ids = [tokenize_prompt(prompts[i], tokenizer) for i in chunk]
-            pixels = preprocess_images([images[i] for i in chunk], size, mode) if with_image else None
-            tokens = _generate(vlm, tokenizer, ids, pixels, max_new_tokens)
-            for i, row in zip(chunk, tokens, strict=True):
-                answers[i] = tokenizer.decode(row, skip_special_tokens=True).strip()
-    return [a or "" for a in answers]
+        out += [(order[start : start + batch], with_image) for start in range(0, len(order), batch)]
+    return out
 
 
 def _generate(vlm: Any, tokenizer: Any, ids: list[list[int]], pixels: torch.Tensor | None,

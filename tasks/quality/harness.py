@@ -17,6 +17,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from model.prefetch import ahead
 from tasks.core.identity import atomic_write_json, canonical_json, code_version, hash_json, sha256_file
 from tasks.data.builder import BuildError
 from tasks.data.downloads import ensure_downloads
@@ -31,8 +32,8 @@ from tasks.quality.scoring import BenchmarkScore, EvalItem, score
 log = logging.getLogger(__name__)
 ANSWERS_FILE = "answers.jsonl"
 RESULT_FILE = "result.json"
-CHUNK = 64
-"""Questions whose images are loaded at a time."""
+CHUNK = 256
+"""Questions handed to the answerer at a time (the next chunk's images load meanwhile)."""
 
 
 class EvalRunError(RuntimeError):
@@ -103,9 +104,8 @@ def ask(answerer: Answerer, items: Sequence[EvalItem], max_new_tokens: int,
         progress: Callable[[int], None] | None = None) -> dict[str, str]:  # fmt: skip
     """Item key -> the answerer's answer, asked in chunks with their images loaded."""
     answers: dict[str, str] = {}
-    for start in range(0, len(items), CHUNK):
-        chunk = items[start : start + CHUNK]
-        images = [_image(item) for item in chunk]
+    chunks = [items[start : start + CHUNK] for start in range(0, len(items), CHUNK)]
+    for chunk, images in ahead(chunks, lambda chunk: [_image(item) for item in chunk]):
         got = answerer.answer([item.prompt for item in chunk], images, max_new_tokens)
         answers.update(zip((item.key for item in chunk), got, strict=True))
         if progress:
