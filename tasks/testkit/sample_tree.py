@@ -14,6 +14,7 @@ from pathlib import Path
 from tasks.core.identity import atomic_path, atomic_write_json, atomic_write_text, sha256_file
 from tasks.testkit.eval_samples import make_eval_sets
 from tasks.testkit.planted import plant
+from tasks.testkit.sample_text import make_chats, make_subset
 from tasks.testkit.samples import (
     GENERATOR_VERSION,
     QUESTION_TEMPLATES,
@@ -23,11 +24,9 @@ from tasks.testkit.samples import (
     config_json,
     json_text,
     jsonl_text,
-    make_chats,
     make_images,
     make_instruct,
     make_pretrain,
-    make_subset,
     make_urls_tsv,
     tokenizer_corpus,
 )
