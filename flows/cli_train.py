@@ -28,7 +28,7 @@ def train(
     """Train a recipe's stages with DeepSpeed on Ray Train (one Prefect flow run)."""
     from flows.train import train as train_flow
     from tasks.data.build import BuildError
-    from tasks.train.stage import StageError
+    from tasks.train.stage_plan import StageError
 
     try:
         summaries = train_flow(recipe, stage)

@@ -127,7 +127,8 @@ def run_stages(
     """
 
     from tasks.train.recipes import get_recipe
-    from tasks.train.stage import StageError, StageOutcome, StageSummary, finished_stage
+    from tasks.train.stage import StageOutcome, StageSummary, finished_stage
+    from tasks.train.stage_plan import StageError
 
     recipe = get_recipe(recipe_name, **{stage: {"init": where} for stage, where in (inits or {}).items()})
     stages = recipe.enabled_stages()

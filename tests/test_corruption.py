@@ -19,7 +19,8 @@ from test_training import _losses, _pretrain
 from tasks.core.identity import read_json
 from tasks.data.build import BuildResult
 from tasks.quality.eval_index import build_decontaminated as build_dataset
-from tasks.train.stage import StageError, plan_stage, run_stage
+from tasks.train.stage import plan_stage, run_stage
+from tasks.train.stage_plan import StageError
 
 pytestmark = pytest.mark.usefixtures("ray_local")
 SPECS = Path(__file__).resolve().parent.parent / "data_specs"

@@ -10,7 +10,8 @@ import pytest
 
 from tasks.data.build import build_dataset
 from tasks.train.recipes import get_recipe
-from tasks.train.stage import StageError, plan_stage, run_stage
+from tasks.train.stage import plan_stage, run_stage
+from tasks.train.stage_plan import StageError
 
 pytestmark = pytest.mark.usefixtures("ray_local")
 SPECS = Path(__file__).resolve().parent.parent / "data_specs"

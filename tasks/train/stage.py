@@ -1,27 +1,24 @@
 """Run one training stage as a Ray Train ``TorchTrainer`` whose workers use DeepSpeed.
 
-The driver checks every input before a worker starts (dataset builds exist and verify, tokenizer
-hashes agree, the init checkpoint matches the stage's model), computes the stage identity and
-reuses a finished stage. Workers build the model, resume from the latest DeepSpeed checkpoint,
-stream the shards and train; rank 0 logs metrics to MLflow after each checkpoint and writes the
-consolidated checkpoint (``final/``) in the checkpoint layout of ``model/checkpoint.py``.
+The driver (here) checks every input before a worker starts (dataset builds exist and verify,
+tokenizer hashes agree, the init checkpoint matches the stage's model), computes the stage identity,
+reuses a finished stage and hands the workers a ``StagePlan`` (``stage_plan.py``). Workers
+(``stage_worker.py``) build the model, resume from the latest DeepSpeed checkpoint, stream the shards
+and train; rank 0 logs metrics to MLflow after each checkpoint and writes the consolidated checkpoint
+(``final/``) in the checkpoint layout of ``model/checkpoint.py``.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import math
-import os
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from tasks.core import faults
 from tasks.core.identity import (
     atomic_write_json,
-    atomic_write_text,
     code_version,
     hash_json,
     read_json,
@@ -32,14 +29,17 @@ from tasks.data.specs import find_spec, load_spec
 from tasks.quality.eval_index import index_for
 from tasks.train.loader import LoaderConfig, Source
 from tasks.train.recipes import Recipe, StageConfig, stage_dict
+from tasks.train.stage_plan import (
+    REPAIRED,
+    StageError,
+    StagePlan,
+    check_checkpoints,
+    loader_dict,
+    read_metric_rows,
+)
+from tasks.train.stage_worker import train_worker
 
 log = logging.getLogger(__name__)
-REPAIRED = ".checkpoints-repaired"
-"""Marker: the driver just repaired the checkpoints (rank 0 removes it on the workers' first start)."""
-
-
-class StageError(RuntimeError):
-    """A stage that cannot start or did not finish; the message names the stage and what to do."""
 
 
 @dataclass(frozen=True)
@@ -60,45 +60,6 @@ class BuildRef:
     """Tokenizer the shards were made with (text kind)."""
     tokenizer_path: str | None
     """Where that tokenizer is."""
-
-
-@dataclass(frozen=True)
-class StagePlan:
-    """Everything a worker needs, as plain data."""
-
-    recipe: str
-    """Recipe name."""
-    stage: dict[str, Any]
-    """StageConfig as a dict."""
-    stage_id: str
-    """Identity: stage config, input builds, init, trainer version."""
-    out_dir: str
-    """Stage folder."""
-    init: dict[str, str]
-    """``{"kind": "scratch"|"checkpoint", "path": ...}``."""
-    tokenizer_path: str
-    """Tokenizer folder for the model."""
-    total_steps: int
-    """Optimizer steps."""
-    loader: dict[str, Any]
-    """LoaderConfig as a dict."""
-    deepspeed: dict[str, Any]
-    """Generated DeepSpeed config."""
-    builds: list[dict[str, Any]]
-    """BuildRef dicts."""
-    mlflow_uri: str
-    """Tracking URI for rank 0."""
-    mlflow_run_id: str
-    """The stage's MLflow run."""
-    kill_at_step: int | None = None
-    """Chaos testing only: workers exit abruptly after this step (not part of the identity)."""
-    nan_at_step: int | None = None
-    """Chaos testing only: the loss of this step becomes NaN (not part of the identity)."""
-
-    @property
-    def out(self) -> Path:
-        """Stage folder."""
-        return Path(self.out_dir)
 
 
 @dataclass
@@ -304,21 +265,9 @@ def plan_stage(
     import torch
 
     plan = StagePlan(recipe.name, stage_dict(stage), stage_id, str(out), init, tokenizer_path, steps,
-                     _loader_dict(loader), deepspeed_config(stage, torch.cuda.is_available()),
+                     loader_dict(loader), deepspeed_config(stage, torch.cuda.is_available()),
                      [asdict(b) for b in builds], "", "")  # fmt: skip
     return plan, builds
-
-
-def _loader_dict(cfg: LoaderConfig) -> dict[str, Any]:
-    data = asdict(cfg)
-    data["sources"] = [asdict(s) for s in cfg.sources]
-    return data
-
-
-def loader_from_dict(data: dict[str, Any]) -> LoaderConfig:
-    """Inverse of the plan's loader dict."""
-    sources_ = tuple(Source(**{**s, "shards": tuple(s["shards"])}) for s in data["sources"])
-    return LoaderConfig(**{**data, "sources": sources_})
 
 
 def finished_stage(out: Path) -> dict[str, Any] | None:
@@ -333,153 +282,6 @@ def finished_stage(out: Path) -> dict[str, Any] | None:
     log.warning("stage %s: final checkpoint missing or corrupt; training resumes", out)
     manifest_path.unlink()
     return None
-
-
-# --- worker side ---------------------------------------------------------------------------------
-
-
-def build_model(plan: StagePlan) -> Any:
-    """The stage's model: random init, a VLM checkpoint, or a VLM around a language-model checkpoint."""
-    import torch
-
-    import model as mvlm
-    from model.checkpoint import load_config, read_state_dict
-    from model.tokenizer import load_tokenizer
-
-    stage = plan.stage
-    torch.manual_seed(stage["seed"])
-    vocab = len(load_tokenizer(plan.tokenizer_path))
-    if plan.init["kind"] == "scratch":
-        return mvlm.build(stage["model"], vocab_size=vocab)
-    path = plan.init["path"]
-    if load_config(path).is_multimodal:
-        return mvlm.load(path)
-    vlm = mvlm.build(stage["model"], vocab_size=vocab)
-    state = read_state_dict(path)
-    missing, unexpected = vlm.load_state_dict(state, strict=False)
-    wrong = [k for k in missing if not k.startswith(("model.vision_tower.", "model.mm_projector."))]
-    if wrong or unexpected:
-        raise StageError(
-            f"language-model checkpoint {path} does not fit {stage['model']}: {wrong[:5]} {unexpected[:5]}"
-        )
-    return vlm
-
-
-def train_worker(config: dict[str, Any]) -> None:
-    """Ray Train worker entry point: DeepSpeed engine, resume, loop, consolidated checkpoint."""
-    import torch
-
-    if not torch.cuda.is_available():
-        os.environ.setdefault("DS_ACCELERATOR", "cpu")
-    import deepspeed
-    import ray.train
-
-    from model.lora import apply_lora
-    from model.train import LoopConfig, LoopState, load_checkpoint, make_optimizer, run_loop, set_trainable
-    from tasks.train.loader import batches
-
-    plan = StagePlan(**config)
-    context = ray.train.get_context()
-    rank, world = context.get_world_rank(), context.get_world_size()
-    stage = plan.stage
-    model = build_model(plan)
-    trainable = set_trainable(model, tuple(stage["train"]), lora=bool(stage["lora"]))
-    if stage["lora"]:
-        lora = stage["lora"]
-        apply_lora(model, lora["r"], lora["alpha"], lora["dropout"], tuple(lora["targets"]))
-        trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    if stage["grad_checkpointing"]:
-        model.gradient_checkpointing_enable()
-    optim = stage["optim"]
-    warmup = optim["warmup_steps"] or int(optim["warmup_ratio"] * plan.total_steps)
-    llm_params = sum(p.numel() for n, p in model.named_parameters() if "vision_tower" not in n)
-    cfg = LoopConfig(
-        total_steps=plan.total_steps,
-        grad_accum=stage["global_batch"] // (world * stage["micro_batch"]),
-        checkpoint_every=stage["checkpoint_every"],
-        lr=optim["lr"],
-        part_lrs={part: optim[f"{part}_lr"] for part in ("projector", "vision") if optim.get(f"{part}_lr")},
-        min_lr=optim["min_lr"],
-        warmup_steps=warmup,
-        weight_decay=optim["weight_decay"],
-        betas=tuple(optim["betas"]),
-        trainable_params=llm_params,
-        peak_flops=stage["peak_flops"],
-        kill_at_step=plan.kill_at_step,
-        nan_at_step=plan.nan_at_step,
-    )
-    optimizer, scheduler = make_optimizer(model, cfg)
-    engine, *_ = deepspeed.initialize(
-        model=model,
-        optimizer=optimizer,
-        lr_scheduler=scheduler,
-        config=plan.deepspeed,
-        dist_init_required=False,
-    )
-    ckpt_dir = plan.out / "checkpoints"
-    if rank == 0:
-        if (marker := plan.out / REPAIRED).exists():
-            marker.unlink()  # the driver repaired the checkpoints just before this first start
-        else:  # a Ray Train restart (max_failures): a node lost mid-save may have left `latest` on
-            check_checkpoints(plan)  # an incomplete tag
-    torch.distributed.barrier()
-    state = load_checkpoint(engine, ckpt_dir) or LoopState()
-    loader_cfg = loader_from_dict(plan.loader)
-    sink = _MetricSink(plan, state.step) if rank == 0 else (lambda rows: None)
-    log.info(
-        "rank %d/%d: %d trainable params, steps %d..%d", rank, world, trainable, state.step, plan.total_steps
-    )
-    state = run_loop(
-        engine, lambda pos: batches(loader_cfg, rank, world, pos, stage["loader_workers"]),
-        cfg, state, ckpt_dir, sink, world, faults.hit,
-    )  # fmt: skip
-    if rank == 0:
-        _save_final(engine.module, plan)
-
-
-def _read_rows(path: Path) -> list[dict[str, Any]]:
-    """Metric rows of a metrics.jsonl; a torn last line (crash mid-append) is ignored."""
-    rows = []
-    for line in path.read_text().splitlines() if path.exists() else []:
-        try:
-            rows.append(json.loads(line))
-        except json.JSONDecodeError:
-            log.warning("%s: ignoring a torn line", path)
-    return rows
-
-
-class _MetricSink:
-    """Rank 0: append metric rows to metrics.jsonl and MLflow, each step exactly once."""
-
-    def __init__(self, plan: StagePlan, resumed_step: int) -> None:
-        from tasks.lineage import tracking
-
-        self.path = plan.out / "metrics.jsonl"
-        self.run_id = plan.mlflow_run_id
-        self.mlflow = tracking.client(plan.mlflow_uri) if plan.mlflow_run_id else None
-        self.logged = tracking.last_logged_step(self.mlflow, self.run_id) if self.mlflow else -1
-        rows = _read_rows(self.path)
-        kept = [r for r in rows if r["step"] <= resumed_step]
-        atomic_write_text(self.path, "".join(json.dumps(r) + "\n" for r in kept))
-
-    def __call__(self, rows: list[dict[str, float]]) -> None:
-        from tasks.lineage import tracking
-
-        with self.path.open("a") as handle:
-            handle.writelines(json.dumps(r) + "\n" for r in rows)
-        if self.mlflow:
-            self.logged = tracking.log_metrics(self.mlflow, self.run_id, rows, self.logged)
-        faults.hit("metrics-push")
-
-
-def _save_final(module: Any, plan: StagePlan) -> None:
-    from model.checkpoint import save_checkpoint
-    from model.lora import merge_lora
-    from model.tokenizer import load_tokenizer
-
-    merge_lora(module)
-    save_checkpoint(module, plan.out / "final", tokenizer=load_tokenizer(plan.tokenizer_path))
-    faults.hit("stage-final")
 
 
 # --- driver: run ---------------------------------------------------------------------------------
@@ -537,26 +339,6 @@ def _run_stage_locked(plan: StagePlan) -> dict[str, Any]:
     return _finish(plan)
 
 
-def check_checkpoints(plan: StagePlan) -> Any:
-    """Before a resume: move unusable newest checkpoints aside and point ``latest`` at the newest good
-    one (WARNINGs say what and why); returns the ``model.ds_checkpoint.CheckpointRepair``."""
-    from model.ds_checkpoint import CheckpointLayout, repair_checkpoints
-
-    ds = plan.deepspeed
-    layout = CheckpointLayout(
-        world_size=plan.stage["num_workers"],
-        zero_stage=int(ds.get("zero_optimization", {}).get("stage", 0)),
-        bf16=bool(ds.get("bf16", {}).get("enabled", False)),
-    )
-    report = repair_checkpoints(plan.out / "checkpoints", layout)
-    if report.repaired:
-        log.warning(
-            "stage %s: checkpoints repaired before resuming: %s; resuming from %s",
-            plan.stage["name"], report.moved or "latest rewritten", report.resume_tag or "scratch",
-        )  # fmt: skip
-    return report
-
-
 def _root_cause(err: BaseException) -> str:
     text = str(err)
     for marker in ("NonFiniteLossError:", "StageError:", "Error:"):
@@ -571,7 +353,7 @@ def _finish(plan: StagePlan) -> dict[str, Any]:
         raise StageError(
             f"stage {plan.stage['name']}: training ended without a final checkpoint in {plan.out}"
         )
-    rows = _read_rows(plan.out / "metrics.jsonl")
+    rows = read_metric_rows(plan.out / "metrics.jsonl")
     manifest = {
         "recipe": plan.recipe, "stage": plan.stage["name"], "stage_id": plan.stage_id,
         "steps": plan.total_steps,
