@@ -62,7 +62,7 @@ def train_tiny_vlm(
 
 def _train(vlm, tokenizer, out: Path, steps: int, lr: float) -> Path:
     from model.image import preprocess_images
-    from tasks.ship.export import generated_image
+    from tasks.ship.export_checks import generated_image
 
     size = vlm.config.vision_config["image_size"]
     samples, colours = _samples(tokenizer)

@@ -10,15 +10,8 @@ import gguf
 import pytest
 
 from model.gguf_export import GGUFExportError, permute_qk
-from tasks.ship.export import (
-    ExportConfig,
-    ExportError,
-    check_image_embeddings,
-    check_logits,
-    check_multimodal_agreement,
-    export_checkpoint,
-    run_checks,
-)
+from tasks.ship.export import ExportConfig, ExportError, export_checkpoint, run_checks
+from tasks.ship.export_checks import check_image_embeddings, check_logits, check_multimodal_agreement
 
 pytest_plugins = ("export_fixtures",)
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
