@@ -93,6 +93,9 @@ def build(
         str | None, typer.Option(help="Build every spec of this profile (tiny, real).")
     ] = None,
     force: Annotated[bool, typer.Option(help="Rebuild even if a verified build exists.")] = False,
+    verify_all: Annotated[
+        bool, typer.Option(help="Hash every shard of a reused build, not only changed ones.")
+    ] = False,
     data_root: DataRoot = None,
 ) -> None:
     """Build dataset specs into verified webdataset shards (one Prefect flow run per spec)."""
@@ -109,7 +112,7 @@ def build(
     failed = False
     for name in targets:
         try:
-            s = build_data(name, force=force, data_root=str(root))
+            s = build_data(name, force=force, data_root=str(root), verify_all=verify_all)
         except BuildError as err:
             report_failure(err)
             failed = True

@@ -28,12 +28,12 @@ def validate_spec(name: str, spec_dir: str | None) -> str:
 
 
 @task(name="build-dataset", cache_policy=NONE)
-def build_dataset_task(spec_path: str, data_root: str, force: bool) -> BuildSummary:
-    """Build or reuse the dataset; returns its summary."""
+def build_dataset_task(spec_path: str, data_root: str, force: bool, verify_all: bool = False) -> BuildSummary:
+    """Build or reuse the dataset (``verify_all``: hash every shard of a reused build); its summary."""
     from tasks.data.previews import token_chart
     from tasks.quality.eval_index import build_decontaminated
 
-    result = build_decontaminated(spec_path, data_root, force=force)
+    result = build_decontaminated(spec_path, data_root, force=force, verify_all=verify_all)
     logger = get_run_logger()
     for item in result.repaired:
         logger.warning("%s: rebuilt shard %s (%s)", result.name, item["shard"], item["reason"])
@@ -75,9 +75,14 @@ def catalog_build(
 
 @flow(name="build-data", flow_run_name="build-data-{name}")
 def build_data(
-    name: str, force: bool = False, data_root: str | None = None, spec_dir: str | None = None
+    name: str,
+    force: bool = False,
+    data_root: str | None = None,
+    spec_dir: str | None = None,
+    verify_all: bool = False,
 ) -> dict:
-    """Build one dataset spec by name (``mvlm data build NAME``); reruns reuse verified builds.
+    """Build one dataset spec by name (``mvlm data build NAME``); reruns reuse verified builds
+    (``verify_all``: every shard hashed, not only the ones changed since their last full check).
     Returns the ``BuildSummary`` as a dict."""
     from tasks.core.settings import get_settings
 
@@ -86,7 +91,7 @@ def build_data(
     spec_path = validate_spec(name, spec_dir)
     catalog = str(Path(root) / "catalog.duckdb")
     problems = check_catalog(name, catalog)
-    summary = build_dataset_task(spec_path, root, force)
+    summary = build_dataset_task(spec_path, root, force, verify_all)
     stale = sorted({p["build_id"] for p in problems} - {summary.build_id})
     catalog_build(summary, spec_path, catalog, stale)
     summary.catalog_repaired = [

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import os
 import shutil
 from pathlib import Path
 from typing import Any
@@ -122,6 +123,38 @@ def test_bad_shard_rebuilds_only_its_unit_and_is_reported(
     assert any(victim["path"] in w and REASONS[how] in w for w in warnings), warnings
     assert any(stray.name in w for w in warnings), warnings
     assert build_dataset(spec, data_root).reused  # repaired for good
+
+
+def test_a_reused_build_hashes_only_the_shards_changed_since_their_last_full_check(
+    pristine: tuple[Path, dict[str, BuildResult]], data_root: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """At real scale hashing every shard on every retrain costs hours: a reuse hashes only shards whose
+    size, mtime, ctime or inode changed since they last verified, and still finds a flipped byte whose
+    writer put the mtime back (the ctime tells)."""
+    from tasks.data import shards, verified
+
+    monkeypatch.setattr(verified, "RACY_NS", 0)  # the copies are fresh; trust them at once
+    hashed: list[str] = []
+    real = shards.sha256_file
+    monkeypatch.setattr(shards, "sha256_file", lambda p: hashed.append(Path(p).name) or real(p))
+    original, spec = pristine[1][TEXT], SPECS / f"{TEXT}.yaml"
+    build = data_root / "builds" / TEXT / original.build_id
+    every = sorted(Path(s["path"]).name for s in original.manifest["shards"])
+    assert build_dataset(spec, data_root).reused and sorted(hashed) == every  # a copy: new inodes
+    hashed.clear()
+    assert build_dataset(spec, data_root).reused and hashed == []  # nothing changed since
+    _, victim = _victim(build)
+    path = build / victim["path"]
+    before = path.stat()
+    _corrupt(path, "flipped")
+    os.utime(path, ns=(before.st_atime_ns, before.st_mtime_ns))
+    assert (path.stat().st_size, path.stat().st_mtime_ns) == (before.st_size, before.st_mtime_ns)
+    hashed.clear()
+    result = build_dataset(spec, data_root)
+    assert not result.reused and hashed[0] == path.name
+    assert [(r["shard"], r["reason"]) for r in result.repaired] == [(victim["path"], "sha256 mismatch")]
+    hashed.clear()
+    assert build_dataset(spec, data_root, verify_all=True).reused and sorted(hashed) == every
 
 
 def test_stray_temp_file_is_cleaned_and_a_good_build_reused(

@@ -47,6 +47,7 @@ from tasks.data.contamination import IMAGE_REASON, TEXT_REASON, write_report
 from tasks.data.fingerprints import resolve_tokenizer, signature_libraries, source_fingerprint
 from tasks.data.shards import remove_stray_temps, shard_problem
 from tasks.data.specs import load_spec
+from tasks.data.verified import record_verified, split_unchanged, stats_before_check
 
 log = logging.getLogger(__name__)
 
@@ -168,14 +169,25 @@ def shard_problems(build_dir: Path, records: Iterable[dict[str, Any]], deep: boo
     return [{"shard": rec["path"], "reason": why} for rec, why in zip(records, reasons, strict=True) if why]
 
 
-def check_build(path: Path, deep: bool = True) -> tuple[dict[str, Any] | None, list[dict[str, Any]]]:
+def check_build(
+    path: Path, deep: bool = True, trust_unchanged: bool = False
+) -> tuple[dict[str, Any] | None, list[dict[str, Any]]]:
     """(manifest, []) for a complete build whose shards verify; (None, problems) otherwise, after
-    deleting the manifest of a build with bad shards (so it is repaired, never reused)."""
+    deleting the manifest of a build with bad shards (so it is repaired, never reused).
+    ``trust_unchanged``: shards unchanged since their last full check are not hashed again
+    (``tasks.data.verified``)."""
     manifest_path = path / "manifest.json"
     if not manifest_path.is_file():
         return None, []
     manifest = read_json(manifest_path)
-    problems = shard_problems(path, manifest["shards"], deep=deep)
+    if deep and trust_unchanged:
+        unchanged, fresh = split_unchanged(path, manifest["shards"])
+        stats = stats_before_check(path, fresh)
+        problems = shard_problems(path, fresh) + shard_problems(path, unchanged, deep=False)
+        if not problems and fresh:
+            record_verified(path, unchanged, stats)
+    else:
+        problems = shard_problems(path, manifest["shards"], deep=deep)
     if not problems:
         return manifest, []
     for problem in problems:
@@ -346,9 +358,12 @@ def build_dataset(
     force: bool = False,
     fan_out: FanOut | None = None,
     eval_index: Any = None,
+    verify_all: bool = False,
 ) -> BuildResult:
     """Build (or reuse, or resume) the dataset described by ``spec_path``; units run on ``fan_out``
-    (default: Ray tasks). A spec with ``decontaminate`` needs ``eval_index`` (an ``EvalIndex``)."""
+    (default: Ray tasks). A spec with ``decontaminate`` needs ``eval_index`` (an ``EvalIndex``).
+    A finished build is reused when its shards verify: those unchanged since their last full check
+    by size and stat, the others by sha256; ``verify_all`` hashes every shard."""
     from tasks.core.locks import exclusive
 
     ctx = make_context(spec_path, data_root, eval_index)
@@ -359,7 +374,7 @@ def build_dataset(
         for path in remove_stray_temps(ctx.out) if ctx.out.is_dir() else []:
             cleaned.append(str(path.relative_to(ctx.out)))
             log.warning("%s: deleted %s, a temp file left by an interrupted write", ctx.spec.name, path)
-        manifest, bad = check_build(ctx.out) if not force else (None, [])
+        manifest, bad = check_build(ctx.out, trust_unchanged=not verify_all) if not force else (None, [])
         if manifest is not None:
             log.info("%s: build %s exists and verifies; reusing", ctx.spec.name, ctx.build_id)
             return BuildResult(ctx.spec.name, ctx.build_id, ctx.out, True, manifest, cleaned=cleaned)
