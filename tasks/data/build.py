@@ -47,7 +47,7 @@ from tasks.data.contamination import IMAGE_REASON, TEXT_REASON, write_report
 from tasks.data.fingerprints import resolve_tokenizer, signature_libraries, source_fingerprint
 from tasks.data.shards import remove_stray_temps, shard_problem
 from tasks.data.specs import load_spec
-from tasks.data.verified import record_verified, split_unchanged, stats_before_check
+from tasks.data.verified import forget_verified, record_verified, split_unchanged, stats_before_check
 
 log = logging.getLogger(__name__)
 
@@ -193,6 +193,7 @@ def check_build(
     for problem in problems:
         log.warning("build %s: shard %s is bad (%s); repairing it", path, problem["shard"], problem["reason"])
     manifest_path.unlink(missing_ok=True)
+    forget_verified(path)
     return None, problems
 
 
@@ -370,6 +371,7 @@ def build_dataset(
     with exclusive(ctx.out.parent / f".{ctx.build_id}.lock"):  # a concurrent builder waits, then reuses
         if force and ctx.out.exists():
             shutil.rmtree(ctx.out)
+            forget_verified(ctx.out)
         cleaned = []
         for path in remove_stray_temps(ctx.out) if ctx.out.is_dir() else []:
             cleaned.append(str(path.relative_to(ctx.out)))

@@ -1,8 +1,9 @@
 """Which shards of a finished build need hashing again when the build is reused.
 
 A full check hashes every shard (sha256 against its record). At real scale that is terabytes on
-every retrain, so after a full check the build keeps ``verified.json``: the size, mtime, ctime and
-inode each shard had just before it was hashed. On reuse, a shard whose four values are unchanged
+every retrain, so after a full check this machine keeps ``.<build id>.verified.json`` beside the
+build folder (machine state, like the build's lock, not part of the build): the size, mtime, ctime
+and inode each shard had just before it was hashed. On reuse, a shard whose four values are unchanged
 is checked by existence and size only (as git's index does); any write to it, a truncation, a
 replacement or a restored mtime changes its ctime, so it is hashed again. What this cannot see is
 media corruption of a file nobody wrote: ``mvlm data build --verify-all`` hashes everything.
@@ -21,7 +22,6 @@ from typing import Any
 
 from tasks.core.identity import atomic_write_json, read_json
 
-VERIFIED = "verified.json"
 RACY_NS = 2_000_000_000
 """Shards whose mtime or ctime is this close to the time of their check are not trusted next time."""
 
@@ -37,12 +37,21 @@ def shard_stat(build_dir: Path, record: dict[str, Any]) -> Stat | None:
     return st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino
 
 
-def split_unchanged(build_dir: Path, records: Iterable[dict[str, Any]]) -> tuple[list[dict], list[dict]]:
-    """(records unchanged since their last full check, records to hash) by ``verified.json``."""
+def verified_path(build_dir: Path) -> Path:
+    """Where the shard stats of a build's last full check are kept."""
+    return build_dir.parent / f".{build_dir.name}.verified.json"
+
+
+def _known(build_dir: Path) -> dict[str, list[int]]:
     try:
-        known = {path: tuple(stat) for path, stat in read_json(build_dir / VERIFIED)["shards"].items()}
+        return dict(read_json(verified_path(build_dir))["shards"])
     except (OSError, ValueError, KeyError, TypeError):
-        known = {}
+        return {}
+
+
+def split_unchanged(build_dir: Path, records: Iterable[dict[str, Any]]) -> tuple[list[dict], list[dict]]:
+    """(records unchanged since their last full check, records to hash)."""
+    known = {path: tuple(stat) for path, stat in _known(build_dir).items()}
     unchanged, fresh = [], []
     for rec in records:
         stat = shard_stat(build_dir, rec)
@@ -62,11 +71,15 @@ def stats_before_check(build_dir: Path, records: Iterable[dict[str, Any]]) -> di
 
 
 def record_verified(build_dir: Path, unchanged: Iterable[dict[str, Any]], checked: dict[str, Stat]) -> None:
-    """Write ``verified.json``: the unchanged shards keep their entry, the ones just hashed get theirs."""
-    try:
-        known = read_json(build_dir / VERIFIED)["shards"]
-    except (OSError, ValueError, KeyError, TypeError):
-        known = {}
+    """Record the stats: the unchanged shards keep their entry, the ones just hashed get theirs (none
+    recorded when every shard was too recent to trust)."""
+    known = _known(build_dir)
     shards = {rec["path"]: known[rec["path"]] for rec in unchanged if rec["path"] in known}
     shards.update({path: list(stat) for path, stat in checked.items()})
-    atomic_write_json(build_dir / VERIFIED, {"shards": dict(sorted(shards.items()))})
+    if shards != known:
+        atomic_write_json(verified_path(build_dir), {"shards": dict(sorted(shards.items()))})
+
+
+def forget_verified(build_dir: Path) -> None:
+    """Drop the recorded stats (the build is being repaired or rebuilt: check everything next time)."""
+    verified_path(build_dir).unlink(missing_ok=True)
