@@ -183,7 +183,9 @@ def check_build(
     if deep and trust_unchanged:
         unchanged, fresh = split_unchanged(path, manifest["shards"])
         stats = stats_before_check(path, fresh)
-        problems = shard_problems(path, fresh) + shard_problems(path, unchanged, deep=False)
+        found = shard_problems(path, fresh) + shard_problems(path, unchanged, deep=False)
+        bad = {p["shard"]: p for p in found}
+        problems = [bad[rec["path"]] for rec in manifest["shards"] if rec["path"] in bad]  # manifest order
         if not problems and fresh:
             record_verified(path, unchanged, stats)
     else:
