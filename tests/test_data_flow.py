@@ -184,3 +184,23 @@ def test_cli_build_unknown_spec_exits_2_naming_known_ones(root: Path) -> None:
     assert "unknown-name" in result.output
     for name in load_all():
         assert name in result.output
+
+
+def test_cli_build_reuse_hashes_changed_shards_and_verify_all_hashes_every_one(
+    flow_runs: dict, root: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from tasks.data import shards, verified
+
+    monkeypatch.setattr(verified, "RACY_NS", 0)
+    hashed: list[str] = []
+    real = shards.sha256_file
+    monkeypatch.setattr(shards, "sha256_file", lambda p: hashed.append(Path(p).name) or real(p))
+    name = "tiny-sharegpt"
+    every = sorted(Path(s["path"]).name for s in _manifest(flow_runs[name][0])["shards"])
+    counts = []
+    for flags in ([], [], ["--verify-all"]):
+        hashed.clear()
+        result = runner.invoke(app, ["data", "build", name, "--data-root", str(root), *flags])
+        assert result.exit_code == 0 and "reused" in result.output, result.output
+        counts.append(sorted(hashed))
+    assert set(counts[0]) <= set(every) and counts[1] == [] and counts[2] == every
