@@ -47,7 +47,7 @@ from tasks.data.contamination import IMAGE_REASON, TEXT_REASON, write_report
 from tasks.data.fingerprints import resolve_tokenizer, signature_libraries, source_fingerprint
 from tasks.data.shards import remove_stray_temps, shard_problem
 from tasks.data.specs import load_spec
-from tasks.data.verified import forget_verified, record_verified, split_unchanged, stats_before_check
+from tasks.data.verified import forget_verified, plan_check, record_verified
 
 log = logging.getLogger(__name__)
 
@@ -181,13 +181,12 @@ def check_build(
         return None, []
     manifest = read_json(manifest_path)
     if deep and trust_unchanged:
-        unchanged, fresh = split_unchanged(path, manifest["shards"])
-        stats = stats_before_check(path, fresh)
-        found = shard_problems(path, fresh) + shard_problems(path, unchanged, deep=False)
+        check = plan_check(path, manifest["shards"])
+        found = shard_problems(path, check.fresh) + shard_problems(path, check.unchanged, deep=False)
         bad = {p["shard"]: p for p in found}
         problems = [bad[rec["path"]] for rec in manifest["shards"] if rec["path"] in bad]  # manifest order
-        if not problems and fresh:
-            record_verified(path, unchanged, stats)
+        if not problems and check.fresh:
+            record_verified(path, check)
     else:
         problems = shard_problems(path, manifest["shards"], deep=deep)
     if not problems:

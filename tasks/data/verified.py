@@ -17,6 +17,7 @@ from __future__ import annotations
 import os
 import time
 from collections.abc import Iterable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -42,42 +43,45 @@ def verified_path(build_dir: Path) -> Path:
     return build_dir.parent / f".{build_dir.name}.verified.json"
 
 
-def _known(build_dir: Path) -> dict[str, list[int]]:
+@dataclass
+class ShardCheck:
+    """One reuse check planned from a single stat of every shard and a single read of the record."""
+
+    unchanged: list[dict[str, Any]]
+    """Records whose shard has the stat recorded at its last full check (checked by size only)."""
+    fresh: list[dict[str, Any]]
+    """Records to hash."""
+    recorded: dict[str, list[int]]
+    """The stats on record before this check."""
+    entries: dict[str, list[int]]
+    """What to record once the fresh shards verify: the unchanged entries, plus the stat each fresh
+    shard had before hashing unless it is too recent to trust."""
+
+
+def plan_check(build_dir: Path, records: Iterable[dict[str, Any]]) -> ShardCheck:
+    """Split ``records`` into unchanged and to-hash shards; the stats are taken now, before hashing."""
     try:
-        return dict(read_json(verified_path(build_dir))["shards"])
-    except (OSError, ValueError, KeyError, TypeError):
-        return {}
-
-
-def split_unchanged(build_dir: Path, records: Iterable[dict[str, Any]]) -> tuple[list[dict], list[dict]]:
-    """(records unchanged since their last full check, records to hash)."""
-    known = {path: tuple(stat) for path, stat in _known(build_dir).items()}
-    unchanged, fresh = [], []
+        recorded = {path: list(stat) for path, stat in read_json(verified_path(build_dir))["shards"].items()}
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        recorded = {}
+    check = ShardCheck([], [], recorded, {})
+    recent = time.time_ns() - RACY_NS
     for rec in records:
         stat = shard_stat(build_dir, rec)
-        (unchanged if stat is not None and known.get(rec["path"]) == stat else fresh).append(rec)
-    return unchanged, fresh
+        if stat is not None and recorded.get(rec["path"]) == list(stat):
+            check.unchanged.append(rec)
+            check.entries[rec["path"]] = list(stat)
+            continue
+        check.fresh.append(rec)
+        if stat is not None and max(stat[1], stat[2]) < recent:
+            check.entries[rec["path"]] = list(stat)
+    return check
 
 
-def stats_before_check(build_dir: Path, records: Iterable[dict[str, Any]]) -> dict[str, Stat]:
-    """The stat of each shard taken now, before hashing, minus the shards too recent to trust."""
-    now = time.time_ns()
-    out = {}
-    for rec in records:
-        stat = shard_stat(build_dir, rec)
-        if stat is not None and max(stat[1], stat[2]) < now - RACY_NS:
-            out[rec["path"]] = stat
-    return out
-
-
-def record_verified(build_dir: Path, unchanged: Iterable[dict[str, Any]], checked: dict[str, Stat]) -> None:
-    """Record the stats: the unchanged shards keep their entry, the ones just hashed get theirs (none
-    recorded when every shard was too recent to trust)."""
-    known = _known(build_dir)
-    shards = {rec["path"]: known[rec["path"]] for rec in unchanged if rec["path"] in known}
-    shards.update({path: list(stat) for path, stat in checked.items()})
-    if shards != known:
-        atomic_write_json(verified_path(build_dir), {"shards": dict(sorted(shards.items()))})
+def record_verified(build_dir: Path, check: ShardCheck) -> None:
+    """Record the check's entries once its fresh shards verified (not rewritten when unchanged)."""
+    if check.entries != check.recorded:
+        atomic_write_json(verified_path(build_dir), {"shards": dict(sorted(check.entries.items()))})
 
 
 def forget_verified(build_dir: Path) -> None:
